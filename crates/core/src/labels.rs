@@ -1,0 +1,16 @@
+//! Labels, annotations and taints Shoal puts on (or reads from) nodes and instances.
+
+/// Cluster an instance belongs to (ownership label on every backend instance).
+pub const CLUSTER: &str = "shoal.dev/cluster";
+/// NodePool a node or instance belongs to.
+pub const POOL: &str = "shoal.dev/pool";
+/// NodeClaim id of a node or instance.
+pub const CLAIM: &str = "shoal.dev/claim";
+/// Node annotation that exempts a node from scale-down.
+pub const SCALE_DOWN_DISABLED: &str = "shoal.dev/scale-down-disabled";
+/// Taint put on a node while it is being drained.
+pub const DISRUPTED_TAINT: &str = "shoal.dev/disrupted";
+/// Startup taint a node carries until Shoal has seen it Ready.
+pub const UNREGISTERED_TAINT: &str = "shoal.dev/unregistered";
+/// Pod annotation (Cluster Autoscaler's) that marks a pod safe or unsafe to evict.
+pub const SAFE_TO_EVICT: &str = "cluster-autoscaler.kubernetes.io/safe-to-evict";

@@ -1,0 +1,282 @@
+//! [`StateStore`] on etcd v3 (etcd-client). Every call has a deadline; transport failures map to
+//! [`StoreError::Unavailable`] so callers can retry them.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions,
+    PutOptions, Txn as EtcdTxn, TxnOp as EtcdTxnOp, WatchOptions,
+};
+use futures::StreamExt;
+
+use crate::{
+    Compare, EventKind, KeyValue, LeaseId, Range, Revision, StateStore, StoreError, Txn,
+    TxnOp, TxnOutcome, WatchEvent, WatchStream,
+};
+
+/// How to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// `http://host:port` endpoints.
+    pub endpoints: Vec<String>,
+    /// Prefix of every key (e.g. `/shoal/v1/`).
+    pub namespace: String,
+    /// Deadline of each request.
+    pub request_timeout: Duration,
+}
+
+/// A namespaced etcd client; clones share the connection.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    namespace: String,
+    timeout: Duration,
+}
+
+impl EtcdStore {
+    /// Connects and checks that etcd answers.
+    pub async fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(config.request_timeout)
+            .with_timeout(config.request_timeout)
+            .with_keep_alive(Duration::from_secs(5), config.request_timeout)
+            .with_keep_alive_while_idle(true);
+        let client = tokio::time::timeout(
+            config.request_timeout,
+            Client::connect(&config.endpoints, Some(options)),
+        )
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "connecting to etcd at {} timed out after {:?}",
+                config.endpoints.join(","),
+                config.request_timeout
+            ))
+        })?
+        .map_err(map_err)?;
+        let store = EtcdStore { client, namespace: config.namespace.clone(), timeout: config.request_timeout };
+        // A cheap read proves the endpoint really is etcd and answers.
+        store.get("").await?;
+        Ok(store)
+    }
+
+    fn full(&self, key: &str) -> String {
+        format!("{}{key}", self.namespace)
+    }
+
+    fn relative(&self, key: &[u8]) -> String {
+        let key = String::from_utf8_lossy(key);
+        key.strip_prefix(&self.namespace).unwrap_or(&key).to_string()
+    }
+
+    fn kv(&self, kv: &etcd_client::KeyValue) -> KeyValue {
+        KeyValue {
+            key: self.relative(kv.key()),
+            value: kv.value().to_vec(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+            version: kv.version(),
+            lease: (kv.lease() != 0).then_some(LeaseId(kv.lease())),
+        }
+    }
+
+    async fn deadline<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => result.map_err(map_err),
+            Err(_) => Err(StoreError::Unavailable(format!("etcd {what} timed out after {:?}", self.timeout))),
+        }
+    }
+
+    fn txn_op(&self, op: &TxnOp) -> EtcdTxnOp {
+        match op {
+            TxnOp::Put { key, value, lease } => EtcdTxnOp::put(
+                self.full(key),
+                value.clone(),
+                lease.map(|l| PutOptions::new().with_lease(l.0)),
+            ),
+            TxnOp::Delete { key } => EtcdTxnOp::delete(self.full(key), None),
+        }
+    }
+}
+
+/// Maps etcd-client errors onto the store's error kinds.
+fn map_err(err: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    match err {
+        E::GRpcStatus(status) => {
+            let msg = status.message().to_string();
+            match status.code() {
+                Code::NotFound if msg.contains("lease not found") => StoreError::LeaseNotFound(LeaseId(0)),
+                Code::OutOfRange if msg.contains("compacted") => {
+                    StoreError::Compacted { requested: 0, compact_revision: 0 }
+                }
+                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted
+                | Code::Cancelled | Code::ResourceExhausted | Code::Internal => {
+                    StoreError::Unavailable(format!("{:?}: {msg}", status.code()))
+                }
+                code => StoreError::Rejected(format!("{code:?}: {msg}")),
+            }
+        }
+        E::TransportError(e) => StoreError::Unavailable(format!("transport: {e}")),
+        E::IoError(e) => StoreError::Unavailable(format!("io: {e}")),
+        E::WatchError(e) => StoreError::Unavailable(format!("watch: {e}")),
+        E::LeaseKeepAliveError(e) if e.contains("not found") => StoreError::LeaseNotFound(LeaseId(0)),
+        E::LeaseKeepAliveError(e) => StoreError::Unavailable(format!("lease keep-alive: {e}")),
+        other => StoreError::Rejected(other.to_string()),
+    }
+}
+
+#[async_trait::async_trait]
+impl StateStore for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let mut client = self.client.clone();
+        let resp = self.deadline("get", client.get(self.full(key), None)).await?;
+        Ok(resp.kvs().first().map(|kv| self.kv(kv)))
+    }
+
+    async fn range(&self, prefix: &str) -> Result<Range, StoreError> {
+        let mut client = self.client.clone();
+        let resp = self
+            .deadline("range", client.get(self.full(prefix), Some(GetOptions::new().with_prefix())))
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok(Range { kvs: resp.kvs().iter().map(|kv| self.kv(kv)).collect(), revision })
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
+        let mut client = self.client.clone();
+        let options = lease.map(|l| PutOptions::new().with_lease(l.0));
+        let resp = self
+            .deadline("put", client.put(self.full(key), value, options))
+            .await
+            .map_err(|e| with_lease(e, lease))?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let mut client = self.client.clone();
+        let resp = self.deadline("delete", client.delete(self.full(key), None)).await?;
+        Ok(resp.deleted() > 0)
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        let compares: Vec<EtcdCompare> = txn
+            .compares
+            .iter()
+            .map(|c| match c {
+                Compare::CreateRevision { key, revision } => {
+                    EtcdCompare::create_revision(self.full(key), CompareOp::Equal, *revision)
+                }
+                Compare::ModRevision { key, revision } => {
+                    EtcdCompare::mod_revision(self.full(key), CompareOp::Equal, *revision)
+                }
+            })
+            .collect();
+        let lease = txn.success.iter().chain(&txn.failure).find_map(|op| match op {
+            TxnOp::Put { lease, .. } => *lease,
+            TxnOp::Delete { .. } => None,
+        });
+        let request = EtcdTxn::new()
+            .when(compares)
+            .and_then(txn.success.iter().map(|op| self.txn_op(op)).collect::<Vec<_>>())
+            .or_else(txn.failure.iter().map(|op| self.txn_op(op)).collect::<Vec<_>>());
+        let mut client = self.client.clone();
+        let resp = self.deadline("txn", client.txn(request)).await.map_err(|e| with_lease(e, lease))?;
+        Ok(TxnOutcome { succeeded: resp.succeeded(), revision: resp.header().map_or(0, |h| h.revision()) })
+    }
+
+    async fn watch(&self, prefix: &str, from: Option<Revision>) -> Result<WatchStream, StoreError> {
+        let mut options = WatchOptions::new().with_prefix();
+        if let Some(from) = from {
+            options = options.with_start_revision(from);
+        }
+        let mut client = self.client.clone();
+        let stream = self.deadline("watch", client.watch(self.full(prefix), Some(options))).await?;
+        let store = self.clone();
+        let requested = from.unwrap_or(0);
+        // The etcd stream owns its request sender: dropping ours cancels the watch server-side.
+        let events = stream
+            .map(move |item| -> Vec<Result<WatchEvent, StoreError>> {
+                match item {
+                    Err(e) => vec![Err(map_err(e))],
+                    Ok(resp) if resp.compact_revision() != 0 => vec![Err(StoreError::Compacted {
+                        requested,
+                        compact_revision: resp.compact_revision(),
+                    })],
+                    Ok(resp) if resp.canceled() => vec![Err(StoreError::Unavailable(format!(
+                        "watch canceled by etcd: {}",
+                        resp.cancel_reason()
+                    )))],
+                    Ok(resp) => resp
+                        .events()
+                        .iter()
+                        .filter_map(|event| {
+                            let kv = event.kv()?;
+                            let kind = match event.event_type() {
+                                EventType::Put => EventKind::Put,
+                                EventType::Delete => EventKind::Delete,
+                            };
+                            Some(Ok(WatchEvent { kind, kv: store.kv(kv) }))
+                        })
+                        .collect(),
+                }
+            })
+            .flat_map(futures::stream::iter)
+            .chain(futures::stream::once(async {
+                Err(StoreError::Unavailable("etcd closed the watch stream".to_string()))
+            }));
+        // Stop after the first error so consumers see exactly one terminal error.
+        let mut failed = false;
+        let events = events.take_while(move |item| {
+            let keep = !failed;
+            failed |= item.is_err();
+            futures::future::ready(keep)
+        });
+        Ok(Box::pin(events))
+    }
+
+    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let secs = ttl.as_secs_f64().ceil() as i64;
+        let mut client = self.client.clone();
+        let resp = self.deadline("lease grant", client.lease_grant(secs.max(1), None)).await?;
+        Ok(LeaseId(resp.id()))
+    }
+
+    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        let mut client = self.client.clone();
+        let ttl = self
+            .deadline("lease keep-alive", async move {
+                let (mut keeper, mut responses) = client.lease_keep_alive(lease.0).await?;
+                keeper.keep_alive().await?;
+                Ok(responses.message().await?.map_or(0, |r| r.ttl()))
+            })
+            .await
+            .map_err(|e| with_lease(e, Some(lease)))?;
+        // etcd answers TTL 0 for a lease that no longer exists.
+        if ttl <= 0 {
+            return Err(StoreError::LeaseNotFound(lease));
+        }
+        Ok(Duration::from_secs(ttl as u64))
+    }
+
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        self.deadline("lease revoke", client.lease_revoke(lease.0))
+            .await
+            .map_err(|e| with_lease(e, Some(lease)))?;
+        Ok(())
+    }
+}
+
+/// Fills in the lease id that etcd's error message does not carry.
+fn with_lease(err: StoreError, lease: Option<LeaseId>) -> StoreError {
+    match (err, lease) {
+        (StoreError::LeaseNotFound(_), Some(lease)) => StoreError::LeaseNotFound(lease),
+        (err, _) => err,
+    }
+}

@@ -1,0 +1,91 @@
+//! A real single-member etcd (Debian `etcd-server`) on free loopback ports.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::{free_port, http_get, require_tool, wait_for};
+
+/// A running etcd; killed and its data removed on drop.
+pub struct EtcdServer {
+    binary: PathBuf,
+    data: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits until it reports healthy.
+    pub fn start() -> EtcdServer {
+        let binary = require_tool("etcd", "install Debian's etcd-server package");
+        let data = tempfile::Builder::new()
+            .prefix("shoal-etcd-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temp dir for etcd: {e}"));
+        let mut server = EtcdServer { binary, data, client_port: free_port(), peer_port: free_port(), child: None };
+        server.launch();
+        server
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
+    fn launch(&mut self) {
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::File::create(self.data.path().join("etcd.log"))
+            .unwrap_or_else(|e| panic!("cannot create etcd log: {e}"));
+        let child = Command::new(&self.binary)
+            .arg("--name=shoal-test")
+            .arg(format!("--data-dir={}", self.data.path().join("data").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=shoal-test={peer}"))
+            .arg("--log-level=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+        self.child = Some(child);
+        let addr = self.addr();
+        let healthy = wait_for(Duration::from_secs(20), || {
+            matches!(http_get(addr, "/health"), Ok((200, body)) if body.contains("true")).then_some(())
+        });
+        if healthy.is_none() {
+            let log = std::fs::read_to_string(self.data.path().join("etcd.log")).unwrap_or_default();
+            panic!("etcd did not become healthy within 20s; its log:\n{log}");
+        }
+    }
+
+    /// Kills etcd (SIGKILL), keeping its data, as an outage would.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
