@@ -1,0 +1,286 @@
+//! [`Host`]: what every service process shares — listeners bound up front, the admin port, the
+//! state store connection, the leader loop, and a gRPC server with health, reflection and the
+//! tower layers — with an orderly shutdown.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use shoal_state::{Election, ElectionConfig, EtcdConfig, EtcdStore, MemoryStore, SharedStore, StoreError};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic_health::{
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+    ServingStatus,
+};
+
+use crate::{
+    admin::{serve_admin, Readiness},
+    config::{Config, ServiceSettings, StoreBackend},
+    layers::{GrpcMetricsLayer, ServerTraceLayer},
+    leader::{run_leader_loop, LeaderWatch},
+    metrics::{MetricsError, RuntimeMetrics},
+};
+
+/// Why a service could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A listen address could not be bound.
+    #[error("{field}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// Config field of the address.
+        field: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Metrics registration failed.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// Server reflection could not be built from the descriptors.
+    #[error("server reflection: {0}")]
+    Reflection(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// The gRPC server task ended unexpectedly.
+    #[error("gRPC server stopped unexpectedly: {0}")]
+    Stopped(String),
+}
+
+/// A service process's shared machinery.
+pub struct Host<S: ServiceSettings> {
+    /// The validated configuration.
+    pub config: Config<S>,
+    /// Metrics registry (register service metrics here).
+    pub metrics: RuntimeMetrics,
+    readiness: Readiness,
+    health: HealthReporter,
+    grpc_listener: TcpListener,
+    grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    admin_shutdown: CancellationToken,
+    admin_task: JoinHandle<()>,
+    store: Option<SharedStore>,
+    leader: Option<(LeaderWatch, JoinHandle<()>)>,
+}
+
+async fn bind(field: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), HostError> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| HostError::Bind { field, addr, source })?;
+    let local = listener.local_addr().map_err(|source| HostError::Bind { field, addr, source })?;
+    Ok((listener, local))
+}
+
+impl<S: ServiceSettings> Host<S> {
+    /// Binds both ports, starts the admin server, connects the store (retrying until it answers)
+    /// and, for campaigning services, starts the leader loop. Returns `None` when `shutdown`
+    /// fires while still waiting for the store.
+    pub async fn start(config: Config<S>, shutdown: &CancellationToken) -> Result<Option<Host<S>>, HostError> {
+        let metrics = RuntimeMetrics::new(S::SERVICE)?;
+        let readiness = Readiness::new("starting");
+        let health = HealthReporter::new();
+        health.set_service_status("", ServingStatus::NotServing).await;
+
+        let (grpc_listener, grpc_addr) = bind("grpc.addr", config.grpc.addr).await?;
+        let (admin_listener, admin_addr) = bind("admin.addr", config.admin.addr).await?;
+        let admin_shutdown = CancellationToken::new();
+        let admin_task = tokio::spawn({
+            let (metrics, readiness, stop) = (metrics.clone(), readiness.clone(), admin_shutdown.clone());
+            async move {
+                if let Err(err) = serve_admin(admin_listener, metrics, readiness, stop).await {
+                    tracing::error!(error = %err, "admin server failed");
+                }
+            }
+        });
+        tracing::info!(service = S::SERVICE, grpc = %grpc_addr, admin = %admin_addr, instance = %config.instance_id, "listening");
+
+        let mut host = Host {
+            config,
+            metrics,
+            readiness,
+            health,
+            grpc_listener,
+            grpc_addr,
+            admin_addr,
+            admin_shutdown,
+            admin_task,
+            store: None,
+            leader: None,
+        };
+        if S::USES_STORE {
+            let Some(store) = host.connect_store(shutdown).await else {
+                host.stop_admin().await;
+                return Ok(None);
+            };
+            host.store = Some(store);
+        }
+        if S::CAMPAIGNS {
+            if let Some(store) = host.store.clone() {
+                let election = Election::new(
+                    store,
+                    S::SERVICE,
+                    host.config.instance_id.clone(),
+                    ElectionConfig { lease_ttl: host.config.election.lease_ttl, ..ElectionConfig::default() },
+                );
+                let (publish, watch) = watch::channel(None);
+                let task = tokio::spawn(run_leader_loop(
+                    election,
+                    host.config.election.record_interval,
+                    host.metrics.clone(),
+                    publish,
+                    shutdown.clone(),
+                ));
+                host.leader = Some((watch, task));
+            }
+        }
+        Ok(Some(host))
+    }
+
+    async fn connect_store(&self, shutdown: &CancellationToken) -> Option<SharedStore> {
+        let cfg = &self.config.store;
+        if cfg.backend == StoreBackend::Memory {
+            return Some(Arc::new(MemoryStore::new()));
+        }
+        let etcd = EtcdConfig {
+            endpoints: cfg.endpoints.clone(),
+            namespace: cfg.namespace.clone(),
+            request_timeout: cfg.request_timeout,
+        };
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match EtcdStore::connect(&etcd).await {
+                Ok(store) => {
+                    tracing::info!(endpoints = ?cfg.endpoints, "connected to etcd");
+                    return Some(Arc::new(store));
+                }
+                Err(err) => {
+                    let reason = format!("cannot reach etcd at {}: {err}", cfg.endpoints.join(","));
+                    tracing::warn!(%reason, retry_in = ?delay, "waiting for the state store");
+                    self.readiness.set_not_ready(reason);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// The state store (services with `USES_STORE`).
+    pub fn store(&self) -> Option<SharedStore> {
+        self.store.clone()
+    }
+
+    /// This replica's leadership (campaigning services).
+    pub fn leader(&self) -> Option<LeaderWatch> {
+        self.leader.as_ref().map(|(watch, _)| watch.clone())
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    async fn stop_admin(&mut self) {
+        self.admin_shutdown.cancel();
+        let _ = (&mut self.admin_task).await;
+    }
+
+    /// Serves `routes` (plus health and reflection) until `shutdown`, then drains: health turns
+    /// NOT_SERVING, leadership is resigned, in-flight RPCs get `shutdown.grace` to finish.
+    pub async fn serve(mut self, routes: Routes, service_names: &[&str], shutdown: CancellationToken) -> Result<(), HostError> {
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(shoal_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1().map_err(|e| HostError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| HostError::Reflection(e.to_string()))?;
+        let layers = tower::ServiceBuilder::new()
+            .layer(ServerTraceLayer)
+            .layer(GrpcMetricsLayer::new(self.metrics.grpc_handled.clone(), self.metrics.grpc_seconds.clone()))
+            .into_inner();
+        let stop_server = CancellationToken::new();
+        let listener = std::mem::replace(
+            &mut self.grpc_listener,
+            // Placeholder; never accepted on. Binding port 0 on loopback cannot reasonably fail,
+            // but if it does we report it rather than panic.
+            TcpListener::bind("127.0.0.1:0").await.map_err(|source| HostError::Bind {
+                field: "grpc.addr",
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                source,
+            })?,
+        );
+        let server = tonic::transport::Server::builder()
+            .layer(layers)
+            .add_routes(routes)
+            .add_service(HealthServer::new(HealthService::from_health_reporter(self.health.clone())))
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_server.clone().cancelled_owned());
+        let mut server = tokio::spawn(server);
+
+        for name in service_names.iter().copied().chain([""]) {
+            self.health.set_service_status(name, ServingStatus::Serving).await;
+        }
+        self.readiness.set_ready();
+        self.metrics.ready.set(1);
+        tracing::info!(service = S::SERVICE, services = ?service_names, "serving");
+
+        let early = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            result = &mut server => Some(result),
+        };
+
+        // Drain.
+        for name in service_names.iter().copied().chain([""]) {
+            self.health.set_service_status(name, ServingStatus::NotServing).await;
+        }
+        self.readiness.set_not_ready("shutting down");
+        self.metrics.ready.set(0);
+        tracing::info!(service = S::SERVICE, "shutting down");
+        if let Some((_, task)) = self.leader.take() {
+            // The loop resigns when `shutdown` fires; bound the wait on a store that is down.
+            let _ = tokio::time::timeout(self.config.store.request_timeout + Duration::from_secs(1), task).await;
+        }
+        stop_server.cancel();
+        let result = match early {
+            Some(result) => Err(HostError::Stopped(match result {
+                Ok(Ok(())) => "the server returned".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            })),
+            None => match tokio::time::timeout(self.config.shutdown.grace, &mut server).await {
+                Ok(Ok(result)) => result.map_err(HostError::from),
+                Ok(Err(join)) => Err(HostError::Stopped(join.to_string())),
+                Err(_) => {
+                    tracing::warn!(grace = ?self.config.shutdown.grace, "in-flight RPCs did not finish in time; closing them");
+                    server.abort();
+                    Ok(())
+                }
+            },
+        };
+        self.stop_admin().await;
+        result
+    }
+}
+
+/// Maps a store error to the gRPC status a caller should see.
+pub fn status_from_store(err: &StoreError) -> tonic::Status {
+    match err {
+        StoreError::Unavailable(_) => tonic::Status::unavailable(err.to_string()),
+        StoreError::Fenced { .. } => tonic::Status::failed_precondition(err.to_string()),
+        StoreError::Compacted { .. } => tonic::Status::out_of_range(err.to_string()),
+        StoreError::LeaseNotFound(_) | StoreError::Rejected(_) => tonic::Status::failed_precondition(err.to_string()),
+        StoreError::Decode { .. } => tonic::Status::data_loss(err.to_string()),
+    }
+}

@@ -1,0 +1,22 @@
+//! Service scaffolding shared by every Shoal service: configuration (file → `SHOAL_*` env →
+//! flags, validated with field paths), telemetry (logs, OTLP traces), a gRPC server with health,
+//! reflection and tower layers for trace propagation and metrics, the admin HTTP port, the leader
+//! loop, and graceful shutdown.
+//!
+//! A service crate builds its API on top of a [`Host`] and stays free of all of this.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod host;
+pub mod layers;
+pub mod leader;
+pub mod metrics;
+pub mod telemetry;
+
+pub use cli::{run_service, ServiceArgs};
+pub use config::{Config, ServiceSettings};
+pub use host::{status_from_store, Host, HostError};
+pub use layers::{traced_channel, TracedChannel};
+pub use leader::LeaderWatch;
+pub use shoal_core::ValidationErrors;

@@ -1,0 +1,82 @@
+//! Logs and traces: `tracing` with human or JSON output, an OpenTelemetry layer so every span has
+//! a W3C trace id, and OTLP/gRPC export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+
+use opentelemetry::{global, trace::TracerProvider as _};
+use opentelemetry_sdk::{
+    propagation::TraceContextPropagator, runtime, trace::SdkTracerProvider, Resource,
+};
+use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built (bad endpoint).
+    #[error("cannot build the OTLP exporter for OTEL_EXPORTER_OTLP_ENDPOINT: {0}")]
+    Exporter(String),
+    /// The log filter did not parse.
+    #[error("telemetry.logLevel: {0}")]
+    Filter(String),
+    /// A global subscriber was already installed.
+    #[error("a tracing subscriber is already installed: {0}")]
+    AlreadyInstalled(String),
+}
+
+/// Installed telemetry; call [`Telemetry::shutdown`] before exit to flush spans.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    exporting: bool,
+}
+
+impl Telemetry {
+    /// Installs the global subscriber and propagator. Must run inside a Tokio runtime.
+    pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
+        global::set_text_map_propagator(TraceContextPropagator::new());
+        let resource = Resource::builder().with_service_name(config.service_name.clone()).build();
+        let mut builder = SdkTracerProvider::builder().with_resource(resource);
+        let exporting = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|v| !v.is_empty());
+        if exporting {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            // The Tokio-driven batch processor: the tonic exporter needs the runtime's reactor.
+            let processor =
+                opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+                    exporter,
+                    runtime::Tokio,
+                )
+                .build();
+            builder = builder.with_span_processor(processor);
+        }
+        let provider = builder.build();
+        global::set_tracer_provider(provider.clone());
+        let tracer = provider.tracer("shoal");
+
+        let filter = EnvFilter::builder().parse(&config.log_level).map_err(|e| TelemetryError::Filter(e.to_string()))?;
+        let fmt = match config.log_format {
+            LogFormat::Human => tracing_subscriber::fmt::layer().with_target(true).boxed(),
+            LogFormat::Json => tracing_subscriber::fmt::layer().json().flatten_event(true).boxed(),
+        };
+        tracing_subscriber::registry()
+            .with(fmt.with_filter(filter))
+            .with(tracing_opentelemetry::layer().with_tracer(tracer))
+            .try_init()
+            .map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
+        Ok(Telemetry { provider, exporting })
+    }
+
+    /// True when spans are exported over OTLP.
+    pub fn exporting(&self) -> bool {
+        self.exporting
+    }
+
+    /// Flushes and stops span export.
+    pub fn shutdown(self) {
+        if let Err(err) = self.provider.force_flush() {
+            tracing::debug!(error = %err, "flushing spans failed");
+        }
+        let _ = self.provider.shutdown();
+    }
+}
