@@ -66,6 +66,7 @@ pub struct Host<S: ServiceSettings> {
     admin_task: JoinHandle<()>,
     store: Option<SharedStore>,
     leader: Option<(LeaderWatch, JoinHandle<()>)>,
+    election: Option<Election>,
 }
 
 async fn bind(field: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), HostError> {
@@ -109,6 +110,7 @@ impl<S: ServiceSettings> Host<S> {
             admin_task,
             store: None,
             leader: None,
+            election: None,
         };
         if S::USES_STORE {
             let Some(store) = host.connect_store(shutdown).await else {
@@ -126,6 +128,7 @@ impl<S: ServiceSettings> Host<S> {
                     ElectionConfig { lease_ttl: host.config.election.lease_ttl, ..ElectionConfig::default() },
                 );
                 let (publish, watch) = watch::channel(None);
+                host.election = Some(election.clone());
                 let task = tokio::spawn(run_leader_loop(
                     election,
                     host.config.election.record_interval,
@@ -142,7 +145,7 @@ impl<S: ServiceSettings> Host<S> {
     async fn connect_store(&self, shutdown: &CancellationToken) -> Option<SharedStore> {
         let cfg = &self.config.store;
         if cfg.backend == StoreBackend::Memory {
-            return Some(Arc::new(MemoryStore::new()));
+            return Some(process_memory_store());
         }
         let etcd = EtcdConfig {
             endpoints: cfg.endpoints.clone(),
@@ -180,6 +183,11 @@ impl<S: ServiceSettings> Host<S> {
         self.leader.as_ref().map(|(watch, _)| watch.clone())
     }
 
+    /// This service's election (campaigning services), for looking up the current leader.
+    pub fn election(&self) -> Option<Election> {
+        self.election.clone()
+    }
+
     /// The bound gRPC address.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
@@ -198,10 +206,15 @@ impl<S: ServiceSettings> Host<S> {
     /// Serves `routes` (plus health and reflection) until `shutdown`, then drains: health turns
     /// NOT_SERVING, leadership is resigned, in-flight RPCs get `shutdown.grace` to finish.
     pub async fn serve(mut self, routes: Routes, service_names: &[&str], shutdown: CancellationToken) -> Result<(), HostError> {
+        // Advertise only what this port serves: health, reflection itself, and our services.
         let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(shoal_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            service_names.iter().fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(shoal_proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    .with_service_name("grpc.health.v1.Health"),
+                |builder, name| builder.with_service_name(*name),
+            )
         };
         let reflection_v1 = reflection().build_v1().map_err(|e| HostError::Reflection(e.to_string()))?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| HostError::Reflection(e.to_string()))?;
@@ -272,6 +285,13 @@ impl<S: ServiceSettings> Host<S> {
         self.stop_admin().await;
         result
     }
+}
+
+/// The in-memory store of this process. Every service in one process (as in `shoal demo`)
+/// shares it, as separate processes share etcd.
+fn process_memory_store() -> SharedStore {
+    static STORE: std::sync::OnceLock<MemoryStore> = std::sync::OnceLock::new();
+    Arc::new(STORE.get_or_init(MemoryStore::new).clone())
 }
 
 /// Maps a store error to the gRPC status a caller should see.

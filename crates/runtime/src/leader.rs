@@ -75,14 +75,48 @@ pub async fn run_leader_loop(
         publish.send_replace(None);
         leader_gauge.set(0);
         metrics.leader_transitions.with_label_values(&[&service, "follower"]).inc();
+        if resigned {
+            break;
+        }
         tracing::warn!(
             %service,
             term = leadership.term(),
             reason = leadership.lost_reason().unwrap_or_default(),
-            "stepped down as leader"
+            "stepped down as leader; campaigning again"
         );
-        if resigned {
-            break;
-        }
     }
+}
+
+/// Leadership as status RPCs report it: this replica's role and, when it does not lead, who does
+/// according to the store.
+pub async fn describe_leadership(
+    watch: Option<&LeaderWatch>,
+    election: Option<&Election>,
+) -> shoal_proto::v1::LeaderInfo {
+    let ours = watch.and_then(|w| w.borrow().clone()).filter(|l| l.is_held());
+    if let Some(leadership) = ours {
+        return shoal_proto::v1::LeaderInfo {
+            is_leader: true,
+            leader_id: leadership.record().holder.clone(),
+            term: leadership.term(),
+            since: Some(timestamp(leadership.record().since_unix_ms)),
+        };
+    }
+    match election.map(|e| e.current_leader()) {
+        Some(lookup) => match lookup.await {
+            Ok(Some(record)) => shoal_proto::v1::LeaderInfo {
+                is_leader: false,
+                leader_id: record.holder,
+                term: record.term,
+                since: Some(timestamp(record.since_unix_ms)),
+            },
+            Ok(None) | Err(_) => shoal_proto::v1::LeaderInfo::default(),
+        },
+        None => shoal_proto::v1::LeaderInfo::default(),
+    }
+}
+
+/// Unix milliseconds as a protobuf timestamp.
+pub fn timestamp(unix_ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: (unix_ms / 1000) as i64, nanos: ((unix_ms % 1000) * 1_000_000) as i32 }
 }

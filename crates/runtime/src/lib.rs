@@ -13,10 +13,12 @@ pub mod layers;
 pub mod leader;
 pub mod metrics;
 pub mod telemetry;
+pub mod upstream;
 
 pub use cli::{run_service, ServiceArgs};
 pub use config::{Config, ServiceSettings};
 pub use host::{status_from_store, Host, HostError};
 pub use layers::{traced_channel, TracedChannel};
-pub use leader::LeaderWatch;
+pub use leader::{describe_leadership, LeaderWatch};
+pub use upstream::{not_yet_implemented, validate_address, Upstream};
 pub use shoal_core::ValidationErrors;

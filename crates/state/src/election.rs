@@ -77,6 +77,8 @@ struct Held {
     reason: Mutex<Option<String>>,
 }
 
+const RESIGNED: &str = "resigned";
+
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -278,7 +280,11 @@ impl Held {
         if self.lost.is_cancelled() {
             return;
         }
-        tracing::warn!(service = %self.service, term = self.term, %reason, "election: leadership lost; stopping at once");
+        if reason == RESIGNED {
+            tracing::info!(service = %self.service, term = self.term, "election: resigned leadership");
+        } else {
+            tracing::warn!(service = %self.service, term = self.term, %reason, "election: leadership lost; stopping at once");
+        }
         *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
         self.lost.cancel();
     }
@@ -348,7 +354,7 @@ impl Leadership {
     /// Gives leadership up: stops acting at once and revokes the lease so a standby takes over
     /// without waiting for the TTL.
     pub async fn resign(&self) {
-        self.inner.lose("resigned".to_string());
+        self.inner.lose(RESIGNED.to_string());
         if let Err(err) = self.inner.store.lease_revoke(self.inner.lease).await {
             tracing::debug!(service = %self.inner.service, error = %err, "election: lease revoke on resign failed");
         }

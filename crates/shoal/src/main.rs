@@ -1,0 +1,185 @@
+//! `shoal`: every Shoal service in one binary.
+//!
+//! - `shoal run <service> [flags]` runs one service, exactly as its own binary would.
+//! - `shoal demo` runs all four services in this process on loopback ports, talking real gRPC to
+//!   each other, with the in-memory store (or etcd with `--etcd`).
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use shoal_runtime::{
+    cli::cancel_on_signal,
+    config::{self, Config, ServiceSettings, Sources},
+    telemetry::Telemetry,
+    ServiceArgs,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Shoal: a node autoscaler for k3s and Kubernetes.
+#[derive(Parser)]
+#[command(name = "shoal", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one service.
+    Run {
+        #[command(subcommand)]
+        service: Service,
+    },
+    /// Run all four services in this process on loopback, for a trial.
+    Demo(DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum Service {
+    /// The metrics service.
+    Metrics(ServiceArgs),
+    /// The decider.
+    Decider(ServiceArgs),
+    /// The provisioner.
+    Provisioner(ServiceArgs),
+    /// The reconciler.
+    Reconciler(ServiceArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Use etcd at this URL instead of the in-memory store.
+    #[arg(long)]
+    etcd: Option<String>,
+    /// gRPC port of the metrics service; decider, provisioner and reconciler use the next three.
+    #[arg(long, default_value_t = 50051)]
+    grpc_base_port: u16,
+    /// Admin port of the metrics service; the others use the next three.
+    #[arg(long, default_value_t = 9091)]
+    admin_base_port: u16,
+    /// Log filter.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Run { service } => match service {
+            Service::Metrics(args) => shoal_runtime::run_service(args, shoal_metrics::serve),
+            Service::Decider(args) => shoal_runtime::run_service(args, shoal_decider::serve),
+            Service::Provisioner(args) => shoal_runtime::run_service(args, shoal_provisioner::serve),
+            Service::Reconciler(args) => shoal_runtime::run_service(args, shoal_reconciler::serve),
+        },
+        Command::Demo(args) => match demo(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("shoal demo: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// The demo's config for one service: defaults, loopback ports, the shared store.
+fn demo_config<S: ServiceSettings>(args: &DemoArgs, index: u16) -> anyhow::Result<Config<S>> {
+    let base = |port: u16| format!("http://127.0.0.1:{port}");
+    let mut overrides = vec![
+        ("grpc.addr".to_string(), format!("127.0.0.1:{}", args.grpc_base_port + index)),
+        ("admin.addr".to_string(), format!("127.0.0.1:{}", args.admin_base_port + index)),
+        ("telemetry.logLevel".to_string(), args.log_level.clone()),
+        ("instanceId".to_string(), format!("demo-{}", S::SERVICE)),
+    ];
+    match &args.etcd {
+        Some(url) => {
+            overrides.push(("store.backend".into(), "etcd".into()));
+            overrides.push(("store.endpoints".into(), url.clone()));
+        }
+        None => overrides.push(("store.backend".into(), "memory".into())),
+    }
+    let peers = [("metricsAddr", 0), ("provisionerAddr", 2)];
+    let defaults = service_setting_names::<S>();
+    for (key, offset) in peers {
+        if defaults.iter().any(|k| k == key) {
+            overrides.push((format!("service.{key}"), base(args.grpc_base_port + offset)));
+        }
+    }
+    let sources = Sources { file: None, env: Vec::new(), overrides };
+    Ok(config::load::<S>(&sources).with_context(|| format!("{} config", S::SERVICE))?.config)
+}
+
+/// Names of the `service:` settings of `S` (so the demo only wires peers a service has).
+fn service_setting_names<S: ServiceSettings>() -> Vec<String> {
+    match serde_json::to_value(S::default()) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let metrics = demo_config::<shoal_metrics::MetricsSettings>(&args, 0)?;
+    let decider = demo_config::<shoal_decider::DeciderSettings>(&args, 1)?;
+    let provisioner = demo_config::<shoal_provisioner::ProvisionerSettings>(&args, 2)?;
+    let reconciler = demo_config::<shoal_reconciler::ReconcilerSettings>(&args, 3)?;
+    let grpc: Vec<SocketAddr> = vec![metrics.grpc.addr, decider.grpc.addr, provisioner.grpc.addr, reconciler.grpc.addr];
+    let admin: Vec<SocketAddr> = vec![metrics.admin.addr, decider.admin.addr, provisioner.admin.addr, reconciler.admin.addr];
+    let mut telemetry_config = metrics.telemetry.clone();
+    telemetry_config.service_name = "shoal-demo".into();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let telemetry = Telemetry::init(&telemetry_config)?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        let services = vec![
+            ("metrics", tokio::spawn(shoal_metrics::serve(metrics, shutdown.clone()))),
+            ("decider", tokio::spawn(shoal_decider::serve(decider, shutdown.clone()))),
+            ("provisioner", tokio::spawn(shoal_provisioner::serve(provisioner, shutdown.clone()))),
+            ("reconciler", tokio::spawn(shoal_reconciler::serve(reconciler, shutdown.clone()))),
+        ];
+        wait_until_listening(&grpc).await;
+        print_banner(&grpc, &admin, args.etcd.as_deref());
+        let mut failed = None;
+        for (name, task) in services {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    shutdown.cancel();
+                    failed.get_or_insert_with(|| format!("{name}: {err}"));
+                }
+                Err(err) => {
+                    shutdown.cancel();
+                    failed.get_or_insert_with(|| format!("{name}: {err}"));
+                }
+            }
+        }
+        telemetry.shutdown();
+        match failed {
+            Some(err) => Err(anyhow::anyhow!(err)),
+            None => Ok(()),
+        }
+    })
+}
+
+async fn wait_until_listening(addrs: &[SocketAddr]) {
+    for addr in addrs {
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn print_banner(grpc: &[SocketAddr], admin: &[SocketAddr], etcd: Option<&str>) {
+    let names = ["metrics", "decider", "provisioner", "reconciler"];
+    println!("\nShoal demo is running (store: {}). Ctrl-C stops it.\n", etcd.unwrap_or("in-memory"));
+    for ((name, g), a) in names.iter().zip(grpc).zip(admin) {
+        println!("  {name:<12} gRPC {g:<16} metrics http://{a}/metrics");
+    }
+    println!("\nTry:");
+    println!("  grpcurl -plaintext {} list", grpc[1]);
+    println!("  grpcurl -plaintext {} shoal.v1.DeciderService/GetStatus", grpc[1]);
+    println!("  grpcurl -plaintext {} grpc.health.v1.Health/Check\n", grpc[0]);
+}
