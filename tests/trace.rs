@@ -12,13 +12,13 @@ use std::{
 use nix::sys::signal::Signal;
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
-        trace_service_server::{TraceService, TraceServiceServer},
         ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
     },
     common::v1::any_value::Value,
 };
-use shoal_e2e::{grpcurl_ok, Running};
-use shoal_testkit::{free_port, wait_for, EtcdServer};
+use shoal_e2e::{Running, grpcurl_ok};
+use shoal_testkit::{EtcdServer, free_port, wait_for};
 
 /// (service.name, span kind "server"/"client"/"internal", trace id hex, parent span id hex,
 /// span id hex, span name)
@@ -72,7 +72,9 @@ impl TraceService for Receiver {
                 }
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -87,50 +89,107 @@ fn a_call_across_three_services_is_one_trace() {
             .serve(otlp),
     );
     let endpoint = format!("http://{otlp}");
-    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "200")];
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ];
 
     let etcd = EtcdServer::start();
     let mut metrics = Running::start("shoal-metrics", "metrics-0", None, &[], &env);
-    let mut provisioner = Running::start("shoal-provisioner", "provisioner-0", Some(&etcd), &[], &env);
+    let mut provisioner =
+        Running::start("shoal-provisioner", "provisioner-0", Some(&etcd), &[], &env);
     metrics.wait_ready();
     provisioner.wait_ready();
     let metrics_flag = format!("--set=service.metricsAddr=http://{}", metrics.grpc);
     let provisioner_flag = format!("--set=service.provisionerAddr=http://{}", provisioner.grpc);
-    let mut decider = Running::start("shoal-decider", "decider-0", Some(&etcd), &[&metrics_flag, &provisioner_flag], &env);
+    let mut decider = Running::start(
+        "shoal-decider",
+        "decider-0",
+        Some(&etcd),
+        &[&metrics_flag, &provisioner_flag],
+        &env,
+    );
     decider.wait_ready();
 
     // The caller starts the trace, as an external scheduler or shoalctl with tracing would.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let traceparent = format!("traceparent: 00-{trace_id}-00f067aa0ba902b7-01");
-    let status = grpcurl_ok(&["-plaintext", "-H", &traceparent, &decider.grpc.to_string(), "shoal.v1.DeciderService/GetStatus"]);
-    assert_eq!(status.matches("\"SERVING\"").count(), 2, "both upstreams answered: {status}");
+    let status = grpcurl_ok(&[
+        "-plaintext",
+        "-H",
+        &traceparent,
+        &decider.grpc.to_string(),
+        "shoal.v1.DeciderService/GetStatus",
+    ]);
+    assert_eq!(
+        status.matches("\"SERVING\"").count(),
+        2,
+        "both upstreams answered: {status}"
+    );
 
     // Flush on shutdown, then look.
     for service in [&mut decider, &mut metrics, &mut provisioner] {
         service.process.signal(Signal::SIGTERM);
-        assert!(service.process.wait_exit(Duration::from_secs(15)).is_some_and(|s| s.success()));
+        assert!(
+            service
+                .process
+                .wait_exit(Duration::from_secs(15))
+                .is_some_and(|s| s.success())
+        );
     }
     let spans = wait_for(Duration::from_secs(5), || {
-        let spans = receiver.spans.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let services: std::collections::BTreeSet<_> =
-            spans.iter().filter(|s| s.2 == trace_id).map(|s| s.0.clone()).collect();
+        let spans = receiver
+            .spans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let services: std::collections::BTreeSet<_> = spans
+            .iter()
+            .filter(|s| s.2 == trace_id)
+            .map(|s| s.0.clone())
+            .collect();
         (services.len() == 3).then_some(spans)
     });
-    let all = receiver.spans.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let spans = spans.unwrap_or_else(|| panic!("spans of all three services under {trace_id}; got {all:#?}"));
+    let all = receiver
+        .spans
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let spans = spans
+        .unwrap_or_else(|| panic!("spans of all three services under {trace_id}; got {all:#?}"));
     let ours: Vec<&SeenSpan> = spans.iter().filter(|s| s.2 == trace_id).collect();
     let by_service: BTreeMap<&str, Vec<&str>> = ours.iter().fold(BTreeMap::new(), |mut map, s| {
         map.entry(s.0.as_str()).or_default().push(s.5.as_str());
         map
     });
     println!("trace {trace_id}: {by_service:#?}");
-    let has = |service: &str, kind: &str, name: &str| ours.iter().any(|s| s.0 == service && s.1 == kind && s.5 == name);
-    assert!(has("shoal-decider", "server", "shoal.v1.DeciderService/GetStatus"), "{by_service:?}");
-    assert!(has("shoal-decider", "client", "grpc.health.v1.Health/Check"), "{by_service:?}");
-    assert!(has("shoal-metrics", "server", "grpc.health.v1.Health/Check"), "{by_service:?}");
-    assert!(has("shoal-provisioner", "server", "grpc.health.v1.Health/Check"), "{by_service:?}");
+    let has = |service: &str, kind: &str, name: &str| {
+        ours.iter()
+            .any(|s| s.0 == service && s.1 == kind && s.5 == name)
+    };
     assert!(
-        all.iter().all(|s| s.1 != "internal" || !s.5.contains("Framed")),
+        has(
+            "shoal-decider",
+            "server",
+            "shoal.v1.DeciderService/GetStatus"
+        ),
+        "{by_service:?}"
+    );
+    assert!(
+        has("shoal-decider", "client", "grpc.health.v1.Health/Check"),
+        "{by_service:?}"
+    );
+    assert!(
+        has("shoal-metrics", "server", "grpc.health.v1.Health/Check"),
+        "{by_service:?}"
+    );
+    assert!(
+        has("shoal-provisioner", "server", "grpc.health.v1.Health/Check"),
+        "{by_service:?}"
+    );
+    assert!(
+        all.iter()
+            .all(|s| s.1 != "internal" || !s.5.contains("Framed")),
         "transport internals must not be exported: {all:?}"
     );
 
@@ -141,8 +200,19 @@ fn a_call_across_three_services_is_one_trace() {
         .filter(|s| s.0 == "shoal-decider" && s.1 == "client")
         .map(|s| s.4.as_str())
         .collect();
-    for s in ours.iter().filter(|s| s.0 != "shoal-decider" && s.1 == "server") {
-        assert!(decider_clients.contains(&s.3.as_str()), "{} server span's parent {} is a decider client span", s.0, s.3);
+    for s in ours
+        .iter()
+        .filter(|s| s.0 != "shoal-decider" && s.1 == "server")
+    {
+        assert!(
+            decider_clients.contains(&s.3.as_str()),
+            "{} server span's parent {} is a decider client span",
+            s.0,
+            s.3
+        );
     }
-    assert!(ours.iter().any(|s| s.0 == "shoal-decider" && s.1 == "server" && s.3 == "00f067aa0ba902b7"));
+    assert!(
+        ours.iter()
+            .any(|s| s.0 == "shoal-decider" && s.1 == "server" && s.3 == "00f067aa0ba902b7")
+    );
 }

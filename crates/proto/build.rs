@@ -4,8 +4,15 @@ use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["common", "metrics", "decider", "provisioner", "reconciler", "provider"]
-        .map(|name| proto_root.join(format!("shoal/v1/{name}.proto")));
+    let files = [
+        "common",
+        "metrics",
+        "decider",
+        "provisioner",
+        "reconciler",
+        "provider",
+    ]
+    .map(|name| proto_root.join(format!("shoal/v1/{name}.proto")));
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }

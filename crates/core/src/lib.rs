@@ -8,6 +8,6 @@ pub mod resources;
 pub mod validation;
 
 pub use phase::ClaimPhase;
-pub use quantity::{parse_cpu_millis, parse_memory_bytes, QuantityError};
+pub use quantity::{QuantityError, parse_cpu_millis, parse_memory_bytes};
 pub use resources::Resources;
 pub use validation::{FieldError, ValidationErrors};

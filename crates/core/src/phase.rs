@@ -35,7 +35,10 @@ impl ClaimPhase {
 
     /// True while the claim holds (or may hold) a backend instance.
     pub fn holds_instance(self) -> bool {
-        !matches!(self, ClaimPhase::Pending | ClaimPhase::Deleted | ClaimPhase::Failed)
+        !matches!(
+            self,
+            ClaimPhase::Pending | ClaimPhase::Deleted | ClaimPhase::Failed
+        )
     }
 
     /// Whether the provisioner may move a claim from `self` to `next`.
@@ -95,13 +98,36 @@ mod tests {
     use super::ClaimPhase::*;
     use super::*;
 
-    const ALL: [ClaimPhase; 8] =
-        [Pending, Launched, Registered, Ready, Draining, Terminating, Deleted, Failed];
+    const ALL: [ClaimPhase; 8] = [
+        Pending,
+        Launched,
+        Registered,
+        Ready,
+        Draining,
+        Terminating,
+        Deleted,
+        Failed,
+    ];
 
     #[test]
     fn happy_paths_are_allowed() {
-        for pair in [Pending, Launched, Registered, Ready, Draining, Terminating, Deleted].windows(2) {
-            assert!(pair[0].can_become(pair[1]), "{:?} -> {:?}", pair[0], pair[1]);
+        for pair in [
+            Pending,
+            Launched,
+            Registered,
+            Ready,
+            Draining,
+            Terminating,
+            Deleted,
+        ]
+        .windows(2)
+        {
+            assert!(
+                pair[0].can_become(pair[1]),
+                "{:?} -> {:?}",
+                pair[0],
+                pair[1]
+            );
         }
     }
 

@@ -9,10 +9,14 @@ pub enum QuantityError {
     #[error("empty quantity")]
     Empty,
     /// The numeric part is not a non-negative decimal number.
-    #[error("{0:?} is not a quantity (expected a number with an optional suffix such as m, Ki, Mi, Gi, k, M, G)")]
+    #[error(
+        "{0:?} is not a quantity (expected a number with an optional suffix such as m, Ki, Mi, Gi, k, M, G)"
+    )]
     Malformed(String),
     /// The suffix is not one Kubernetes knows.
-    #[error("unknown suffix {suffix:?} in {input:?} (expected one of m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei)")]
+    #[error(
+        "unknown suffix {suffix:?} in {input:?} (expected one of m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei)"
+    )]
     UnknownSuffix {
         /// The whole input.
         input: String,
@@ -118,7 +122,14 @@ pub fn format_cpu_millis(millis: i64) -> String {
 
 /// Formats bytes with the largest exact binary suffix ("8Gi", "1536Mi", "1000").
 pub fn format_memory_bytes(bytes: i64) -> String {
-    for (suffix, shift) in [("Ei", 60), ("Pi", 50), ("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
+    for (suffix, shift) in [
+        ("Ei", 60),
+        ("Pi", 50),
+        ("Ti", 40),
+        ("Gi", 30),
+        ("Mi", 20),
+        ("Ki", 10),
+    ] {
         let unit = 1i64 << shift;
         if bytes != 0 && bytes % unit == 0 {
             return format!("{}{suffix}", bytes / unit);
@@ -154,11 +165,25 @@ mod tests {
     #[test]
     fn bad_quantities_name_the_problem() {
         assert_eq!(parse_cpu_millis(""), Err(QuantityError::Empty));
-        assert!(matches!(parse_memory_bytes("8GB"), Err(QuantityError::UnknownSuffix { suffix, .. }) if suffix == "GB"));
-        assert!(matches!(parse_memory_bytes("-1Gi"), Err(QuantityError::UnknownSuffix { .. })));
-        assert!(matches!(parse_memory_bytes("1.2.3"), Err(QuantityError::Malformed(_))));
-        assert!(matches!(parse_memory_bytes("99999999Ei"), Err(QuantityError::Overflow(_))));
-        assert!(matches!(parse_cpu_millis("."), Err(QuantityError::Malformed(_))));
+        assert!(
+            matches!(parse_memory_bytes("8GB"), Err(QuantityError::UnknownSuffix { suffix, .. }) if suffix == "GB")
+        );
+        assert!(matches!(
+            parse_memory_bytes("-1Gi"),
+            Err(QuantityError::UnknownSuffix { .. })
+        ));
+        assert!(matches!(
+            parse_memory_bytes("1.2.3"),
+            Err(QuantityError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_memory_bytes("99999999Ei"),
+            Err(QuantityError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_cpu_millis("."),
+            Err(QuantityError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -78,18 +78,29 @@ mod tests {
     use super::*;
 
     fn cpu_mem(cpu: i64, mem: i64) -> Resources {
-        Resources { cpu_millis: cpu, memory_bytes: mem, pods: 1, ..Default::default() }
+        Resources {
+            cpu_millis: cpu,
+            memory_bytes: mem,
+            pods: 1,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn fits_checks_every_dimension() {
-        let node = Resources { pods: 110, ..cpu_mem(4000, 8 << 30) };
+        let node = Resources {
+            pods: 110,
+            ..cpu_mem(4000, 8 << 30)
+        };
         assert!(node.fits(&cpu_mem(4000, 8 << 30)));
         assert!(!node.fits(&cpu_mem(4001, 1)));
         assert!(!node.fits(&cpu_mem(1, (8 << 30) + 1)));
         let mut gpu = cpu_mem(1, 1);
         gpu.extended.insert("nvidia.com/gpu".into(), 1);
-        assert!(!node.fits(&gpu), "a node without GPUs cannot take a GPU pod");
+        assert!(
+            !node.fits(&gpu),
+            "a node without GPUs cannot take a GPU pod"
+        );
     }
 
     #[test]
@@ -103,7 +114,12 @@ mod tests {
         assert_eq!(sum.cpu_millis, 300);
         assert_eq!(sum.extended["x"], 3);
         assert_eq!(sum.extended["y"], 5);
-        assert_eq!(cpu_mem(i64::MAX, 0).saturating_add(&cpu_mem(1, 0)).cpu_millis, i64::MAX);
+        assert_eq!(
+            cpu_mem(i64::MAX, 0)
+                .saturating_add(&cpu_mem(1, 0))
+                .cpu_millis,
+            i64::MAX
+        );
     }
 
     #[test]

@@ -28,7 +28,10 @@ pub struct ValidationErrors {
 impl ValidationErrors {
     /// Records a problem at `path`.
     pub fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
-        self.errors.push(FieldError { path: path.into(), reason: reason.into() });
+        self.errors.push(FieldError {
+            path: path.into(),
+            reason: reason.into(),
+        });
     }
 
     /// True when nothing was recorded.
@@ -38,7 +41,11 @@ impl ValidationErrors {
 
     /// `Ok(value)` when nothing was recorded, else `Err(self)`.
     pub fn into_result<T>(self, value: T) -> Result<T, ValidationErrors> {
-        if self.errors.is_empty() { Ok(value) } else { Err(self) }
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use axum::{extract::State, http::StatusCode, routing::get, Router};
+use axum::{Router, extract::State, http::StatusCode, routing::get};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -18,7 +18,9 @@ pub struct Readiness {
 impl Readiness {
     /// Not ready, for `reason`.
     pub fn new(reason: &str) -> Readiness {
-        Readiness { state: Arc::new(Mutex::new(Err(reason.to_string()))) }
+        Readiness {
+            state: Arc::new(Mutex::new(Err(reason.to_string()))),
+        }
     }
 
     /// Marks ready.
@@ -43,14 +45,25 @@ struct AdminState {
     readiness: Readiness,
 }
 
-async fn metrics_handler(State(state): State<AdminState>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.encode())
+async fn metrics_handler(
+    State(state): State<AdminState>,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.encode(),
+    )
 }
 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
     match state.readiness.get() {
         Ok(()) => (StatusCode::OK, "ready\n".into()),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
     }
 }
 
@@ -66,5 +79,7 @@ pub async fn serve_admin(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(AdminState { metrics, readiness });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }

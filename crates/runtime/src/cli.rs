@@ -65,11 +65,16 @@ impl ServiceArgs {
             }
         }
         for item in &self.set {
-            let (path, value) =
-                item.split_once('=').ok_or_else(|| format!("--set {item:?}: expected PATH=VALUE"))?;
+            let (path, value) = item
+                .split_once('=')
+                .ok_or_else(|| format!("--set {item:?}: expected PATH=VALUE"))?;
             overrides.push((path.trim().to_string(), value.to_string()));
         }
-        Ok(Sources { file: self.config.clone(), env: std::env::vars().collect(), overrides })
+        Ok(Sources {
+            file: self.config.clone(),
+            env: std::env::vars().collect(),
+            overrides,
+        })
     }
 }
 
@@ -109,7 +114,10 @@ where
             }
         }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("{binary}: cannot start the async runtime: {err}");
@@ -159,8 +167,11 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}

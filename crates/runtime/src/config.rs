@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
 use shoal_core::ValidationErrors;
 
@@ -125,7 +125,11 @@ pub struct ShutdownConfig {
 
 /// A service's whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, bound = "S: ServiceSettings")]
+#[serde(
+    rename_all = "camelCase",
+    deny_unknown_fields,
+    bound = "S: ServiceSettings"
+)]
 pub struct Config<S> {
     /// This replica's identity in elections and logs (default `<hostname>-<pid>`).
     pub instance_id: String,
@@ -149,12 +153,18 @@ pub struct Config<S> {
 
 impl<S: ServiceSettings> Default for Config<S> {
     fn default() -> Self {
-        let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "shoal".into());
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "shoal".into());
         Config {
             instance_id: format!("{host}-{}", std::process::id()),
             cluster: "default".into(),
-            grpc: GrpcConfig { addr: SocketAddr::from(([127, 0, 0, 1], S::GRPC_PORT)) },
-            admin: AdminConfig { addr: SocketAddr::from(([127, 0, 0, 1], S::ADMIN_PORT)) },
+            grpc: GrpcConfig {
+                addr: SocketAddr::from(([127, 0, 0, 1], S::GRPC_PORT)),
+            },
+            admin: AdminConfig {
+                addr: SocketAddr::from(([127, 0, 0, 1], S::ADMIN_PORT)),
+            },
             telemetry: TelemetryConfig {
                 log_format: LogFormat::Human,
                 log_level: "info".into(),
@@ -166,8 +176,13 @@ impl<S: ServiceSettings> Default for Config<S> {
                 namespace: shoal_state::keys::DEFAULT_NAMESPACE.into(),
                 request_timeout: Duration::from_secs(3),
             },
-            election: ElectionSettings { lease_ttl: Duration::from_secs(5), record_interval: Duration::from_secs(1) },
-            shutdown: ShutdownConfig { grace: Duration::from_secs(10) },
+            election: ElectionSettings {
+                lease_ttl: Duration::from_secs(5),
+                record_interval: Duration::from_secs(1),
+            },
+            shutdown: ShutdownConfig {
+                grace: Duration::from_secs(10),
+            },
             service: S::default(),
         }
     }
@@ -180,20 +195,38 @@ impl<S: ServiceSettings> Config<S> {
             errors.add("instanceId", "must be non-empty and must not contain '/'");
         }
         if !is_dns_label(&self.cluster) {
-            errors.add("cluster", format!("{:?} is not a DNS label (lowercase letters, digits, '-', at most 63)", self.cluster));
+            errors.add(
+                "cluster",
+                format!(
+                    "{:?} is not a DNS label (lowercase letters, digits, '-', at most 63)",
+                    self.cluster
+                ),
+            );
         }
         if self.grpc.addr == self.admin.addr && self.grpc.addr.port() != 0 {
-            errors.add("admin.addr", format!("must differ from grpc.addr ({})", self.grpc.addr));
+            errors.add(
+                "admin.addr",
+                format!("must differ from grpc.addr ({})", self.grpc.addr),
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.telemetry.log_level) {
-            errors.add("telemetry.logLevel", format!("{:?} is not a tracing filter: {e}", self.telemetry.log_level));
+            errors.add(
+                "telemetry.logLevel",
+                format!(
+                    "{:?} is not a tracing filter: {e}",
+                    self.telemetry.log_level
+                ),
+            );
         }
         if self.telemetry.service_name.trim().is_empty() {
             errors.add("telemetry.serviceName", "must not be empty");
         }
         if S::USES_STORE && self.store.backend == StoreBackend::Etcd {
             if self.store.endpoints.is_empty() {
-                errors.add("store.endpoints", "at least one etcd endpoint is required when store.backend is etcd");
+                errors.add(
+                    "store.endpoints",
+                    "at least one etcd endpoint is required when store.backend is etcd",
+                );
             }
             for (i, endpoint) in self.store.endpoints.iter().enumerate() {
                 let ok = endpoint
@@ -201,21 +234,37 @@ impl<S: ServiceSettings> Config<S> {
                     .or_else(|| endpoint.strip_prefix("https://"))
                     .is_some_and(|rest| rest.contains(':') && !rest.contains('/'));
                 if !ok {
-                    errors.add(format!("store.endpoints[{i}]"), format!("{endpoint:?} is not of the form http://host:port"));
+                    errors.add(
+                        format!("store.endpoints[{i}]"),
+                        format!("{endpoint:?} is not of the form http://host:port"),
+                    );
                 }
             }
         }
         if !(self.store.namespace.starts_with('/') && self.store.namespace.ends_with('/')) {
-            errors.add("store.namespace", format!("{:?} must start and end with '/'", self.store.namespace));
+            errors.add(
+                "store.namespace",
+                format!("{:?} must start and end with '/'", self.store.namespace),
+            );
         }
         if self.store.request_timeout < Duration::from_millis(100) {
             errors.add("store.requestTimeout", "must be at least 100ms");
         }
-        if self.election.lease_ttl < Duration::from_secs(2) || self.election.lease_ttl > Duration::from_secs(60) {
-            errors.add("election.leaseTtl", "must be between 2s and 60s (etcd rounds shorter leases up)");
+        if self.election.lease_ttl < Duration::from_secs(2)
+            || self.election.lease_ttl > Duration::from_secs(60)
+        {
+            errors.add(
+                "election.leaseTtl",
+                "must be between 2s and 60s (etcd rounds shorter leases up)",
+            );
         }
-        if self.election.record_interval.is_zero() || self.election.record_interval >= self.election.lease_ttl {
-            errors.add("election.recordInterval", "must be above zero and below election.leaseTtl");
+        if self.election.record_interval.is_zero()
+            || self.election.record_interval >= self.election.lease_ttl
+        {
+            errors.add(
+                "election.recordInterval",
+                "must be above zero and below election.leaseTtl",
+            );
         }
         if self.shutdown.grace > Duration::from_secs(300) {
             errors.add("shutdown.grace", "must be at most 5m");
@@ -227,7 +276,8 @@ impl<S: ServiceSettings> Config<S> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -289,13 +339,18 @@ pub fn load<S: ServiceSettings>(sources: &Sources) -> Result<Loaded<S>, ConfigEr
         merge(&mut tree, file);
     }
     for (name, raw) in &sources.env {
-        let Some(rest) = name.strip_prefix("SHOAL_") else { continue };
+        let Some(rest) = name.strip_prefix("SHOAL_") else {
+            continue;
+        };
         let path: Vec<String> = rest.split("__").map(snake_to_camel).collect();
         if rest.is_empty() || defaults.get(&path[0]).is_none() {
             continue; // not a config variable (e.g. SHOAL_CONFIG, SHOAL_REQUIRE_DOCKER)
         }
         if let Err(reason) = set_path(&mut tree, &defaults, &path, raw) {
-            errors.add(path.join("."), format!("{reason} (from environment variable {name})"));
+            errors.add(
+                path.join("."),
+                format!("{reason} (from environment variable {name})"),
+            );
         }
     }
     for (dotted, raw) in &sources.overrides {
@@ -329,10 +384,16 @@ pub fn load<S: ServiceSettings>(sources: &Sources) -> Result<Loaded<S>, ConfigEr
                     }
                     errors.add(display_path(&path), message);
                 } else {
-                    let got = get_path(&tree, &path).map(|v| v.to_string()).unwrap_or_default();
+                    let got = get_path(&tree, &path)
+                        .map(|v| v.to_string())
+                        .unwrap_or_default();
                     errors.add(display_path(&path), format!("{message} (got {got})"));
                     // A bad list element cannot be defaulted alone: restore the whole list.
-                    let restore_at: Vec<String> = path.iter().take_while(|s| index(s).is_none()).cloned().collect();
+                    let restore_at: Vec<String> = path
+                        .iter()
+                        .take_while(|s| index(s).is_none())
+                        .cloned()
+                        .collect();
                     let repaired = get_path(&defaults, &restore_at)
                         .cloned()
                         .is_some_and(|default| replace_path(&mut tree, &restore_at, default));
@@ -344,7 +405,9 @@ pub fn load<S: ServiceSettings>(sources: &Sources) -> Result<Loaded<S>, ConfigEr
             }
         }
     }
-    let Some(config) = config else { return Err(ConfigError::Invalid(errors)) };
+    let Some(config) = config else {
+        return Err(ConfigError::Invalid(errors));
+    };
     config.validate(&mut errors);
     if !errors.is_empty() {
         return Err(ConfigError::Invalid(errors));
@@ -359,12 +422,17 @@ pub fn load<S: ServiceSettings>(sources: &Sources) -> Result<Loaded<S>, ConfigEr
 }
 
 fn read_yaml(path: &Path) -> Result<Value, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
     if text.trim().is_empty() {
         return Ok(Value::Object(Map::new()));
     }
-    let value: Value = serde_yaml_ng::from_str(&text)
-        .map_err(|e| ConfigError::Syntax { path: path.into(), message: e.to_string() })?;
+    let value: Value = serde_yaml_ng::from_str(&text).map_err(|e| ConfigError::Syntax {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
     match value {
         Value::Object(_) => Ok(value),
         Value::Null => Ok(Value::Object(Map::new())),
@@ -405,7 +473,12 @@ fn merge(base: &mut Value, over: Value) {
 
 fn snake_to_camel(segment: &str) -> String {
     let mut out = String::new();
-    for (i, part) in segment.to_ascii_lowercase().split('_').filter(|p| !p.is_empty()).enumerate() {
+    for (i, part) in segment
+        .to_ascii_lowercase()
+        .split('_')
+        .filter(|p| !p.is_empty())
+        .enumerate()
+    {
         if i == 0 {
             out.push_str(part);
         } else {
@@ -423,7 +496,9 @@ fn snake_to_camel(segment: &str) -> String {
 fn set_path(tree: &mut Value, defaults: &Value, path: &[String], raw: &str) -> Result<(), String> {
     let mut default = defaults;
     for segment in path {
-        default = default.get(segment).ok_or_else(|| "unknown setting".to_string())?;
+        default = default
+            .get(segment)
+            .ok_or_else(|| "unknown setting".to_string())?;
     }
     if default.is_object() {
         return Err("is a section; set one of its fields".into());
@@ -440,7 +515,11 @@ fn set_path(tree: &mut Value, defaults: &Value, path: &[String], raw: &str) -> R
             _ => Value::String(raw.into()),
         },
         Value::Array(_) => Value::Array(
-            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.into())).collect(),
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.into()))
+                .collect(),
         ),
         _ => Value::String(raw.into()),
     };
@@ -474,7 +553,11 @@ fn display_path(path: &[String]) -> String {
         }
         out.push_str(segment);
     }
-    if out.is_empty() { "(top level)".into() } else { out }
+    if out.is_empty() {
+        "(top level)".into()
+    } else {
+        out
+    }
 }
 
 fn index(segment: &str) -> Option<usize> {
@@ -482,17 +565,19 @@ fn index(segment: &str) -> Option<usize> {
 }
 
 fn get_path<'a>(tree: &'a Value, path: &[String]) -> Option<&'a Value> {
-    path.iter().try_fold(tree, |node, segment| match index(segment) {
-        Some(i) => node.get(i),
-        None => node.get(segment.as_str()),
-    })
+    path.iter()
+        .try_fold(tree, |node, segment| match index(segment) {
+            Some(i) => node.get(i),
+            None => node.get(segment.as_str()),
+        })
 }
 
 fn get_path_mut<'a>(tree: &'a mut Value, path: &[String]) -> Option<&'a mut Value> {
-    path.iter().try_fold(tree, |node, segment| match index(segment) {
-        Some(i) => node.get_mut(i),
-        None => node.get_mut(segment.as_str()),
-    })
+    path.iter()
+        .try_fold(tree, |node, segment| match index(segment) {
+            Some(i) => node.get_mut(i),
+            None => node.get_mut(segment.as_str()),
+        })
 }
 
 fn replace_path(tree: &mut Value, path: &[String], value: Value) -> bool {
@@ -532,7 +617,11 @@ mod tests {
 
     impl Default for TestSettings {
         fn default() -> Self {
-            TestSettings { upstream_addr: "http://127.0.0.1:1".into(), dry_run: false, batch: 5 }
+            TestSettings {
+                upstream_addr: "http://127.0.0.1:1".into(),
+                dry_run: false,
+                batch: 5,
+            }
         }
     }
 
@@ -556,7 +645,10 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn errors_of(result: Result<Loaded<TestSettings>, ConfigError>) -> Vec<String> {
@@ -577,7 +669,9 @@ mod tests {
 
     #[test]
     fn file_then_env_then_flags() {
-        let f = file("grpc: { addr: 127.0.0.1:7000 }\nelection: { leaseTtl: 7s }\nservice: { batch: 2 }\n");
+        let f = file(
+            "grpc: { addr: 127.0.0.1:7000 }\nelection: { leaseTtl: 7s }\nservice: { batch: 2 }\n",
+        );
         let sources = Sources {
             file: Some(f.path().into()),
             env: env(&[
@@ -592,10 +686,18 @@ mod tests {
         };
         let c = load::<TestSettings>(&sources).expect("valid").config;
         assert_eq!(c.grpc.addr.port(), 7000, "file");
-        assert_eq!(c.election.lease_ttl, Duration::from_secs(9), "env beats file");
+        assert_eq!(
+            c.election.lease_ttl,
+            Duration::from_secs(9),
+            "env beats file"
+        );
         assert!(c.service.dry_run, "env bool");
         assert_eq!(c.service.batch, 4, "flag beats env");
-        assert_eq!(c.store.endpoints, ["http://a:2379", "http://b:2379"], "env list");
+        assert_eq!(
+            c.store.endpoints,
+            ["http://a:2379", "http://b:2379"],
+            "env list"
+        );
     }
 
     #[test]
@@ -634,7 +736,11 @@ mod tests {
     #[test]
     fn messages_say_what_was_given() {
         let f = file("grpc: { addr: nowhere }\n");
-        let err = load::<TestSettings>(&Sources { file: Some(f.path().into()), ..Default::default() }).unwrap_err();
+        let err = load::<TestSettings>(&Sources {
+            file: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("grpc.addr"), "{text}");
         assert!(text.contains("\"nowhere\""), "{text}");
@@ -643,14 +749,28 @@ mod tests {
     #[test]
     fn syntax_errors_and_missing_files_are_reported() {
         let f = file("grpc: [unclosed\n");
-        let err = load::<TestSettings>(&Sources { file: Some(f.path().into()), ..Default::default() }).unwrap_err();
+        let err = load::<TestSettings>(&Sources {
+            file: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
-        let err = load::<TestSettings>(&Sources { file: Some("/nonexistent/shoal.yaml".into()), ..Default::default() })
-            .unwrap_err();
+        let err = load::<TestSettings>(&Sources {
+            file: Some("/nonexistent/shoal.yaml".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
         let f = file("- just\n- a list\n");
-        let err = load::<TestSettings>(&Sources { file: Some(f.path().into()), ..Default::default() }).unwrap_err();
-        assert!(err.to_string().contains("top level must be a mapping"), "{err}");
+        let err = load::<TestSettings>(&Sources {
+            file: Some(f.path().into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("top level must be a mapping"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -666,12 +786,23 @@ mod tests {
         };
         let mut paths = errors_of(load::<TestSettings>(&sources));
         paths.sort();
-        assert_eq!(paths, ["admin.addr", "cluster", "election.recordInterval", "telemetry.logLevel"]);
+        assert_eq!(
+            paths,
+            [
+                "admin.addr",
+                "cluster",
+                "election.recordInterval",
+                "telemetry.logLevel"
+            ]
+        );
     }
 
     #[test]
     fn unknown_flag_path_is_an_error() {
-        let sources = Sources { overrides: vec![("grpc.port".into(), "1".into())], ..Default::default() };
+        let sources = Sources {
+            overrides: vec![("grpc.port".into(), "1".into())],
+            ..Default::default()
+        };
         assert_eq!(errors_of(load::<TestSettings>(&sources)), ["grpc.port"]);
     }
 }

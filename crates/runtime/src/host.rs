@@ -4,22 +4,24 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use shoal_state::{Election, ElectionConfig, EtcdConfig, EtcdStore, MemoryStore, SharedStore, StoreError};
+use shoal_state::{
+    Election, ElectionConfig, EtcdConfig, EtcdStore, MemoryStore, SharedStore, StoreError,
+};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::{
+    ServingStatus,
     pb::health_server::HealthServer,
     server::{HealthReporter, HealthService},
-    ServingStatus,
 };
 
 use crate::{
-    admin::{serve_admin, Readiness},
+    admin::{Readiness, serve_admin},
     config::{Config, ServiceSettings, StoreBackend},
     layers::{GrpcMetricsLayer, ServerTraceLayer},
-    leader::{run_leader_loop, LeaderWatch},
+    leader::{LeaderWatch, run_leader_loop},
     metrics::{MetricsError, RuntimeMetrics},
 };
 
@@ -69,9 +71,22 @@ pub struct Host<S: ServiceSettings> {
     election: Option<Election>,
 }
 
-async fn bind(field: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), HostError> {
-    let listener = TcpListener::bind(addr).await.map_err(|source| HostError::Bind { field, addr, source })?;
-    let local = listener.local_addr().map_err(|source| HostError::Bind { field, addr, source })?;
+async fn bind(
+    field: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), HostError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| HostError::Bind {
+            field,
+            addr,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| HostError::Bind {
+        field,
+        addr,
+        source,
+    })?;
     Ok((listener, local))
 }
 
@@ -79,17 +94,23 @@ impl<S: ServiceSettings> Host<S> {
     /// Binds both ports, starts the admin server, connects the store (retrying until it answers)
     /// and, for campaigning services, starts the leader loop. Returns `None` when `shutdown`
     /// fires while still waiting for the store.
-    pub async fn start(config: Config<S>, shutdown: &CancellationToken) -> Result<Option<Host<S>>, HostError> {
+    pub async fn start(
+        config: Config<S>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Host<S>>, HostError> {
         let metrics = RuntimeMetrics::new(S::SERVICE)?;
         let readiness = Readiness::new("starting");
         let health = HealthReporter::new();
-        health.set_service_status("", ServingStatus::NotServing).await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
 
         let (grpc_listener, grpc_addr) = bind("grpc.addr", config.grpc.addr).await?;
         let (admin_listener, admin_addr) = bind("admin.addr", config.admin.addr).await?;
         let admin_shutdown = CancellationToken::new();
         let admin_task = tokio::spawn({
-            let (metrics, readiness, stop) = (metrics.clone(), readiness.clone(), admin_shutdown.clone());
+            let (metrics, readiness, stop) =
+                (metrics.clone(), readiness.clone(), admin_shutdown.clone());
             async move {
                 if let Err(err) = serve_admin(admin_listener, metrics, readiness, stop).await {
                     tracing::error!(error = %err, "admin server failed");
@@ -119,25 +140,28 @@ impl<S: ServiceSettings> Host<S> {
             };
             host.store = Some(store);
         }
-        if S::CAMPAIGNS {
-            if let Some(store) = host.store.clone() {
-                let election = Election::new(
-                    store,
-                    S::SERVICE,
-                    host.config.instance_id.clone(),
-                    ElectionConfig { lease_ttl: host.config.election.lease_ttl, ..ElectionConfig::default() },
-                );
-                let (publish, watch) = watch::channel(None);
-                host.election = Some(election.clone());
-                let task = tokio::spawn(run_leader_loop(
-                    election,
-                    host.config.election.record_interval,
-                    host.metrics.clone(),
-                    publish,
-                    shutdown.clone(),
-                ));
-                host.leader = Some((watch, task));
-            }
+        if S::CAMPAIGNS
+            && let Some(store) = host.store.clone()
+        {
+            let election = Election::new(
+                store,
+                S::SERVICE,
+                host.config.instance_id.clone(),
+                ElectionConfig {
+                    lease_ttl: host.config.election.lease_ttl,
+                    ..ElectionConfig::default()
+                },
+            );
+            let (publish, watch) = watch::channel(None);
+            host.election = Some(election.clone());
+            let task = tokio::spawn(run_leader_loop(
+                election,
+                host.config.election.record_interval,
+                host.metrics.clone(),
+                publish,
+                shutdown.clone(),
+            ));
+            host.leader = Some((watch, task));
         }
         Ok(Some(host))
     }
@@ -205,49 +229,74 @@ impl<S: ServiceSettings> Host<S> {
 
     /// Serves `routes` (plus health and reflection) until `shutdown`, then drains: health turns
     /// NOT_SERVING, leadership is resigned, in-flight RPCs get `shutdown.grace` to finish.
-    pub async fn serve(mut self, routes: Routes, service_names: &[&str], shutdown: CancellationToken) -> Result<(), HostError> {
+    pub async fn serve(
+        mut self,
+        routes: Routes,
+        service_names: &[&str],
+        shutdown: CancellationToken,
+    ) -> Result<(), HostError> {
         // Advertise only what this port serves: health, reflection itself, and our services.
         let reflection = || {
             service_names.iter().fold(
                 tonic_reflection::server::Builder::configure()
                     .register_encoded_file_descriptor_set(shoal_proto::FILE_DESCRIPTOR_SET)
                     .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                    .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-                    .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(
+                        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                    )
+                    .register_encoded_file_descriptor_set(
+                        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                    )
                     .with_service_name("grpc.health.v1.Health")
                     .with_service_name("grpc.reflection.v1.ServerReflection")
                     .with_service_name("grpc.reflection.v1alpha.ServerReflection"),
                 |builder, name| builder.with_service_name(*name),
             )
         };
-        let reflection_v1 = reflection().build_v1().map_err(|e| HostError::Reflection(e.to_string()))?;
-        let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| HostError::Reflection(e.to_string()))?;
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|e| HostError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| HostError::Reflection(e.to_string()))?;
         let layers = tower::ServiceBuilder::new()
             .layer(ServerTraceLayer)
-            .layer(GrpcMetricsLayer::new(self.metrics.grpc_handled.clone(), self.metrics.grpc_seconds.clone()))
+            .layer(GrpcMetricsLayer::new(
+                self.metrics.grpc_handled.clone(),
+                self.metrics.grpc_seconds.clone(),
+            ))
             .into_inner();
         let stop_server = CancellationToken::new();
         let listener = std::mem::replace(
             &mut self.grpc_listener,
             // Placeholder; never accepted on. Binding port 0 on loopback cannot reasonably fail,
             // but if it does we report it rather than panic.
-            TcpListener::bind("127.0.0.1:0").await.map_err(|source| HostError::Bind {
-                field: "grpc.addr",
-                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                source,
-            })?,
+            TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|source| HostError::Bind {
+                    field: "grpc.addr",
+                    addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    source,
+                })?,
         );
         let server = tonic::transport::Server::builder()
             .layer(layers)
             .add_routes(routes)
-            .add_service(HealthServer::new(HealthService::from_health_reporter(self.health.clone())))
+            .add_service(HealthServer::new(HealthService::from_health_reporter(
+                self.health.clone(),
+            )))
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_server.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                stop_server.clone().cancelled_owned(),
+            );
         let mut server = tokio::spawn(server);
 
         for name in service_names.iter().copied().chain([""]) {
-            self.health.set_service_status(name, ServingStatus::Serving).await;
+            self.health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
         }
         self.readiness.set_ready();
         self.metrics.ready.set(1);
@@ -260,14 +309,20 @@ impl<S: ServiceSettings> Host<S> {
 
         // Drain.
         for name in service_names.iter().copied().chain([""]) {
-            self.health.set_service_status(name, ServingStatus::NotServing).await;
+            self.health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
         }
         self.readiness.set_not_ready("shutting down");
         self.metrics.ready.set(0);
         tracing::info!(service = S::SERVICE, "shutting down");
         if let Some((_, task)) = self.leader.take() {
             // The loop resigns when `shutdown` fires; bound the wait on a store that is down.
-            let _ = tokio::time::timeout(self.config.store.request_timeout + Duration::from_secs(1), task).await;
+            let _ = tokio::time::timeout(
+                self.config.store.request_timeout + Duration::from_secs(1),
+                task,
+            )
+            .await;
         }
         stop_server.cancel();
         let result = match early {
@@ -304,7 +359,9 @@ pub fn status_from_store(err: &StoreError) -> tonic::Status {
         StoreError::Unavailable(_) => tonic::Status::unavailable(err.to_string()),
         StoreError::Fenced { .. } => tonic::Status::failed_precondition(err.to_string()),
         StoreError::Compacted { .. } => tonic::Status::out_of_range(err.to_string()),
-        StoreError::LeaseNotFound(_) | StoreError::Rejected(_) => tonic::Status::failed_precondition(err.to_string()),
+        StoreError::LeaseNotFound(_) | StoreError::Rejected(_) => {
+            tonic::Status::failed_precondition(err.to_string())
+        }
         StoreError::Decode { .. } => tonic::Status::data_loss(err.to_string()),
     }
 }

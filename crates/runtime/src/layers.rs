@@ -94,7 +94,8 @@ where
         if is_infrastructure(&path) && !req.headers().contains_key("traceparent") {
             return Box::pin(inner.call(req));
         }
-        let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+        let parent =
+            global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
         let (service, method) = split_path(&path);
         let span = tracing::info_span!(
             "grpc.server",
@@ -166,7 +167,9 @@ where
             rpc.method = %method,
         );
         let context = span.context();
-        global::get_text_map_propagator(|p| p.inject_context(&context, &mut HeaderInjector(req.headers_mut())));
+        global::get_text_map_propagator(|p| {
+            p.inject_context(&context, &mut HeaderInjector(req.headers_mut()))
+        });
         Box::pin(inner.call(req).instrument(span))
     }
 }
@@ -188,7 +191,10 @@ impl GrpcMetricsLayer {
 impl<S> Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
     fn layer(&self, inner: S) -> GrpcMetrics<S> {
-        GrpcMetrics { inner, layer: self.clone() }
+        GrpcMetrics {
+            inner,
+            layer: self.clone(),
+        }
     }
 }
 
@@ -227,8 +233,14 @@ where
                 Ok(response) => status_code(response),
                 Err(_) => "UNAVAILABLE",
             };
-            layer.handled.with_label_values(&[service, method, code]).inc();
-            layer.seconds.with_label_values(&[service, method]).observe(started.elapsed().as_secs_f64());
+            layer
+                .handled
+                .with_label_values(&[service, method, code])
+                .inc();
+            layer
+                .seconds
+                .with_label_values(&[service, method])
+                .observe(started.elapsed().as_secs_f64());
             result
         })
     }
@@ -253,7 +265,10 @@ mod tests {
 
     #[test]
     fn paths_split_into_service_and_method() {
-        assert_eq!(split_path("/shoal.v1.DeciderService/GetStatus"), ("shoal.v1.DeciderService", "GetStatus"));
+        assert_eq!(
+            split_path("/shoal.v1.DeciderService/GetStatus"),
+            ("shoal.v1.DeciderService", "GetStatus")
+        );
         assert_eq!(split_path("/odd"), ("odd", ""));
     }
 
@@ -261,7 +276,10 @@ mod tests {
     fn status_codes_come_from_trailers_only_responses() {
         let ok = http::Response::builder().body(()).expect("response");
         assert_eq!(status_code(&ok), "OK");
-        let unimplemented = http::Response::builder().header("grpc-status", "12").body(()).expect("response");
+        let unimplemented = http::Response::builder()
+            .header("grpc-status", "12")
+            .body(())
+            .expect("response");
         assert_eq!(status_code(&unimplemented), "UNIMPLEMENTED");
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use shoal_state::{keys, Election, Leadership, StoreError};
+use shoal_state::{Election, Leadership, StoreError, keys};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -27,7 +27,9 @@ pub struct LeaderStatusRecord {
 pub type LeaderWatch = watch::Receiver<Option<Leadership>>;
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Runs the leader loop until `shutdown`; returns once leadership (if held) is resigned.
@@ -42,7 +44,10 @@ pub async fn run_leader_loop(
     let leader_gauge = metrics.leader.with_label_values(&[&service]);
     while let Some(leadership) = election.campaign(&shutdown).await {
         leader_gauge.set(1);
-        metrics.leader_transitions.with_label_values(&[&service, "leader"]).inc();
+        metrics
+            .leader_transitions
+            .with_label_values(&[&service, "leader"])
+            .inc();
         publish.send_replace(Some(leadership.clone()));
         let mut ticker = tokio::time::interval(record_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -74,7 +79,10 @@ pub async fn run_leader_loop(
         };
         publish.send_replace(None);
         leader_gauge.set(0);
-        metrics.leader_transitions.with_label_values(&[&service, "follower"]).inc();
+        metrics
+            .leader_transitions
+            .with_label_values(&[&service, "follower"])
+            .inc();
         if resigned {
             break;
         }
@@ -93,7 +101,9 @@ pub async fn describe_leadership(
     watch: Option<&LeaderWatch>,
     election: Option<&Election>,
 ) -> shoal_proto::v1::LeaderInfo {
-    let ours = watch.and_then(|w| w.borrow().clone()).filter(|l| l.is_held());
+    let ours = watch
+        .and_then(|w| w.borrow().clone())
+        .filter(|l| l.is_held());
     if let Some(leadership) = ours {
         return shoal_proto::v1::LeaderInfo {
             is_leader: true,
@@ -118,5 +128,8 @@ pub async fn describe_leadership(
 
 /// Unix milliseconds as a protobuf timestamp.
 pub fn timestamp(unix_ms: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: (unix_ms / 1000) as i64, nanos: ((unix_ms % 1000) * 1_000_000) as i32 }
+    prost_types::Timestamp {
+        seconds: (unix_ms / 1000) as i64,
+        nanos: ((unix_ms % 1000) * 1_000_000) as i32,
+    }
 }

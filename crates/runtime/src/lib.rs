@@ -15,10 +15,10 @@ pub mod metrics;
 pub mod telemetry;
 pub mod upstream;
 
-pub use cli::{run_service, ServiceArgs};
+pub use cli::{ServiceArgs, run_service};
 pub use config::{Config, ServiceSettings};
-pub use host::{status_from_store, Host, HostError};
-pub use layers::{traced_channel, TracedChannel};
-pub use leader::{describe_leadership, LeaderWatch};
-pub use upstream::{not_yet_implemented, validate_address, Upstream};
+pub use host::{Host, HostError, status_from_store};
+pub use layers::{TracedChannel, traced_channel};
+pub use leader::{LeaderWatch, describe_leadership};
 pub use shoal_core::ValidationErrors;
+pub use upstream::{Upstream, not_yet_implemented, validate_address};

@@ -3,10 +3,10 @@
 
 use opentelemetry::{global, trace::TracerProvider as _};
 use opentelemetry_sdk::{
-    propagation::TraceContextPropagator, runtime, trace::SdkTracerProvider, Resource,
+    Resource, propagation::TraceContextPropagator, runtime, trace::SdkTracerProvider,
 };
 use tracing_subscriber::{
-    filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer,
+    EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt,
 };
 
 use crate::config::{LogFormat, TelemetryConfig};
@@ -35,7 +35,9 @@ impl Telemetry {
     /// Installs the global subscriber and propagator. Must run inside a Tokio runtime.
     pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         global::set_text_map_propagator(TraceContextPropagator::new());
-        let resource = Resource::builder().with_service_name(config.service_name.clone()).build();
+        let resource = Resource::builder()
+            .with_service_name(config.service_name.clone())
+            .build();
         let mut builder = SdkTracerProvider::builder().with_resource(resource);
         let exporting = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|v| !v.is_empty());
         if exporting {
@@ -56,18 +58,30 @@ impl Telemetry {
         global::set_tracer_provider(provider.clone());
         let tracer = provider.tracer("shoal");
 
-        let filter = EnvFilter::builder().parse(&config.log_level).map_err(|e| TelemetryError::Filter(e.to_string()))?;
+        let filter = EnvFilter::builder()
+            .parse(&config.log_level)
+            .map_err(|e| TelemetryError::Filter(e.to_string()))?;
         let fmt = match config.log_format {
             LogFormat::Human => tracing_subscriber::fmt::layer().with_target(true).boxed(),
-            LogFormat::Json => tracing_subscriber::fmt::layer().json().flatten_event(true).boxed(),
+            LogFormat::Json => tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .boxed(),
         };
         tracing_subscriber::registry()
             .with(fmt.with_filter(filter))
             // Traces carry our INFO spans, not the transport crates' debug/trace internals.
-            .with(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(LevelFilter::INFO))
+            .with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(LevelFilter::INFO),
+            )
             .try_init()
             .map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
-        Ok(Telemetry { provider, exporting })
+        Ok(Telemetry {
+            provider,
+            exporting,
+        })
     }
 
     /// True when spans are exported over OTLP.

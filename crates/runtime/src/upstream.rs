@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::layers::{traced_channel, TracedChannel};
+use crate::layers::{TracedChannel, traced_channel};
 
 /// Another service this one calls.
 #[derive(Clone)]
@@ -22,26 +22,44 @@ pub struct Upstream {
 
 impl Upstream {
     /// A client of `service` at `address` (connects on first use).
-    pub fn new(name: &'static str, address: &str, service: &'static str) -> Result<Upstream, tonic::transport::Error> {
-        Ok(Upstream { name, address: address.to_string(), service, channel: traced_channel(address)? })
+    pub fn new(
+        name: &'static str,
+        address: &str,
+        service: &'static str,
+    ) -> Result<Upstream, tonic::transport::Error> {
+        Ok(Upstream {
+            name,
+            address: address.to_string(),
+            service,
+            channel: traced_channel(address)?,
+        })
     }
 
     /// The upstream's grpc.health.v1 status for its service, or `UNREACHABLE: <why>`.
     pub async fn health(&self) -> shoal_proto::v1::UpstreamStatus {
         let mut client = HealthClient::new(self.channel.clone());
-        let request = HealthCheckRequest { service: self.service.to_string() };
-        let status = match tokio::time::timeout(Duration::from_secs(2), client.check(request)).await {
+        let request = HealthCheckRequest {
+            service: self.service.to_string(),
+        };
+        let status = match tokio::time::timeout(Duration::from_secs(2), client.check(request)).await
+        {
             Ok(Ok(response)) => response.into_inner().status().as_str_name().to_string(),
             Ok(Err(status)) => format!("UNREACHABLE: {}: {}", status.code(), status.message()),
             Err(_) => "UNREACHABLE: no answer within 2s".to_string(),
         };
-        shoal_proto::v1::UpstreamStatus { name: self.name.to_string(), address: self.address.clone(), status }
+        shoal_proto::v1::UpstreamStatus {
+            name: self.name.to_string(),
+            address: self.address.clone(),
+            status,
+        }
     }
 }
 
 /// The status for an RPC whose logic a later version of the service brings.
 pub fn not_yet_implemented(method: &str) -> tonic::Status {
-    tonic::Status::unimplemented(format!("{method} is not implemented in this version of Shoal"))
+    tonic::Status::unimplemented(format!(
+        "{method} is not implemented in this version of Shoal"
+    ))
 }
 
 /// Checks a `service.*Addr` setting: `http(s)://host:port`.
@@ -52,6 +70,9 @@ pub fn validate_address(path: &str, value: &str, errors: &mut shoal_core::Valida
         .and_then(|rest| rest.rsplit_once(':'))
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
     if !ok {
-        errors.add(path, format!("{value:?} is not of the form http://host:port"));
+        errors.add(
+            path,
+            format!("{value:?} is not of the form http://host:port"),
+        );
     }
 }

@@ -9,10 +9,10 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shoal_runtime::{
+    ServiceArgs,
     cli::cancel_on_signal,
     config::{self, Config, ServiceSettings, Sources},
     telemetry::Telemetry,
-    ServiceArgs,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -68,7 +68,9 @@ fn main() -> ExitCode {
         Command::Run { service } => match service {
             Service::Metrics(args) => shoal_runtime::run_service(args, shoal_metrics::serve),
             Service::Decider(args) => shoal_runtime::run_service(args, shoal_decider::serve),
-            Service::Provisioner(args) => shoal_runtime::run_service(args, shoal_provisioner::serve),
+            Service::Provisioner(args) => {
+                shoal_runtime::run_service(args, shoal_provisioner::serve)
+            }
             Service::Reconciler(args) => shoal_runtime::run_service(args, shoal_reconciler::serve),
         },
         Command::Demo(args) => match demo(args) {
@@ -85,8 +87,14 @@ fn main() -> ExitCode {
 fn demo_config<S: ServiceSettings>(args: &DemoArgs, index: u16) -> anyhow::Result<Config<S>> {
     let base = |port: u16| format!("http://127.0.0.1:{port}");
     let mut overrides = vec![
-        ("grpc.addr".to_string(), format!("127.0.0.1:{}", args.grpc_base_port + index)),
-        ("admin.addr".to_string(), format!("127.0.0.1:{}", args.admin_base_port + index)),
+        (
+            "grpc.addr".to_string(),
+            format!("127.0.0.1:{}", args.grpc_base_port + index),
+        ),
+        (
+            "admin.addr".to_string(),
+            format!("127.0.0.1:{}", args.admin_base_port + index),
+        ),
         ("telemetry.logLevel".to_string(), args.log_level.clone()),
         ("instanceId".to_string(), format!("demo-{}", S::SERVICE)),
     ];
@@ -104,8 +112,14 @@ fn demo_config<S: ServiceSettings>(args: &DemoArgs, index: u16) -> anyhow::Resul
             overrides.push((format!("service.{key}"), base(args.grpc_base_port + offset)));
         }
     }
-    let sources = Sources { file: None, env: Vec::new(), overrides };
-    Ok(config::load::<S>(&sources).with_context(|| format!("{} config", S::SERVICE))?.config)
+    let sources = Sources {
+        file: None,
+        env: Vec::new(),
+        overrides,
+    };
+    Ok(config::load::<S>(&sources)
+        .with_context(|| format!("{} config", S::SERVICE))?
+        .config)
 }
 
 /// Names of the `service:` settings of `S` (so the demo only wires peers a service has).
@@ -121,21 +135,45 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let decider = demo_config::<shoal_decider::DeciderSettings>(&args, 1)?;
     let provisioner = demo_config::<shoal_provisioner::ProvisionerSettings>(&args, 2)?;
     let reconciler = demo_config::<shoal_reconciler::ReconcilerSettings>(&args, 3)?;
-    let grpc: Vec<SocketAddr> = vec![metrics.grpc.addr, decider.grpc.addr, provisioner.grpc.addr, reconciler.grpc.addr];
-    let admin: Vec<SocketAddr> = vec![metrics.admin.addr, decider.admin.addr, provisioner.admin.addr, reconciler.admin.addr];
+    let grpc: Vec<SocketAddr> = vec![
+        metrics.grpc.addr,
+        decider.grpc.addr,
+        provisioner.grpc.addr,
+        reconciler.grpc.addr,
+    ];
+    let admin: Vec<SocketAddr> = vec![
+        metrics.admin.addr,
+        decider.admin.addr,
+        provisioner.admin.addr,
+        reconciler.admin.addr,
+    ];
     let mut telemetry_config = metrics.telemetry.clone();
     telemetry_config.service_name = "shoal-demo".into();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let telemetry = Telemetry::init(&telemetry_config)?;
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         let services = vec![
-            ("metrics", tokio::spawn(shoal_metrics::serve(metrics, shutdown.clone()))),
-            ("decider", tokio::spawn(shoal_decider::serve(decider, shutdown.clone()))),
-            ("provisioner", tokio::spawn(shoal_provisioner::serve(provisioner, shutdown.clone()))),
-            ("reconciler", tokio::spawn(shoal_reconciler::serve(reconciler, shutdown.clone()))),
+            (
+                "metrics",
+                tokio::spawn(shoal_metrics::serve(metrics, shutdown.clone())),
+            ),
+            (
+                "decider",
+                tokio::spawn(shoal_decider::serve(decider, shutdown.clone())),
+            ),
+            (
+                "provisioner",
+                tokio::spawn(shoal_provisioner::serve(provisioner, shutdown.clone())),
+            ),
+            (
+                "reconciler",
+                tokio::spawn(shoal_reconciler::serve(reconciler, shutdown.clone())),
+            ),
         ];
         wait_until_listening(&grpc).await;
         print_banner(&grpc, &admin, args.etcd.as_deref());
@@ -174,12 +212,21 @@ async fn wait_until_listening(addrs: &[SocketAddr]) {
 
 fn print_banner(grpc: &[SocketAddr], admin: &[SocketAddr], etcd: Option<&str>) {
     let names = ["metrics", "decider", "provisioner", "reconciler"];
-    println!("\nShoal demo is running (store: {}). Ctrl-C stops it.\n", etcd.unwrap_or("in-memory"));
+    println!(
+        "\nShoal demo is running (store: {}). Ctrl-C stops it.\n",
+        etcd.unwrap_or("in-memory")
+    );
     for ((name, g), a) in names.iter().zip(grpc).zip(admin) {
         println!("  {name:<12} gRPC {g:<16} metrics http://{a}/metrics");
     }
     println!("\nTry:");
     println!("  grpcurl -plaintext {} list", grpc[1]);
-    println!("  grpcurl -plaintext {} shoal.v1.DeciderService/GetStatus", grpc[1]);
-    println!("  grpcurl -plaintext {} grpc.health.v1.Health/Check\n", grpc[0]);
+    println!(
+        "  grpcurl -plaintext {} shoal.v1.DeciderService/GetStatus",
+        grpc[1]
+    );
+    println!(
+        "  grpcurl -plaintext {} grpc.health.v1.Health/Check\n",
+        grpc[0]
+    );
 }

@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    keys, Compare, EventKind, KeyValue, LeaseId, Revision, SharedStore, StoreError, Txn, TxnOp,
-    TxnOutcome,
+    Compare, EventKind, KeyValue, LeaseId, Revision, SharedStore, StoreError, Txn, TxnOp,
+    TxnOutcome, keys,
 };
 
 /// Timing of an election.
@@ -33,7 +33,10 @@ pub struct ElectionConfig {
 
 impl Default for ElectionConfig {
     fn default() -> Self {
-        ElectionConfig { lease_ttl: Duration::from_secs(5), retry_interval: Duration::from_millis(500) }
+        ElectionConfig {
+            lease_ttl: Duration::from_secs(5),
+            retry_interval: Duration::from_millis(500),
+        }
     }
 }
 
@@ -80,7 +83,9 @@ struct Held {
 const RESIGNED: &str = "resigned";
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 enum Attempt {
@@ -90,8 +95,18 @@ enum Attempt {
 
 impl Election {
     /// An election for `service` in which this replica is `candidate`.
-    pub fn new(store: SharedStore, service: impl Into<String>, candidate: impl Into<String>, config: ElectionConfig) -> Self {
-        Election { store, service: service.into(), candidate: candidate.into(), config }
+    pub fn new(
+        store: SharedStore,
+        service: impl Into<String>,
+        candidate: impl Into<String>,
+        config: ElectionConfig,
+    ) -> Self {
+        Election {
+            store,
+            service: service.into(),
+            candidate: candidate.into(),
+            config,
+        }
     }
 
     /// The service this election is for.
@@ -101,9 +116,14 @@ impl Election {
 
     /// The current leader according to the store, if any.
     pub async fn current_leader(&self) -> Result<Option<LeaderRecord>, StoreError> {
-        let Some(kv) = self.store.get(&keys::election(&self.service)).await? else { return Ok(None) };
-        let mut record: LeaderRecord = serde_json::from_slice(&kv.value)
-            .map_err(|source| StoreError::Decode { key: kv.key.clone(), source })?;
+        let Some(kv) = self.store.get(&keys::election(&self.service)).await? else {
+            return Ok(None);
+        };
+        let mut record: LeaderRecord =
+            serde_json::from_slice(&kv.value).map_err(|source| StoreError::Decode {
+                key: kv.key.clone(),
+                source,
+            })?;
         record.term = kv.create_revision;
         Ok(Some(record))
     }
@@ -142,11 +162,25 @@ impl Election {
         }
         let granted_at = Instant::now();
         let lease = self.store.lease_grant(self.config.lease_ttl).await?;
-        let record = LeaderRecord { holder: self.candidate.clone(), since_unix_ms: unix_ms(), term: 0 };
-        let value = serde_json::to_vec(&record).map_err(|source| StoreError::Decode { key: key.clone(), source })?;
+        let record = LeaderRecord {
+            holder: self.candidate.clone(),
+            since_unix_ms: unix_ms(),
+            term: 0,
+        };
+        let value = serde_json::to_vec(&record).map_err(|source| StoreError::Decode {
+            key: key.clone(),
+            source,
+        })?;
         let txn = Txn {
-            compares: vec![Compare::CreateRevision { key: key.clone(), revision: 0 }],
-            success: vec![TxnOp::Put { key: key.clone(), value, lease: Some(lease) }],
+            compares: vec![Compare::CreateRevision {
+                key: key.clone(),
+                revision: 0,
+            }],
+            success: vec![TxnOp::Put {
+                key: key.clone(),
+                value,
+                lease: Some(lease),
+            }],
             failure: vec![],
         };
         let outcome = match self.store.txn(txn).await {
@@ -161,7 +195,9 @@ impl Election {
             return match self.store.get(&key).await? {
                 Some(kv) => Ok(Attempt::HeldBy(kv)),
                 // Released in between: go round again at once.
-                None => Err(StoreError::Unavailable("election key changed hands; retrying".into())),
+                None => Err(StoreError::Unavailable(
+                    "election key changed hands; retrying".into(),
+                )),
             };
         }
         let term = outcome.revision;
@@ -308,24 +344,40 @@ impl Leadership {
 
     /// Why leadership ended, once it has.
     pub fn lost_reason(&self) -> Option<String> {
-        self.inner.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner
+            .reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// True while the lease is surely still alive and the key is ours as far as we know.
     pub fn is_held(&self) -> bool {
         !self.inner.lost.is_cancelled()
-            && Instant::now() < *self.inner.deadline.lock().unwrap_or_else(|p| p.into_inner())
+            && Instant::now()
+                < *self
+                    .inner
+                    .deadline
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs `txn` only if this replica still holds the election key with its term. A write that
     /// finds the term gone ends leadership and returns [`StoreError::Fenced`].
     pub async fn fenced_txn(&self, mut txn: Txn) -> Result<TxnOutcome, StoreError> {
-        let fenced = || StoreError::Fenced { service: self.inner.service.clone(), term: self.inner.term };
+        let fenced = || StoreError::Fenced {
+            service: self.inner.service.clone(),
+            term: self.inner.term,
+        };
         if !self.is_held() {
-            self.inner.lose("leadership lapsed before a write".to_string());
+            self.inner
+                .lose("leadership lapsed before a write".to_string());
             return Err(fenced());
         }
-        txn.compares.push(Compare::CreateRevision { key: self.inner.key.clone(), revision: self.inner.term });
+        txn.compares.push(Compare::CreateRevision {
+            key: self.inner.key.clone(),
+            revision: self.inner.term,
+        });
         let outcome = self.inner.store.txn(txn).await?;
         if outcome.succeeded {
             return Ok(outcome);
@@ -340,14 +392,23 @@ impl Leadership {
         if still_ours {
             Ok(outcome)
         } else {
-            self.inner.lose("a fenced write found the election key held by another term".to_string());
+            self.inner
+                .lose("a fenced write found the election key held by another term".to_string());
             Err(fenced())
         }
     }
 
     /// A fenced single put; returns the new revision.
     pub async fn fenced_put(&self, key: &str, value: Vec<u8>) -> Result<Revision, StoreError> {
-        let txn = Txn { compares: vec![], success: vec![TxnOp::Put { key: key.to_string(), value, lease: None }], failure: vec![] };
+        let txn = Txn {
+            compares: vec![],
+            success: vec![TxnOp::Put {
+                key: key.to_string(),
+                value,
+                lease: None,
+            }],
+            failure: vec![],
+        };
         Ok(self.fenced_txn(txn).await?.revision)
     }
 

@@ -4,14 +4,14 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions,
-    PutOptions, Txn as EtcdTxn, TxnOp as EtcdTxnOp, WatchOptions,
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions,
+    Txn as EtcdTxn, TxnOp as EtcdTxnOp, WatchOptions,
 };
 use futures::StreamExt;
 
 use crate::{
-    Compare, EventKind, KeyValue, LeaseId, Range, Revision, StateStore, StoreError, Txn,
-    TxnOp, TxnOutcome, WatchEvent, WatchStream,
+    Compare, EventKind, KeyValue, LeaseId, Range, Revision, StateStore, StoreError, Txn, TxnOp,
+    TxnOutcome, WatchEvent, WatchStream,
 };
 
 /// How to reach etcd.
@@ -54,7 +54,11 @@ impl EtcdStore {
             ))
         })?
         .map_err(map_err)?;
-        let store = EtcdStore { client, namespace: config.namespace.clone(), timeout: config.request_timeout };
+        let store = EtcdStore {
+            client,
+            namespace: config.namespace.clone(),
+            timeout: config.request_timeout,
+        };
         // A cheap read proves the endpoint really is etcd and answers.
         store.get("").await?;
         Ok(store)
@@ -66,7 +70,9 @@ impl EtcdStore {
 
     fn relative(&self, key: &[u8]) -> String {
         let key = String::from_utf8_lossy(key);
-        key.strip_prefix(&self.namespace).unwrap_or(&key).to_string()
+        key.strip_prefix(&self.namespace)
+            .unwrap_or(&key)
+            .to_string()
     }
 
     fn kv(&self, kv: &etcd_client::KeyValue) -> KeyValue {
@@ -87,7 +93,10 @@ impl EtcdStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(result) => result.map_err(map_err),
-            Err(_) => Err(StoreError::Unavailable(format!("etcd {what} timed out after {:?}", self.timeout))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "etcd {what} timed out after {:?}",
+                self.timeout
+            ))),
         }
     }
 
@@ -111,21 +120,29 @@ fn map_err(err: etcd_client::Error) -> StoreError {
         E::GRpcStatus(status) => {
             let msg = status.message().to_string();
             match status.code() {
-                Code::NotFound if msg.contains("lease not found") => StoreError::LeaseNotFound(LeaseId(0)),
-                Code::OutOfRange if msg.contains("compacted") => {
-                    StoreError::Compacted { requested: 0, compact_revision: 0 }
+                Code::NotFound if msg.contains("lease not found") => {
+                    StoreError::LeaseNotFound(LeaseId(0))
                 }
-                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted
-                | Code::Cancelled | Code::ResourceExhausted | Code::Internal => {
-                    StoreError::Unavailable(format!("{:?}: {msg}", status.code()))
-                }
+                Code::OutOfRange if msg.contains("compacted") => StoreError::Compacted {
+                    requested: 0,
+                    compact_revision: 0,
+                },
+                Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Unknown
+                | Code::Aborted
+                | Code::Cancelled
+                | Code::ResourceExhausted
+                | Code::Internal => StoreError::Unavailable(format!("{:?}: {msg}", status.code())),
                 code => StoreError::Rejected(format!("{code:?}: {msg}")),
             }
         }
         E::TransportError(e) => StoreError::Unavailable(format!("transport: {e}")),
         E::IoError(e) => StoreError::Unavailable(format!("io: {e}")),
         E::WatchError(e) => StoreError::Unavailable(format!("watch: {e}")),
-        E::LeaseKeepAliveError(e) if e.contains("not found") => StoreError::LeaseNotFound(LeaseId(0)),
+        E::LeaseKeepAliveError(e) if e.contains("not found") => {
+            StoreError::LeaseNotFound(LeaseId(0))
+        }
         E::LeaseKeepAliveError(e) => StoreError::Unavailable(format!("lease keep-alive: {e}")),
         other => StoreError::Rejected(other.to_string()),
     }
@@ -135,20 +152,33 @@ fn map_err(err: etcd_client::Error) -> StoreError {
 impl StateStore for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let mut client = self.client.clone();
-        let resp = self.deadline("get", client.get(self.full(key), None)).await?;
+        let resp = self
+            .deadline("get", client.get(self.full(key), None))
+            .await?;
         Ok(resp.kvs().first().map(|kv| self.kv(kv)))
     }
 
     async fn range(&self, prefix: &str) -> Result<Range, StoreError> {
         let mut client = self.client.clone();
         let resp = self
-            .deadline("range", client.get(self.full(prefix), Some(GetOptions::new().with_prefix())))
+            .deadline(
+                "range",
+                client.get(self.full(prefix), Some(GetOptions::new().with_prefix())),
+            )
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
-        Ok(Range { kvs: resp.kvs().iter().map(|kv| self.kv(kv)).collect(), revision })
+        Ok(Range {
+            kvs: resp.kvs().iter().map(|kv| self.kv(kv)).collect(),
+            revision,
+        })
     }
 
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, StoreError> {
         let mut client = self.client.clone();
         let options = lease.map(|l| PutOptions::new().with_lease(l.0));
         let resp = self
@@ -160,7 +190,9 @@ impl StateStore for EtcdStore {
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let mut client = self.client.clone();
-        let resp = self.deadline("delete", client.delete(self.full(key), None)).await?;
+        let resp = self
+            .deadline("delete", client.delete(self.full(key), None))
+            .await?;
         Ok(resp.deleted() > 0)
     }
 
@@ -177,17 +209,37 @@ impl StateStore for EtcdStore {
                 }
             })
             .collect();
-        let lease = txn.success.iter().chain(&txn.failure).find_map(|op| match op {
-            TxnOp::Put { lease, .. } => *lease,
-            TxnOp::Delete { .. } => None,
-        });
+        let lease = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .find_map(|op| match op {
+                TxnOp::Put { lease, .. } => *lease,
+                TxnOp::Delete { .. } => None,
+            });
         let request = EtcdTxn::new()
             .when(compares)
-            .and_then(txn.success.iter().map(|op| self.txn_op(op)).collect::<Vec<_>>())
-            .or_else(txn.failure.iter().map(|op| self.txn_op(op)).collect::<Vec<_>>());
+            .and_then(
+                txn.success
+                    .iter()
+                    .map(|op| self.txn_op(op))
+                    .collect::<Vec<_>>(),
+            )
+            .or_else(
+                txn.failure
+                    .iter()
+                    .map(|op| self.txn_op(op))
+                    .collect::<Vec<_>>(),
+            );
         let mut client = self.client.clone();
-        let resp = self.deadline("txn", client.txn(request)).await.map_err(|e| with_lease(e, lease))?;
-        Ok(TxnOutcome { succeeded: resp.succeeded(), revision: resp.header().map_or(0, |h| h.revision()) })
+        let resp = self
+            .deadline("txn", client.txn(request))
+            .await
+            .map_err(|e| with_lease(e, lease))?;
+        Ok(TxnOutcome {
+            succeeded: resp.succeeded(),
+            revision: resp.header().map_or(0, |h| h.revision()),
+        })
     }
 
     async fn watch(&self, prefix: &str, from: Option<Revision>) -> Result<WatchStream, StoreError> {
@@ -196,7 +248,9 @@ impl StateStore for EtcdStore {
             options = options.with_start_revision(from);
         }
         let mut client = self.client.clone();
-        let stream = self.deadline("watch", client.watch(self.full(prefix), Some(options))).await?;
+        let stream = self
+            .deadline("watch", client.watch(self.full(prefix), Some(options)))
+            .await?;
         let store = self.clone();
         let requested = from.unwrap_or(0);
         // The etcd stream owns its request sender: dropping ours cancels the watch server-side.
@@ -221,14 +275,19 @@ impl StateStore for EtcdStore {
                                 EventType::Put => EventKind::Put,
                                 EventType::Delete => EventKind::Delete,
                             };
-                            Some(Ok(WatchEvent { kind, kv: store.kv(kv) }))
+                            Some(Ok(WatchEvent {
+                                kind,
+                                kv: store.kv(kv),
+                            }))
                         })
                         .collect(),
                 }
             })
             .flat_map(futures::stream::iter)
             .chain(futures::stream::once(async {
-                Err(StoreError::Unavailable("etcd closed the watch stream".to_string()))
+                Err(StoreError::Unavailable(
+                    "etcd closed the watch stream".to_string(),
+                ))
             }));
         // Stop after the first error so consumers see exactly one terminal error.
         let mut failed = false;
@@ -243,7 +302,9 @@ impl StateStore for EtcdStore {
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let secs = ttl.as_secs_f64().ceil() as i64;
         let mut client = self.client.clone();
-        let resp = self.deadline("lease grant", client.lease_grant(secs.max(1), None)).await?;
+        let resp = self
+            .deadline("lease grant", client.lease_grant(secs.max(1), None))
+            .await?;
         Ok(LeaseId(resp.id()))
     }
 

@@ -183,7 +183,12 @@ pub trait StateStore: Send + Sync + 'static {
     /// Reads every key starting with `prefix`, sorted by key.
     async fn range(&self, prefix: &str) -> Result<Range, StoreError>;
     /// Writes a key; returns the new store revision.
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError>;
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, StoreError>;
     /// Deletes a key; returns whether it existed.
     async fn delete(&self, key: &str) -> Result<bool, StoreError>;
     /// Runs a compare-and-swap transaction.

@@ -12,8 +12,8 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::{
-    Compare, EventKind, KeyValue, LeaseId, Range, Revision, StateStore, StoreError, Txn,
-    TxnOp, TxnOutcome, WatchEvent, WatchStream,
+    Compare, EventKind, KeyValue, LeaseId, Range, Revision, StateStore, StoreError, Txn, TxnOp,
+    TxnOutcome, WatchEvent, WatchStream,
 };
 
 /// How many past events are kept for watches that resume from a revision.
@@ -82,7 +82,10 @@ impl MemoryStore {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock would be a bug in this module; the data is still
         // consistent because every mutation is applied in full before any event is sent.
-        let mut inner = self.inner.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         inner.expire_leases(Instant::now());
         inner
     }
@@ -99,19 +102,36 @@ async fn reap_expired_leases(inner: Weak<Mutex<Inner>>) {
 
 impl Inner {
     fn expire_leases(&mut self, now: Instant) {
-        let expired: Vec<i64> =
-            self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
+        let expired: Vec<i64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
         for id in expired {
             self.revoke(id);
         }
     }
 
     fn revoke(&mut self, id: i64) -> bool {
-        let Some(lease) = self.leases.remove(&id) else { return false };
-        let ops: Vec<TxnOp> = lease.keys.into_iter().map(|key| TxnOp::Delete { key }).collect();
+        let Some(lease) = self.leases.remove(&id) else {
+            return false;
+        };
+        let ops: Vec<TxnOp> = lease
+            .keys
+            .into_iter()
+            .map(|key| TxnOp::Delete { key })
+            .collect();
         // Cannot fail: deletes never reference a lease.
         let _ = self.apply(&ops);
         true
+    }
+
+    /// Forgets that `key` is attached to `lease`.
+    fn detach(&mut self, lease: Option<LeaseId>, key: &str) {
+        if let Some(l) = lease.and_then(|lease| self.leases.get_mut(&lease.0)) {
+            l.keys.remove(key);
+        }
     }
 
     fn check(&self, compare: &Compare) -> bool {
@@ -128,10 +148,12 @@ impl Inner {
     /// Applies writes atomically at one new revision (none if nothing changes).
     fn apply(&mut self, ops: &[TxnOp]) -> Result<Revision, StoreError> {
         for op in ops {
-            if let TxnOp::Put { lease: Some(lease), .. } = op {
-                if !self.leases.contains_key(&lease.0) {
-                    return Err(StoreError::LeaseNotFound(*lease));
-                }
+            if let TxnOp::Put {
+                lease: Some(lease), ..
+            } = op
+                && !self.leases.contains_key(&lease.0)
+            {
+                return Err(StoreError::LeaseNotFound(*lease));
             }
         }
         let changes = ops.iter().any(|op| match op {
@@ -150,17 +172,12 @@ impl Inner {
                     let old = self.kvs.get(key);
                     let (create_revision, version) =
                         old.map_or((rev, 1), |kv| (kv.create_revision, kv.version + 1));
-                    if let Some(old_lease) = old.and_then(|kv| kv.lease) {
-                        if Some(old_lease) != *lease {
-                            if let Some(l) = self.leases.get_mut(&old_lease.0) {
-                                l.keys.remove(key);
-                            }
-                        }
+                    let old_lease = old.and_then(|kv| kv.lease);
+                    if old_lease != *lease {
+                        self.detach(old_lease, key);
                     }
-                    if let Some(lease) = lease {
-                        if let Some(l) = self.leases.get_mut(&lease.0) {
-                            l.keys.insert(key.clone());
-                        }
+                    if let Some(l) = lease.and_then(|lease| self.leases.get_mut(&lease.0)) {
+                        l.keys.insert(key.clone());
                     }
                     let kv = KeyValue {
                         key: key.clone(),
@@ -171,15 +188,14 @@ impl Inner {
                         lease: *lease,
                     };
                     self.kvs.insert(key.clone(), kv.clone());
-                    events.push(WatchEvent { kind: EventKind::Put, kv });
+                    events.push(WatchEvent {
+                        kind: EventKind::Put,
+                        kv,
+                    });
                 }
                 TxnOp::Delete { key } => {
                     if let Some(old) = self.kvs.remove(key) {
-                        if let Some(lease) = old.lease {
-                            if let Some(l) = self.leases.get_mut(&lease.0) {
-                                l.keys.remove(key);
-                            }
-                        }
+                        self.detach(old.lease, key);
                         let kv = KeyValue {
                             key: key.clone(),
                             value: Vec::new(),
@@ -188,7 +204,10 @@ impl Inner {
                             version: 0,
                             lease: None,
                         };
-                        events.push(WatchEvent { kind: EventKind::Delete, kv });
+                        events.push(WatchEvent {
+                            kind: EventKind::Delete,
+                            kv,
+                        });
                     }
                 }
             }
@@ -222,26 +241,47 @@ impl StateStore for MemoryStore {
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(_, kv)| kv.clone())
             .collect();
-        Ok(Range { kvs, revision: inner.revision })
+        Ok(Range {
+            kvs,
+            revision: inner.revision,
+        })
     }
 
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
-        self.lock().apply(&[TxnOp::Put { key: key.to_string(), value, lease }])
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, StoreError> {
+        self.lock().apply(&[TxnOp::Put {
+            key: key.to_string(),
+            value,
+            lease,
+        }])
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let mut inner = self.lock();
         let existed = inner.kvs.contains_key(key);
-        inner.apply(&[TxnOp::Delete { key: key.to_string() }])?;
+        inner.apply(&[TxnOp::Delete {
+            key: key.to_string(),
+        }])?;
         Ok(existed)
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
         let mut inner = self.lock();
         let succeeded = txn.compares.iter().all(|c| inner.check(c));
-        let ops = if succeeded { &txn.success } else { &txn.failure };
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
         let revision = inner.apply(ops)?;
-        Ok(TxnOutcome { succeeded, revision })
+        Ok(TxnOutcome {
+            succeeded,
+            revision,
+        })
     }
 
     async fn watch(&self, prefix: &str, from: Option<Revision>) -> Result<WatchStream, StoreError> {
@@ -249,36 +289,62 @@ impl StateStore for MemoryStore {
         let (tx, rx) = mpsc::unbounded_channel();
         if let Some(from) = from {
             if from <= inner.compacted {
-                return Err(StoreError::Compacted { requested: from, compact_revision: inner.compacted + 1 });
+                return Err(StoreError::Compacted {
+                    requested: from,
+                    compact_revision: inner.compacted + 1,
+                });
             }
-            for event in inner.history.iter().filter(|e| e.kv.mod_revision >= from && e.kv.key.starts_with(prefix)) {
+            for event in inner
+                .history
+                .iter()
+                .filter(|e| e.kv.mod_revision >= from && e.kv.key.starts_with(prefix))
+            {
                 // The receiver is alive: we hold it.
                 let _ = tx.send(Ok(event.clone()));
             }
         }
-        inner.watchers.push(Watcher { prefix: prefix.to_string(), tx });
+        inner.watchers.push(Watcher {
+            prefix: prefix.to_string(),
+            tx,
+        });
         Ok(Box::pin(UnboundedReceiverStream::new(rx)))
     }
 
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         if ttl < Duration::from_secs(1) {
-            return Err(StoreError::Rejected(format!("lease TTL {ttl:?} is below the 1s minimum")));
+            return Err(StoreError::Rejected(format!(
+                "lease TTL {ttl:?} is below the 1s minimum"
+            )));
         }
         let mut inner = self.lock();
         inner.next_lease += 1;
         let id = inner.next_lease;
-        inner.leases.insert(id, Lease { ttl, deadline: Instant::now() + ttl, keys: BTreeSet::new() });
+        inner.leases.insert(
+            id,
+            Lease {
+                ttl,
+                deadline: Instant::now() + ttl,
+                keys: BTreeSet::new(),
+            },
+        );
         Ok(LeaseId(id))
     }
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
         let mut inner = self.lock();
-        let l = inner.leases.get_mut(&lease.0).ok_or(StoreError::LeaseNotFound(lease))?;
+        let l = inner
+            .leases
+            .get_mut(&lease.0)
+            .ok_or(StoreError::LeaseNotFound(lease))?;
         l.deadline = Instant::now() + l.ttl;
         Ok(l.ttl)
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        if self.lock().revoke(lease.0) { Ok(()) } else { Err(StoreError::LeaseNotFound(lease)) }
+        if self.lock().revoke(lease.0) {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseNotFound(lease))
+        }
     }
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed assertion
 //! One StateStore conformance suite, run against the in-memory store and a real etcd
 //! (started by shoal-testkit). Both must behave identically where Shoal depends on it.
 
@@ -76,13 +77,32 @@ async fn revisions_count_every_write(store: SharedStore) {
     let r2 = store.put("a", b"2".to_vec(), None).await.unwrap();
     assert_eq!(r2, r1 + 1, "each put bumps the revision by one");
     let kv = store.get("a").await.unwrap().expect("a exists");
-    assert_eq!((kv.value.as_slice(), kv.create_revision, kv.mod_revision, kv.version), (&b"2"[..], r1, r2, 2));
+    assert_eq!(
+        (
+            kv.value.as_slice(),
+            kv.create_revision,
+            kv.mod_revision,
+            kv.version
+        ),
+        (&b"2"[..], r1, r2, 2)
+    );
     assert!(store.delete("a").await.unwrap());
-    assert!(!store.delete("a").await.unwrap(), "deleting an absent key reports false");
+    assert!(
+        !store.delete("a").await.unwrap(),
+        "deleting an absent key reports false"
+    );
     let r3 = store.put("a", b"3".to_vec(), None).await.unwrap();
-    assert_eq!(r3, r2 + 2, "the delete took one revision, the absent delete none");
+    assert_eq!(
+        r3,
+        r2 + 2,
+        "the delete took one revision, the absent delete none"
+    );
     let kv = store.get("a").await.unwrap().expect("a re-created");
-    assert_eq!((kv.create_revision, kv.version), (r3, 1), "re-creation starts a new life");
+    assert_eq!(
+        (kv.create_revision, kv.version),
+        (r3, 1),
+        "re-creation starts a new life"
+    );
 }
 
 async fn range_is_by_prefix_and_sorted(store: SharedStore) {
@@ -93,32 +113,70 @@ async fn range_is_by_prefix_and_sorted(store: SharedStore) {
     let keys: Vec<_> = range.kvs.iter().map(|kv| kv.key.as_str()).collect();
     assert_eq!(keys, ["claims/a", "claims/b", "claims/c"]);
     let last = store.get("claims/c").await.unwrap().unwrap().mod_revision;
-    assert!(range.revision >= last, "range reports the store revision it read at");
+    assert!(
+        range.revision >= last,
+        "range reports the store revision it read at"
+    );
 }
 
 async fn txn_compare_failure_applies_nothing_of_success(store: SharedStore) {
     let rev = store.put("k", b"v1".to_vec(), None).await.unwrap();
     let stale = Txn {
-        compares: vec![Compare::ModRevision { key: "k".into(), revision: rev - 1 }],
-        success: vec![TxnOp::Put { key: "k".into(), value: b"lost".to_vec(), lease: None }],
-        failure: vec![TxnOp::Put { key: "conflicts".into(), value: b"1".to_vec(), lease: None }],
+        compares: vec![Compare::ModRevision {
+            key: "k".into(),
+            revision: rev - 1,
+        }],
+        success: vec![TxnOp::Put {
+            key: "k".into(),
+            value: b"lost".to_vec(),
+            lease: None,
+        }],
+        failure: vec![TxnOp::Put {
+            key: "conflicts".into(),
+            value: b"1".to_vec(),
+            lease: None,
+        }],
     };
     let outcome = store.txn(stale).await.unwrap();
     assert!(!outcome.succeeded);
-    assert_eq!(store.get("k").await.unwrap().unwrap().value, b"v1", "success ops not applied");
-    assert!(store.get("conflicts").await.unwrap().is_some(), "failure ops applied");
+    assert_eq!(
+        store.get("k").await.unwrap().unwrap().value,
+        b"v1",
+        "success ops not applied"
+    );
+    assert!(
+        store.get("conflicts").await.unwrap().is_some(),
+        "failure ops applied"
+    );
 
     let create_only = Txn {
-        compares: vec![Compare::CreateRevision { key: "k".into(), revision: 0 }],
-        success: vec![TxnOp::Put { key: "k".into(), value: b"clobbered".to_vec(), lease: None }],
+        compares: vec![Compare::CreateRevision {
+            key: "k".into(),
+            revision: 0,
+        }],
+        success: vec![TxnOp::Put {
+            key: "k".into(),
+            value: b"clobbered".to_vec(),
+            lease: None,
+        }],
         failure: vec![],
     };
-    assert!(!store.txn(create_only).await.unwrap().succeeded, "create-if-absent fails on an existing key");
+    assert!(
+        !store.txn(create_only).await.unwrap().succeeded,
+        "create-if-absent fails on an existing key"
+    );
 
     let current = store.get("k").await.unwrap().unwrap().mod_revision;
     let fresh = Txn {
-        compares: vec![Compare::ModRevision { key: "k".into(), revision: current }],
-        success: vec![TxnOp::Put { key: "k".into(), value: b"v2".to_vec(), lease: None }],
+        compares: vec![Compare::ModRevision {
+            key: "k".into(),
+            revision: current,
+        }],
+        success: vec![TxnOp::Put {
+            key: "k".into(),
+            value: b"v2".to_vec(),
+            lease: None,
+        }],
         failure: vec![],
     };
     assert!(store.txn(fresh).await.unwrap().succeeded);
@@ -130,8 +188,16 @@ async fn txn_is_one_revision(store: SharedStore) {
     let txn = Txn {
         compares: vec![],
         success: vec![
-            TxnOp::Put { key: "x".into(), value: b"1".to_vec(), lease: None },
-            TxnOp::Put { key: "y".into(), value: b"2".to_vec(), lease: None },
+            TxnOp::Put {
+                key: "x".into(),
+                value: b"1".to_vec(),
+                lease: None,
+            },
+            TxnOp::Put {
+                key: "y".into(),
+                value: b"2".to_vec(),
+                lease: None,
+            },
             TxnOp::Delete { key: "gone".into() },
         ],
         failure: vec![],
@@ -140,7 +206,10 @@ async fn txn_is_one_revision(store: SharedStore) {
     assert!(outcome.succeeded);
     let x = store.get("x").await.unwrap().unwrap();
     let y = store.get("y").await.unwrap().unwrap();
-    assert_eq!((x.mod_revision, y.mod_revision), (outcome.revision, outcome.revision));
+    assert_eq!(
+        (x.mod_revision, y.mod_revision),
+        (outcome.revision, outcome.revision)
+    );
     assert_eq!(store.get("gone").await.unwrap(), None);
 }
 
@@ -159,14 +228,26 @@ async fn watch_is_ordered_and_resumes_from_a_revision(store: SharedStore) {
     let summary: Vec<_> = seen.iter().map(|e| (e.kind, e.kv.key.as_str())).collect();
     assert_eq!(
         summary,
-        [(EventKind::Put, "w/a"), (EventKind::Put, "w/b"), (EventKind::Delete, "w/a"), (EventKind::Put, "w/a")]
+        [
+            (EventKind::Put, "w/a"),
+            (EventKind::Put, "w/b"),
+            (EventKind::Delete, "w/a"),
+            (EventKind::Put, "w/a")
+        ]
     );
-    assert!(seen.windows(2).all(|w| w[0].kv.mod_revision < w[1].kv.mod_revision), "strictly increasing revisions");
+    assert!(
+        seen.windows(2)
+            .all(|w| w[0].kv.mod_revision < w[1].kv.mod_revision),
+        "strictly increasing revisions"
+    );
     assert_eq!(seen[3].kv.value, b"3");
     drop(stream);
 
     // Resume after the second event: the rest of history, in order, then live events.
-    let mut resumed = store.watch("w/", Some(seen[1].kv.mod_revision + 1)).await.unwrap();
+    let mut resumed = store
+        .watch("w/", Some(seen[1].kv.mod_revision + 1))
+        .await
+        .unwrap();
     assert_eq!(next_event(&mut resumed).await, seen[2]);
     assert_eq!(next_event(&mut resumed).await, seen[3]);
     store.put("w/c", b"live".to_vec(), None).await.unwrap();
@@ -177,8 +258,14 @@ async fn watch_is_ordered_and_resumes_from_a_revision(store: SharedStore) {
 async fn lease_expiry_deletes_keys_and_watchers_see_it(store: SharedStore) {
     let ttl = Duration::from_secs(2);
     let lease = store.lease_grant(ttl).await.unwrap();
-    let rev = store.put("leased", b"x".to_vec(), Some(lease)).await.unwrap();
-    assert_eq!(store.get("leased").await.unwrap().unwrap().lease, Some(lease));
+    let rev = store
+        .put("leased", b"x".to_vec(), Some(lease))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("leased").await.unwrap().unwrap().lease,
+        Some(lease)
+    );
     let mut stream = store.watch("leased", Some(rev + 1)).await.unwrap();
 
     // Keep-alive holds the key past its TTL.
@@ -186,25 +273,43 @@ async fn lease_expiry_deletes_keys_and_watchers_see_it(store: SharedStore) {
         tokio::time::sleep(Duration::from_millis(900)).await;
         store.lease_keep_alive(lease).await.unwrap();
     }
-    assert!(store.get("leased").await.unwrap().is_some(), "kept alive beyond one TTL");
+    assert!(
+        store.get("leased").await.unwrap().is_some(),
+        "kept alive beyond one TTL"
+    );
 
     // Left alone, it expires and the watcher sees the delete.
     let event = next_event(&mut stream).await;
-    assert_eq!((event.kind, event.kv.key.as_str()), (EventKind::Delete, "leased"));
+    assert_eq!(
+        (event.kind, event.kv.key.as_str()),
+        (EventKind::Delete, "leased")
+    );
     assert_eq!(store.get("leased").await.unwrap(), None);
     let expired = store.lease_keep_alive(lease).await;
-    assert!(matches!(expired, Err(StoreError::LeaseNotFound(_))), "keep-alive of an expired lease: {expired:?}");
+    assert!(
+        matches!(expired, Err(StoreError::LeaseNotFound(_))),
+        "keep-alive of an expired lease: {expired:?}"
+    );
 
     // Revoking deletes at once.
     let lease = store.lease_grant(ttl).await.unwrap();
-    store.put("revoked", b"x".to_vec(), Some(lease)).await.unwrap();
+    store
+        .put("revoked", b"x".to_vec(), Some(lease))
+        .await
+        .unwrap();
     store.lease_revoke(lease).await.unwrap();
     assert_eq!(store.get("revoked").await.unwrap(), None);
 }
 
 async fn unknown_lease_is_rejected(store: SharedStore) {
-    let err = store.put("k", b"v".to_vec(), Some(LeaseId(0x7777_7777))).await.unwrap_err();
-    assert!(matches!(err, StoreError::LeaseNotFound(LeaseId(0x7777_7777))), "got {err:?}");
+    let err = store
+        .put("k", b"v".to_vec(), Some(LeaseId(0x7777_7777)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::LeaseNotFound(LeaseId(0x7777_7777))),
+        "got {err:?}"
+    );
     assert_eq!(store.get("k").await.unwrap(), None, "nothing half-applied");
 }
 
@@ -213,15 +318,31 @@ fn election(store: &SharedStore, who: &str) -> Election {
         store.clone(),
         "conformance",
         who,
-        ElectionConfig { lease_ttl: Duration::from_secs(2), retry_interval: Duration::from_millis(100) },
+        ElectionConfig {
+            lease_ttl: Duration::from_secs(2),
+            retry_interval: Duration::from_millis(100),
+        },
     )
 }
 
 async fn deposed_leader_cannot_write(store: SharedStore) {
     let cancel = tokio_util::sync::CancellationToken::new();
-    let a = election(&store, "a").campaign(&cancel).await.expect("a leads");
-    a.fenced_put("leaders/record", b"a".to_vec()).await.expect("the leader writes");
-    assert_eq!(election(&store, "x").current_leader().await.unwrap().unwrap().holder, "a");
+    let a = election(&store, "a")
+        .campaign(&cancel)
+        .await
+        .expect("a leads");
+    a.fenced_put("leaders/record", b"a".to_vec())
+        .await
+        .expect("the leader writes");
+    assert_eq!(
+        election(&store, "x")
+            .current_leader()
+            .await
+            .unwrap()
+            .unwrap()
+            .holder,
+        "a"
+    );
 
     // b waits; then a's key disappears behind a's back (as when its lease expires at the store
     // while a is paused), and b takes over.
@@ -233,20 +354,36 @@ async fn deposed_leader_cannot_write(store: SharedStore) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!b_task.is_finished(), "b must not lead while a does");
     store.delete("election/conformance").await.unwrap();
-    let b = tokio::time::timeout(Duration::from_secs(5), b_task).await.expect("b leads in time").unwrap().unwrap();
+    let b = tokio::time::timeout(Duration::from_secs(5), b_task)
+        .await
+        .expect("b leads in time")
+        .unwrap()
+        .unwrap();
     assert!(b.term() > a.term());
 
     // a's next fenced write is rejected and a steps down.
-    let err = a.fenced_put("leaders/record", b"stale".to_vec()).await.unwrap_err();
+    let err = a
+        .fenced_put("leaders/record", b"stale".to_vec())
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Fenced { .. }), "got {err:?}");
     assert!(a.lost().is_cancelled(), "a stopped acting");
-    assert_eq!(store.get("leaders/record").await.unwrap().unwrap().value, b"a", "a's stale write did not land");
-    b.fenced_put("leaders/record", b"b".to_vec()).await.expect("the new leader writes");
+    assert_eq!(
+        store.get("leaders/record").await.unwrap().unwrap().value,
+        b"a",
+        "a's stale write did not land"
+    );
+    b.fenced_put("leaders/record", b"b".to_vec())
+        .await
+        .expect("the new leader writes");
 }
 
 async fn resigning_hands_over_at_once(store: SharedStore) {
     let cancel = tokio_util::sync::CancellationToken::new();
-    let a = election(&store, "a").campaign(&cancel).await.expect("a leads");
+    let a = election(&store, "a")
+        .campaign(&cancel)
+        .await
+        .expect("a leads");
     let b_election = election(&store, "b");
     let b_task = tokio::spawn({
         let cancel = cancel.clone();
@@ -255,8 +392,16 @@ async fn resigning_hands_over_at_once(store: SharedStore) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = tokio::time::Instant::now();
     a.resign().await;
-    let b = tokio::time::timeout(Duration::from_secs(5), b_task).await.expect("b leads").unwrap().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(1), "handover took {:?}, not a TTL", started.elapsed());
+    let b = tokio::time::timeout(Duration::from_secs(5), b_task)
+        .await
+        .expect("b leads")
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "handover took {:?}, not a TTL",
+        started.elapsed()
+    );
     assert_eq!(b.record().holder, "b");
     assert!(a.lost().is_cancelled());
 }
@@ -272,5 +417,8 @@ async fn memory_watch_from_compacted_revision_fails_clearly() {
         Err(err) => err,
         Ok(_) => panic!("watch from a compacted revision must fail"),
     };
-    assert!(matches!(err, StoreError::Compacted { requested: 2, .. }), "got {err:?}");
+    assert!(
+        matches!(err, StoreError::Compacted { requested: 2, .. }),
+        "got {err:?}"
+    );
 }

@@ -26,7 +26,13 @@ impl EtcdServer {
             .prefix("shoal-etcd-")
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a temp dir for etcd: {e}"));
-        let mut server = EtcdServer { binary, data, client_port: free_port(), peer_port: free_port(), child: None };
+        let mut server = EtcdServer {
+            binary,
+            data,
+            client_port: free_port(),
+            peer_port: free_port(),
+            child: None,
+        };
         server.launch();
         server
     }
@@ -47,7 +53,10 @@ impl EtcdServer {
             .unwrap_or_else(|e| panic!("cannot create etcd log: {e}"));
         let child = Command::new(&self.binary)
             .arg("--name=shoal-test")
-            .arg(format!("--data-dir={}", self.data.path().join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.data.path().join("data").display()
+            ))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -61,10 +70,12 @@ impl EtcdServer {
         self.child = Some(child);
         let addr = self.addr();
         let healthy = wait_for(Duration::from_secs(20), || {
-            matches!(http_get(addr, "/health"), Ok((200, body)) if body.contains("true")).then_some(())
+            matches!(http_get(addr, "/health"), Ok((200, body)) if body.contains("true"))
+                .then_some(())
         });
         if healthy.is_none() {
-            let log = std::fs::read_to_string(self.data.path().join("etcd.log")).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(self.data.path().join("etcd.log")).unwrap_or_default();
             panic!("etcd did not become healthy within 20s; its log:\n{log}");
         }
     }

@@ -8,7 +8,7 @@ pub mod etcd;
 pub mod process;
 
 pub use etcd::EtcdServer;
-pub use process::{bin_path, ServiceProcess};
+pub use process::{ServiceProcess, bin_path};
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -53,7 +53,9 @@ pub fn require_tool(name: &str, install_hint: &str) -> std::path::PathBuf {
             return candidate;
         }
     }
-    panic!("`{name}` is not installed or not on PATH; {install_hint} (scripts/install-deps.sh installs every test dependency)");
+    panic!(
+        "`{name}` is not installed or not on PATH; {install_hint} (scripts/install-deps.sh installs every test dependency)"
+    );
 }
 
 /// Minimal blocking HTTP/1.0 GET on loopback: returns (status, body). For probing fixtures
@@ -70,6 +72,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response:.80}")))?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }

@@ -54,7 +54,11 @@ impl ServiceProcess {
         let log = std::fs::File::create(&log_path).unwrap_or_else(|e| panic!("log file: {e}"));
         let err_log = log.try_clone().unwrap_or_else(|e| panic!("log file: {e}"));
         let mut command = Command::new(bin_path(binary));
-        command.args(args).stdin(Stdio::null()).stdout(log).stderr(err_log);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log);
         // Tests must not inherit a developer's telemetry or config settings by accident.
         for (key, _) in std::env::vars() {
             if key.starts_with("SHOAL_") && key != "SHOAL_BIN_DIR" || key.starts_with("OTEL_") {
@@ -64,8 +68,15 @@ impl ServiceProcess {
         for (key, value) in env {
             command.env(key, value);
         }
-        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
-        ServiceProcess { name: binary.to_string(), child: Some(child), log_path, _log_dir: log_dir }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        ServiceProcess {
+            name: binary.to_string(),
+            child: Some(child),
+            log_path,
+            _log_dir: log_dir,
+        }
     }
 
     /// The process id.
@@ -87,7 +98,9 @@ impl ServiceProcess {
 
     /// The exit status if the process has exited.
     pub fn try_status(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits up to `timeout` for the process to exit.

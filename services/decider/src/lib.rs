@@ -12,7 +12,9 @@ use shoal_proto::{
     service_names,
     v1::{decider_service_server::DeciderServiceServer, pool_service_server::PoolServiceServer},
 };
-use shoal_runtime::{validate_address, Config, Host, HostError, ServiceSettings, Upstream, ValidationErrors};
+use shoal_runtime::{
+    Config, Host, HostError, ServiceSettings, Upstream, ValidationErrors, validate_address,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
@@ -51,14 +53,34 @@ impl ServiceSettings for DeciderSettings {
 }
 
 /// Runs the decider until `shutdown`.
-pub async fn serve(config: Config<DeciderSettings>, shutdown: CancellationToken) -> Result<(), HostError> {
+pub async fn serve(
+    config: Config<DeciderSettings>,
+    shutdown: CancellationToken,
+) -> Result<(), HostError> {
     let settings = config.service.clone();
-    let Some(host) = Host::start(config, &shutdown).await? else { return Ok(()) };
+    let Some(host) = Host::start(config, &shutdown).await? else {
+        return Ok(());
+    };
     let upstreams = vec![
         Upstream::new("metrics", &settings.metrics_addr, service_names::METRICS)?,
-        Upstream::new("provisioner", &settings.provisioner_addr, service_names::PROVISIONER)?,
+        Upstream::new(
+            "provisioner",
+            &settings.provisioner_addr,
+            service_names::PROVISIONER,
+        )?,
     ];
-    let decider = api::DeciderApi { leader: host.leader(), election: host.election(), upstreams, dry_run: settings.dry_run };
-    let routes = Routes::new(DeciderServiceServer::new(decider)).add_service(PoolServiceServer::new(api::PoolApi));
-    host.serve(routes, &[service_names::DECIDER, service_names::POOL], shutdown).await
+    let decider = api::DeciderApi {
+        leader: host.leader(),
+        election: host.election(),
+        upstreams,
+        dry_run: settings.dry_run,
+    };
+    let routes = Routes::new(DeciderServiceServer::new(decider))
+        .add_service(PoolServiceServer::new(api::PoolApi));
+    host.serve(
+        routes,
+        &[service_names::DECIDER, service_names::POOL],
+        shutdown,
+    )
+    .await
 }

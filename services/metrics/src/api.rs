@@ -3,9 +3,9 @@
 use std::pin::Pin;
 
 use shoal_proto::v1::{
-    metrics_service_server::MetricsService, ClusterSnapshot, GetNodeMetricsRequest,
-    GetNodeMetricsResponse, GetSnapshotRequest, QueryPromQlRequest, QueryPromQlResponse,
-    WatchSnapshotsRequest,
+    ClusterSnapshot, GetNodeMetricsRequest, GetNodeMetricsResponse, GetSnapshotRequest,
+    QueryPromQlRequest, QueryPromQlResponse, WatchSnapshotsRequest,
+    metrics_service_server::MetricsService,
 };
 use shoal_runtime::not_yet_implemented;
 use tokio_stream::Stream;
@@ -16,7 +16,10 @@ pub struct MetricsApi;
 
 #[tonic::async_trait]
 impl MetricsService for MetricsApi {
-    async fn get_snapshot(&self, _request: Request<GetSnapshotRequest>) -> Result<Response<ClusterSnapshot>, Status> {
+    async fn get_snapshot(
+        &self,
+        _request: Request<GetSnapshotRequest>,
+    ) -> Result<Response<ClusterSnapshot>, Status> {
         Err(not_yet_implemented("MetricsService/GetSnapshot"))
     }
 
@@ -36,7 +39,10 @@ impl MetricsService for MetricsApi {
         Err(not_yet_implemented("MetricsService/GetNodeMetrics"))
     }
 
-    async fn query_prom_ql(&self, _request: Request<QueryPromQlRequest>) -> Result<Response<QueryPromQlResponse>, Status> {
+    async fn query_prom_ql(
+        &self,
+        _request: Request<QueryPromQlRequest>,
+    ) -> Result<Response<QueryPromQlResponse>, Status> {
         Err(not_yet_implemented("MetricsService/QueryPromQL"))
     }
 }

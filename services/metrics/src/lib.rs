@@ -28,8 +28,14 @@ impl ServiceSettings for MetricsSettings {
 }
 
 /// Runs the metrics service until `shutdown`.
-pub async fn serve(config: Config<MetricsSettings>, shutdown: CancellationToken) -> Result<(), HostError> {
-    let Some(host) = Host::start(config, &shutdown).await? else { return Ok(()) };
+pub async fn serve(
+    config: Config<MetricsSettings>,
+    shutdown: CancellationToken,
+) -> Result<(), HostError> {
+    let Some(host) = Host::start(config, &shutdown).await? else {
+        return Ok(());
+    };
     let routes = Routes::new(MetricsServiceServer::new(api::MetricsApi));
-    host.serve(routes, &[service_names::METRICS], shutdown).await
+    host.serve(routes, &[service_names::METRICS], shutdown)
+        .await
 }

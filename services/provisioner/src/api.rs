@@ -3,10 +3,10 @@
 use std::pin::Pin;
 
 use shoal_proto::v1::{
-    provisioner_service_server::ProvisionerService, CreateNodesRequest, DeleteNodesRequest,
-    GetBackendStatusRequest, GetBackendStatusResponse, GetOperationRequest,
-    ListInstancesRequest, ListInstancesResponse, ListNodeClaimsRequest, ListNodeClaimsResponse,
-    Operation, RepairRequest, RepairResponse, WatchOperationsRequest,
+    CreateNodesRequest, DeleteNodesRequest, GetBackendStatusRequest, GetBackendStatusResponse,
+    GetOperationRequest, ListInstancesRequest, ListInstancesResponse, ListNodeClaimsRequest,
+    ListNodeClaimsResponse, Operation, RepairRequest, RepairResponse, WatchOperationsRequest,
+    provisioner_service_server::ProvisionerService,
 };
 use shoal_runtime::not_yet_implemented;
 use tokio_stream::Stream;
@@ -17,15 +17,24 @@ pub struct ProvisionerApi;
 
 #[tonic::async_trait]
 impl ProvisionerService for ProvisionerApi {
-    async fn create_nodes(&self, _request: Request<CreateNodesRequest>) -> Result<Response<Operation>, Status> {
+    async fn create_nodes(
+        &self,
+        _request: Request<CreateNodesRequest>,
+    ) -> Result<Response<Operation>, Status> {
         Err(not_yet_implemented("ProvisionerService/CreateNodes"))
     }
 
-    async fn delete_nodes(&self, _request: Request<DeleteNodesRequest>) -> Result<Response<Operation>, Status> {
+    async fn delete_nodes(
+        &self,
+        _request: Request<DeleteNodesRequest>,
+    ) -> Result<Response<Operation>, Status> {
         Err(not_yet_implemented("ProvisionerService/DeleteNodes"))
     }
 
-    async fn get_operation(&self, _request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {
+    async fn get_operation(
+        &self,
+        _request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
         Err(not_yet_implemented("ProvisionerService/GetOperation"))
     }
 
@@ -59,7 +68,10 @@ impl ProvisionerService for ProvisionerApi {
         Err(not_yet_implemented("ProvisionerService/ListInstances"))
     }
 
-    async fn repair(&self, _request: Request<RepairRequest>) -> Result<Response<RepairResponse>, Status> {
+    async fn repair(
+        &self,
+        _request: Request<RepairRequest>,
+    ) -> Result<Response<RepairResponse>, Status> {
         Err(not_yet_implemented("ProvisionerService/Repair"))
     }
 }

@@ -28,8 +28,14 @@ impl ServiceSettings for ProvisionerSettings {
 }
 
 /// Runs the provisioner until `shutdown`.
-pub async fn serve(config: Config<ProvisionerSettings>, shutdown: CancellationToken) -> Result<(), HostError> {
-    let Some(host) = Host::start(config, &shutdown).await? else { return Ok(()) };
+pub async fn serve(
+    config: Config<ProvisionerSettings>,
+    shutdown: CancellationToken,
+) -> Result<(), HostError> {
+    let Some(host) = Host::start(config, &shutdown).await? else {
+        return Ok(());
+    };
     let routes = Routes::new(ProvisionerServiceServer::new(api::ProvisionerApi));
-    host.serve(routes, &[service_names::PROVISIONER], shutdown).await
+    host.serve(routes, &[service_names::PROVISIONER], shutdown)
+        .await
 }

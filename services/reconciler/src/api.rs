@@ -1,10 +1,10 @@
 //! gRPC handlers of `shoal.v1.ReconcilerService`.
 
 use shoal_proto::v1::{
-    reconciler_service_server::ReconcilerService, GetReconcilerStatusRequest, ListDriftsRequest,
-    ListDriftsResponse, ReconcileReport, ReconcileRequest, ReconcilerStatus,
+    GetReconcilerStatusRequest, ListDriftsRequest, ListDriftsResponse, ReconcileReport,
+    ReconcileRequest, ReconcilerStatus, reconciler_service_server::ReconcilerService,
 };
-use shoal_runtime::{describe_leadership, not_yet_implemented, LeaderWatch};
+use shoal_runtime::{LeaderWatch, describe_leadership, not_yet_implemented};
 use shoal_state::Election;
 use tonic::{Request, Response, Status};
 
@@ -16,7 +16,10 @@ pub struct ReconcilerApi {
 
 #[tonic::async_trait]
 impl ReconcilerService for ReconcilerApi {
-    async fn reconcile(&self, _request: Request<ReconcileRequest>) -> Result<Response<ReconcileReport>, Status> {
+    async fn reconcile(
+        &self,
+        _request: Request<ReconcileRequest>,
+    ) -> Result<Response<ReconcileReport>, Status> {
         Err(not_yet_implemented("ReconcilerService/Reconcile"))
     }
 
@@ -25,10 +28,16 @@ impl ReconcilerService for ReconcilerApi {
         _request: Request<GetReconcilerStatusRequest>,
     ) -> Result<Response<ReconcilerStatus>, Status> {
         let leader = describe_leadership(self.leader.as_ref(), self.election.as_ref()).await;
-        Ok(Response::new(ReconcilerStatus { leader: Some(leader), ..Default::default() }))
+        Ok(Response::new(ReconcilerStatus {
+            leader: Some(leader),
+            ..Default::default()
+        }))
     }
 
-    async fn list_drifts(&self, _request: Request<ListDriftsRequest>) -> Result<Response<ListDriftsResponse>, Status> {
+    async fn list_drifts(
+        &self,
+        _request: Request<ListDriftsRequest>,
+    ) -> Result<Response<ListDriftsResponse>, Status> {
         Err(not_yet_implemented("ReconcilerService/ListDrifts"))
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::{service_names, v1::reconciler_service_server::ReconcilerServiceServer};
-use shoal_runtime::{validate_address, Config, Host, HostError, ServiceSettings, ValidationErrors};
+use shoal_runtime::{Config, Host, HostError, ServiceSettings, ValidationErrors, validate_address};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
@@ -27,7 +27,10 @@ pub struct ReconcilerSettings {
 
 impl Default for ReconcilerSettings {
     fn default() -> Self {
-        ReconcilerSettings { provisioner_addr: "http://127.0.0.1:50053".into(), interval: Duration::from_secs(60) }
+        ReconcilerSettings {
+            provisioner_addr: "http://127.0.0.1:50053".into(),
+            interval: Duration::from_secs(60),
+        }
     }
 }
 
@@ -46,9 +49,18 @@ impl ServiceSettings for ReconcilerSettings {
 }
 
 /// Runs the reconciler until `shutdown`.
-pub async fn serve(config: Config<ReconcilerSettings>, shutdown: CancellationToken) -> Result<(), HostError> {
-    let Some(host) = Host::start(config, &shutdown).await? else { return Ok(()) };
-    let api = api::ReconcilerApi { leader: host.leader(), election: host.election() };
+pub async fn serve(
+    config: Config<ReconcilerSettings>,
+    shutdown: CancellationToken,
+) -> Result<(), HostError> {
+    let Some(host) = Host::start(config, &shutdown).await? else {
+        return Ok(());
+    };
+    let api = api::ReconcilerApi {
+        leader: host.leader(),
+        election: host.election(),
+    };
     let routes = Routes::new(ReconcilerServiceServer::new(api));
-    host.serve(routes, &[service_names::RECONCILER], shutdown).await
+    host.serve(routes, &[service_names::RECONCILER], shutdown)
+        .await
 }
