@@ -133,7 +133,15 @@ fn the_shipped_example_configs_load() {
             .arg("--print-config")
             .output()
             .expect("run");
-        assert!(output.status.success(), "{}: {}", file.display(), String::from_utf8_lossy(&output.stderr));
-        assert!(String::from_utf8_lossy(&output.stdout).contains("addr: 0.0.0.0:"), "{service}");
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("addr: 0.0.0.0:"),
+            "{service}"
+        );
     }
 }
