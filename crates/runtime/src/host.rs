@@ -61,7 +61,7 @@ pub struct Host<S: ServiceSettings> {
     pub metrics: RuntimeMetrics,
     readiness: Readiness,
     health: HealthReporter,
-    grpc_listener: TcpListener,
+    grpc_listener: Option<TcpListener>,
     grpc_addr: SocketAddr,
     admin_addr: SocketAddr,
     admin_shutdown: CancellationToken,
@@ -124,7 +124,7 @@ impl<S: ServiceSettings> Host<S> {
             metrics,
             readiness,
             health,
-            grpc_listener,
+            grpc_listener: Some(grpc_listener),
             grpc_addr,
             admin_addr,
             admin_shutdown,
@@ -267,18 +267,10 @@ impl<S: ServiceSettings> Host<S> {
             ))
             .into_inner();
         let stop_server = CancellationToken::new();
-        let listener = std::mem::replace(
-            &mut self.grpc_listener,
-            // Placeholder; never accepted on. Binding port 0 on loopback cannot reasonably fail,
-            // but if it does we report it rather than panic.
-            TcpListener::bind("127.0.0.1:0")
-                .await
-                .map_err(|source| HostError::Bind {
-                    field: "grpc.addr",
-                    addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                    source,
-                })?,
-        );
+        let listener = self
+            .grpc_listener
+            .take()
+            .ok_or_else(|| HostError::Stopped("serve called twice".to_string()))?;
         let server = tonic::transport::Server::builder()
             .layer(layers)
             .add_routes(routes)
