@@ -1,0 +1,864 @@
+//! The HTTP face of the simulator: the Kubernetes REST paths for the served kinds, discovery,
+//! list/watch, CRUD, patch and the status/scale/binding subresources. Handlers parse and
+//! validate the request, call the [`Store`], and encode; errors are `Status` objects.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::State,
+    http::{HeaderMap, Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+    routing::{any, get},
+};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::{
+    error::ApiError,
+    patch::{self, PatchType},
+    resources::{self, KINDS, ResourceKind},
+    selector::{FieldSelector, LabelSelector},
+    store::{Change, EventType, ListPage, Store, Stored},
+};
+
+/// Shared state of the HTTP handlers.
+pub struct ApiState {
+    /// The objects.
+    pub store: Arc<Store>,
+    /// How often watches that asked for bookmarks get one.
+    pub bookmark_interval: Duration,
+}
+
+/// The API server's routes.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/version", get(version))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route("/api", get(core_versions))
+        .route("/sim/v1/compact", axum::routing::post(compact))
+        .route("/apis", get(groups))
+        .route("/api/{*rest}", any(dispatch))
+        .route("/apis/{*rest}", any(dispatch))
+        .fallback(
+            |uri: Uri| async move { ApiError::NoSuchPath(uri.path().to_string()).into_response() },
+        )
+        .with_state(state)
+}
+
+fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.into(),
+    )
+        .into_response()
+}
+
+async fn version() -> Response {
+    json_response(
+        StatusCode::OK,
+        json!({
+            "major": "1", "minor": "34", "gitVersion": "v1.34.0-shoal-sim", "gitCommit": "shoal-sim",
+            "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "n/a",
+            "compiler": "rustc", "platform": "linux/amd64"
+        })
+        .to_string(),
+    )
+}
+
+/// `POST /sim/v1/compact`: drop watch history and end open watches (forces clients to re-list).
+async fn compact(State(state): State<Arc<ApiState>>) -> Response {
+    state.store.compact();
+    json_response(
+        StatusCode::OK,
+        json!({ "compactedTo": state.store.rv() }).to_string(),
+    )
+}
+
+async fn core_versions() -> Response {
+    json_response(
+        StatusCode::OK,
+        json!({ "kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [] })
+            .to_string(),
+    )
+}
+
+async fn groups() -> Response {
+    let mut names: Vec<(&str, &str)> = KINDS
+        .iter()
+        .filter(|k| !k.group.is_empty())
+        .map(|k| (k.group, k.version))
+        .collect();
+    names.dedup();
+    let groups: Vec<Value> = names
+        .iter()
+        .map(|(g, v)| {
+            let gv = json!({ "groupVersion": format!("{g}/{v}"), "version": v });
+            json!({ "name": g, "versions": [gv.clone()], "preferredVersion": gv })
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": groups }).to_string(),
+    )
+}
+
+fn resource_list(group: &str, version: &str) -> Option<Value> {
+    let mut resources = Vec::new();
+    for k in KINDS
+        .iter()
+        .filter(|k| k.group == group && k.version == version)
+    {
+        resources.push(json!({
+            "name": k.plural, "singularName": k.singular, "namespaced": k.namespaced, "kind": k.kind,
+            "verbs": resources::verbs(), "shortNames": k.short_names,
+        }));
+        for sub in k.subresources {
+            let (kind, verbs) = match *sub {
+                "scale" => ("Scale", vec!["get", "patch", "update"]),
+                "eviction" => ("Eviction", vec!["create"]),
+                "binding" => ("Binding", vec!["create"]),
+                _ => (k.kind, vec!["get", "patch", "update"]),
+            };
+            let mut r = json!({ "name": format!("{}/{sub}", k.plural), "singularName": "", "namespaced": k.namespaced, "kind": kind, "verbs": verbs });
+            if *sub == "scale" {
+                r["group"] = json!("autoscaling");
+                r["version"] = json!("v1");
+            }
+            resources.push(r);
+        }
+    }
+    if resources.is_empty() {
+        return None;
+    }
+    let group_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({ "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources }),
+    )
+}
+
+/// What a REST path addresses.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    /// `/api/v1`, `/apis/apps/v1`.
+    Resources { group: String, version: String },
+    /// `/apis/apps`.
+    Group { group: String },
+    /// A collection, optionally in one namespace.
+    Collection {
+        kind: &'static ResourceKind,
+        namespace: Option<String>,
+    },
+    /// One object, or one of its subresources.
+    Object {
+        kind: &'static ResourceKind,
+        namespace: String,
+        name: String,
+        sub: Option<String>,
+    },
+}
+
+fn parse_target(path: &str) -> Result<Target, ApiError> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let not_found = || ApiError::NoSuchPath(path.to_string());
+    let (group, version, rest) = match segments.as_slice() {
+        ["api", version, rest @ ..] => ("", *version, rest),
+        ["apis", group] => {
+            return Ok(Target::Group {
+                group: group.to_string(),
+            });
+        }
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return Err(not_found()),
+    };
+    let kind = |plural: &str| resources::find(group, version, plural).ok_or_else(not_found);
+    Ok(match rest {
+        [] => Target::Resources {
+            group: group.into(),
+            version: version.into(),
+        },
+        ["namespaces", ns, plural, more @ ..] if kind(plural).is_ok_and(|k| k.namespaced) => {
+            let kind = kind(plural)?;
+            match more {
+                [] => Target::Collection {
+                    kind,
+                    namespace: Some(ns.to_string()),
+                },
+                [name] => Target::Object {
+                    kind,
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    sub: None,
+                },
+                [name, sub] if kind.subresources.contains(sub) => Target::Object {
+                    kind,
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    sub: Some(sub.to_string()),
+                },
+                _ => return Err(not_found()),
+            }
+        }
+        [plural] => Target::Collection {
+            kind: kind(plural)?,
+            namespace: None,
+        },
+        [plural, name] if !kind(plural)?.namespaced => Target::Object {
+            kind: kind(plural)?,
+            namespace: String::new(),
+            name: name.to_string(),
+            sub: None,
+        },
+        [plural, name, sub]
+            if !kind(plural)?.namespaced && kind(plural)?.subresources.contains(sub) =>
+        {
+            Target::Object {
+                kind: kind(plural)?,
+                namespace: String::new(),
+                name: name.to_string(),
+                sub: Some(sub.to_string()),
+            }
+        }
+        _ => return Err(not_found()),
+    })
+}
+
+/// Query parameters that matter to the simulator.
+#[derive(Debug, Default)]
+struct Query {
+    label_selector: String,
+    field_selector: String,
+    limit: usize,
+    continue_token: Option<String>,
+    watch: bool,
+    resource_version: Option<String>,
+    allow_bookmarks: bool,
+    timeout: Option<Duration>,
+}
+
+fn parse_query(uri: &Uri) -> Result<Query, ApiError> {
+    let mut q = Query::default();
+    let pairs: Vec<(String, String)> = query_pairs(uri.query().unwrap_or_default());
+    for (key, value) in pairs {
+        match key.as_str() {
+            "labelSelector" => q.label_selector = value,
+            "fieldSelector" => q.field_selector = value,
+            "limit" => {
+                q.limit = value.parse().map_err(|_| {
+                    ApiError::BadRequest(format!("limit: {value:?} is not a number"))
+                })?
+            }
+            "continue" if !value.is_empty() => q.continue_token = Some(value),
+            "watch" => q.watch = value == "true" || value == "1",
+            "resourceVersion" => q.resource_version = Some(value),
+            "allowWatchBookmarks" => q.allow_bookmarks = value == "true" || value == "1",
+            "timeoutSeconds" => {
+                let secs: u64 = value.parse().map_err(|_| {
+                    ApiError::BadRequest(format!("timeoutSeconds: {value:?} is not a number"))
+                })?;
+                q.timeout = Some(Duration::from_secs(secs));
+            }
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+/// Decodes `a=b&c=d` (percent-decoding, `+` as space).
+fn query_pairs(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn encode_continue(after: &(String, String)) -> String {
+    format!("{}\u{0}{}", after.0, after.1)
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn decode_continue(token: &str) -> Result<(String, String), ApiError> {
+    let bad = || ApiError::BadRequest(format!("continue token {token:?} is not valid"));
+    if !token.len().is_multiple_of(2) {
+        return Err(bad());
+    }
+    let bytes: Result<Vec<u8>, _> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&token[i..i + 2], 16))
+        .collect();
+    let text = String::from_utf8(bytes.map_err(|_| bad())?).map_err(|_| bad())?;
+    let (ns, name) = text.split_once('\u{0}').ok_or_else(bad)?;
+    Ok((ns.to_string(), name.to_string()))
+}
+
+async fn dispatch(
+    State(state): State<Arc<ApiState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match handle(&state, &method, &uri, &headers, body).await {
+        Ok(response) => response,
+        Err(err) => err.into_response(),
+    }
+}
+
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))
+}
+
+fn object_response(status: StatusCode, object: Arc<Stored>) -> Response {
+    json_response(status, object.json.clone())
+}
+
+async fn handle(
+    state: &ApiState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let store = &state.store;
+    match parse_target(uri.path())? {
+        Target::Resources { group, version } => {
+            let list = resource_list(&group, &version)
+                .ok_or_else(|| ApiError::NoSuchPath(uri.path().into()))?;
+            Ok(json_response(StatusCode::OK, list.to_string()))
+        }
+        Target::Group { group } => {
+            let versions: Vec<Value> = KINDS
+                .iter()
+                .filter(|k| k.group == group)
+                .take(1)
+                .map(|k| json!({ "groupVersion": format!("{}/{}", k.group, k.version), "version": k.version }))
+                .collect();
+            if versions.is_empty() {
+                return Err(ApiError::NoSuchPath(uri.path().into()));
+            }
+            Ok(json_response(
+                StatusCode::OK,
+                json!({ "kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": versions, "preferredVersion": versions[0] }).to_string(),
+            ))
+        }
+        Target::Collection { kind, namespace } => {
+            let query = parse_query(uri)?;
+            match *method {
+                Method::GET if query.watch => {
+                    state.store.watches_open().await;
+                    watch(state, kind, namespace, query)
+                }
+                Method::GET => list(store, kind, namespace, query),
+                Method::POST => {
+                    let Some(namespace) =
+                        namespace.or_else(|| (!kind.namespaced).then(String::new))
+                    else {
+                        return Err(ApiError::MethodNotAllowed(format!(
+                            "create {} needs a namespace in the path",
+                            kind.plural
+                        )));
+                    };
+                    let created = store.create(kind, &namespace, parse_body(&body)?)?;
+                    Ok(object_response(StatusCode::CREATED, created))
+                }
+                _ => Err(ApiError::MethodNotAllowed(format!(
+                    "{method} is not supported on a collection"
+                ))),
+            }
+        }
+        Target::Object {
+            kind,
+            namespace,
+            name,
+            sub: None,
+        } => match *method {
+            Method::GET => Ok(object_response(
+                StatusCode::OK,
+                store.get(kind, &namespace, &name)?,
+            )),
+            Method::PUT => Ok(object_response(
+                StatusCode::OK,
+                store.update(kind, &namespace, &name, parse_body(&body)?, false)?,
+            )),
+            Method::PATCH => {
+                let patch_type = PatchType::from_content_type(
+                    headers
+                        .get(header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default(),
+                )?;
+                let patched = patch_object(
+                    store,
+                    kind,
+                    &namespace,
+                    &name,
+                    &parse_body(&body)?,
+                    patch_type,
+                    false,
+                )?;
+                Ok(object_response(StatusCode::OK, patched))
+            }
+            Method::DELETE => Ok(object_response(
+                StatusCode::OK,
+                store.delete(kind, &namespace, &name)?,
+            )),
+            _ => Err(ApiError::MethodNotAllowed(format!(
+                "{method} is not supported on an object"
+            ))),
+        },
+        Target::Object {
+            kind,
+            namespace,
+            name,
+            sub: Some(sub),
+        } => match (sub.as_str(), method.clone()) {
+            ("status", Method::GET) => Ok(object_response(
+                StatusCode::OK,
+                store.get(kind, &namespace, &name)?,
+            )),
+            ("status", Method::PUT) => Ok(object_response(
+                StatusCode::OK,
+                store.update(kind, &namespace, &name, parse_body(&body)?, true)?,
+            )),
+            ("status", Method::PATCH) => {
+                let patch_type = PatchType::from_content_type(
+                    headers
+                        .get(header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default(),
+                )?;
+                Ok(object_response(
+                    StatusCode::OK,
+                    patch_object(
+                        store,
+                        kind,
+                        &namespace,
+                        &name,
+                        &parse_body(&body)?,
+                        patch_type,
+                        true,
+                    )?,
+                ))
+            }
+            ("scale", m) => scale(store, kind, &namespace, &name, m, headers, body),
+            ("binding", Method::POST) => bind(store, kind, &namespace, &name, &parse_body(&body)?),
+            (sub, m) => Err(ApiError::MethodNotAllowed(format!(
+                "{m} is not supported on {}/{sub} in this simulator",
+                kind.plural
+            ))),
+        },
+    }
+}
+
+/// Applies a patch, retrying on a concurrent write as the API server does.
+fn patch_object(
+    store: &Store,
+    kind: &'static ResourceKind,
+    namespace: &str,
+    name: &str,
+    patch_body: &Value,
+    patch_type: PatchType,
+    status_only: bool,
+) -> Result<Arc<Stored>, ApiError> {
+    let mut last = None;
+    for _ in 0..5 {
+        let current = store.get(kind, namespace, name)?;
+        let mut value = current.value();
+        let precondition = patch_body
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        patch::apply(&mut value, patch_body, patch_type);
+        if precondition.is_none() {
+            value["metadata"]["resourceVersion"] = json!(current.rv.to_string());
+        }
+        match store.update(kind, namespace, name, value, status_only) {
+            Err(ApiError::Conflict { .. }) if precondition.is_none() => {
+                last = Some(ApiError::Conflict {
+                    resource: kind.plural.into(),
+                    name: name.into(),
+                })
+            }
+            other => return other,
+        }
+    }
+    Err(last.unwrap_or_else(|| ApiError::Internal("patch retries exhausted".into())))
+}
+
+fn scale(
+    store: &Store,
+    kind: &'static ResourceKind,
+    namespace: &str,
+    name: &str,
+    method: Method,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let replicas = match method {
+        Method::GET => None,
+        Method::PUT => Some(
+            parse_body(&body)?
+                .pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .unwrap_or(0),
+        ),
+        Method::PATCH => {
+            let _ = PatchType::from_content_type(
+                headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default(),
+            )?;
+            parse_body(&body)?
+                .pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+        }
+        m => {
+            return Err(ApiError::MethodNotAllowed(format!(
+                "{m} is not supported on scale"
+            )));
+        }
+    };
+    if let Some(replicas) = replicas {
+        if replicas < 0 {
+            return Err(ApiError::Invalid {
+                kind: "Scale".into(),
+                name: name.into(),
+                causes: vec![(
+                    "spec.replicas".into(),
+                    "must be greater than or equal to 0".into(),
+                )],
+            });
+        }
+        patch_object(
+            store,
+            kind,
+            namespace,
+            name,
+            &json!({ "spec": { "replicas": replicas } }),
+            PatchType::Merge,
+            false,
+        )?;
+    }
+    let object = store.get(kind, namespace, name)?.value();
+    let scale = json!({
+        "kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": { "name": name, "namespace": namespace, "resourceVersion": object["metadata"]["resourceVersion"], "uid": object["metadata"]["uid"] },
+        "spec": { "replicas": object.pointer("/spec/replicas").cloned().unwrap_or(json!(1)) },
+        "status": { "replicas": object.pointer("/status/replicas").cloned().unwrap_or(json!(0)) },
+    });
+    Ok(json_response(StatusCode::OK, scale.to_string()))
+}
+
+fn bind(
+    store: &Store,
+    kind: &'static ResourceKind,
+    namespace: &str,
+    name: &str,
+    binding: &Value,
+) -> Result<Response, ApiError> {
+    let node = binding
+        .pointer("/target/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if node.is_empty() {
+        return Err(ApiError::Invalid {
+            kind: "Binding".into(),
+            name: name.into(),
+            causes: vec![("target.name".into(), "Required value".into())],
+        });
+    }
+    let pod = store.get(kind, namespace, name)?;
+    if pod.field("spec.nodeName").is_some_and(|n| !n.is_empty()) {
+        return Err(ApiError::Conflict {
+            resource: kind.plural.into(),
+            name: name.into(),
+        });
+    }
+    patch_object(
+        store,
+        kind,
+        namespace,
+        name,
+        &json!({ "spec": { "nodeName": node } }),
+        PatchType::Merge,
+        false,
+    )?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        json!({ "kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201 })
+            .to_string(),
+    ))
+}
+
+fn selectors(
+    kind: &ResourceKind,
+    query: &Query,
+) -> Result<(LabelSelector, FieldSelector), ApiError> {
+    let labels = LabelSelector::parse(&query.label_selector)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let fields = FieldSelector::parse(&query.field_selector, kind.fields)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok((labels, fields))
+}
+
+fn matcher(
+    namespace: Option<String>,
+    kind: &ResourceKind,
+    labels: LabelSelector,
+    fields: FieldSelector,
+) -> impl Fn(&Stored) -> bool + Send + Sync {
+    let namespaced = kind.namespaced;
+    move |o: &Stored| {
+        (!namespaced || namespace.as_ref().is_none_or(|ns| &o.namespace == ns))
+            && labels.matches(&o.labels)
+            && fields.matches(&|f| o.field(f))
+    }
+}
+
+fn list(
+    store: &Store,
+    kind: &'static ResourceKind,
+    namespace: Option<String>,
+    query: Query,
+) -> Result<Response, ApiError> {
+    let (labels, fields) = selectors(kind, &query)?;
+    let after = query
+        .continue_token
+        .as_deref()
+        .map(decode_continue)
+        .transpose()?;
+    let page = ListPage {
+        namespace: namespace.clone(),
+        limit: query.limit,
+        after,
+    };
+    let filter = matcher(namespace, kind, labels, fields);
+    let listed = store.list(kind, &page, &filter);
+    let mut metadata = json!({ "resourceVersion": listed.rv.to_string() });
+    if let Some(next) = &listed.next {
+        metadata["continue"] = json!(encode_continue(next));
+    }
+    let head = format!(
+        "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{},\"items\":[",
+        kind.kind,
+        kind.api_version(),
+        metadata
+    );
+    let mut body = Vec::with_capacity(
+        head.len() + listed.items.iter().map(|o| o.json.len() + 1).sum::<usize>() + 2,
+    );
+    body.extend_from_slice(head.as_bytes());
+    for (i, item) in listed.items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&item.json);
+    }
+    body.extend_from_slice(b"]}");
+    Ok(json_response(StatusCode::OK, body))
+}
+
+fn watch_line(kind: EventType, object: &Bytes) -> Bytes {
+    let mut line = Vec::with_capacity(object.len() + 32);
+    line.extend_from_slice(b"{\"type\":\"");
+    line.extend_from_slice(kind.as_str().as_bytes());
+    line.extend_from_slice(b"\",\"object\":");
+    line.extend_from_slice(object);
+    line.extend_from_slice(b"}\n");
+    Bytes::from(line)
+}
+
+fn watch(
+    state: &ApiState,
+    kind: &'static ResourceKind,
+    namespace: Option<String>,
+    query: Query,
+) -> Result<Response, ApiError> {
+    let (labels, fields) = selectors(kind, &query)?;
+    let from =
+        match query.resource_version.as_deref() {
+            None | Some("") | Some("0") => None,
+            Some(rv) => Some(rv.parse::<u64>().map_err(|_| {
+                ApiError::BadRequest(format!("resourceVersion {rv:?} is not valid"))
+            })?),
+        };
+    let start = match state.store.watch(kind, from) {
+        Ok(start) => start,
+        // Real API servers report a too-old version inside a 200 watch stream as an ERROR event;
+        // clients (client-go, kube-runtime) expect exactly that.
+        Err(err @ ApiError::Gone { .. }) => {
+            let line = format!("{{\"type\":\"ERROR\",\"object\":{}}}\n", err.status());
+            return Ok(json_response(StatusCode::OK, line));
+        }
+        Err(err) => return Err(err),
+    };
+    let matches = matcher(namespace, kind, labels, fields);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(256);
+    let bookmarks = query.allow_bookmarks.then_some(state.bookmark_interval);
+    let deadline = query.timeout.map(|t| tokio::time::Instant::now() + t);
+    let bookmark_head = format!(
+        "{{\"type\":\"BOOKMARK\",\"object\":{{\"kind\":\"{}\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"",
+        kind.kind,
+        kind.api_version()
+    );
+    tokio::spawn(async move {
+        let mut last_rv = from.unwrap_or(0);
+        let mut live = start.live;
+        let mut compacted = start.compacted;
+        // What a change means to a filtered watcher.
+        let translate = |change: &Change| -> Option<Bytes> {
+            if change.plural != kind.plural {
+                return None;
+            }
+            let now = change.kind != EventType::Deleted && matches(&change.object);
+            let before = change.prev.as_ref().is_some_and(|p| matches(p));
+            let event = match (change.kind, before, now) {
+                (EventType::Deleted, true, _) => EventType::Deleted,
+                (EventType::Deleted, false, _) => return None,
+                (_, false, true) => EventType::Added,
+                (_, true, true) => change.kind,
+                (_, true, false) => EventType::Deleted,
+                (_, false, false) => return None,
+            };
+            Some(watch_line(event, &change.object.json))
+        };
+        for change in &start.backlog {
+            let synthetic = from.is_none();
+            let line = if synthetic {
+                matches(&change.object).then(|| watch_line(EventType::Added, &change.object.json))
+            } else {
+                translate(change)
+            };
+            last_rv = last_rv.max(change.object.rv);
+            if let Some(line) = line
+                && tx.send(Ok(line)).await.is_err()
+            {
+                return;
+            }
+        }
+        last_rv = last_rv.max(start.rv);
+        let mut ticker = tokio::time::interval(bookmarks.unwrap_or(Duration::from_secs(3600)));
+        ticker.tick().await;
+        loop {
+            let timeout = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => futures::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = timeout => return,
+                _ = tx.closed() => return,
+                _ = compacted.changed() => return,
+                _ = ticker.tick(), if bookmarks.is_some() => {
+                    let line = format!("{bookmark_head}{last_rv}\"}}}}}}\n");
+                    if tx.send(Ok(Bytes::from(line))).await.is_err() { return; }
+                }
+                change = live.recv() => match change {
+                    Ok(change) => {
+                        if change.object.rv <= last_rv { continue; }
+                        last_rv = change.object.rv;
+                        if let Some(line) = translate(&change)
+                            && tx.send(Ok(line)).await.is_err() { return; }
+                    }
+                    // Too slow to keep up: end the watch; the client resumes from its last
+                    // version (or re-lists on 410), exactly as with a real API server.
+                    Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return,
+                }
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(json_response(StatusCode::OK, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_targets() {
+        let pods = resources::by_kind("Pod").unwrap();
+        let nodes = resources::by_kind("Node").unwrap();
+        let namespaces = resources::by_kind("Namespace").unwrap();
+        assert_eq!(
+            parse_target("/api/v1/pods").unwrap(),
+            Target::Collection {
+                kind: pods,
+                namespace: None
+            }
+        );
+        assert_eq!(
+            parse_target("/api/v1/namespaces/default/pods").unwrap(),
+            Target::Collection {
+                kind: pods,
+                namespace: Some("default".into())
+            }
+        );
+        assert_eq!(
+            parse_target("/api/v1/namespaces/default/pods/p/status").unwrap(),
+            Target::Object {
+                kind: pods,
+                namespace: "default".into(),
+                name: "p".into(),
+                sub: Some("status".into())
+            }
+        );
+        assert_eq!(
+            parse_target("/api/v1/nodes/n1").unwrap(),
+            Target::Object {
+                kind: nodes,
+                namespace: String::new(),
+                name: "n1".into(),
+                sub: None
+            }
+        );
+        assert_eq!(
+            parse_target("/api/v1/namespaces/kube-system").unwrap(),
+            Target::Object {
+                kind: namespaces,
+                namespace: String::new(),
+                name: "kube-system".into(),
+                sub: None
+            }
+        );
+        assert_eq!(
+            parse_target("/api/v1/namespaces").unwrap(),
+            Target::Collection {
+                kind: namespaces,
+                namespace: None
+            }
+        );
+        assert!(parse_target("/api/v1/widgets").is_err());
+        assert!(parse_target("/api/v1/namespaces/default/pods/p/exec").is_err());
+    }
+
+    #[test]
+    fn continue_tokens_round_trip_and_reject_garbage() {
+        let key = ("default".to_string(), "pod-1".to_string());
+        assert_eq!(decode_continue(&encode_continue(&key)).unwrap(), key);
+        assert!(decode_continue("zz").is_err());
+        assert!(decode_continue("abc").is_err());
+    }
+
+    #[test]
+    fn query_strings_decode() {
+        let pairs = query_pairs("labelSelector=app%3Dweb%2Ctier+in+%28a%29&watch=1");
+        assert_eq!(
+            pairs[0],
+            ("labelSelector".into(), "app=web,tier in (a)".into())
+        );
+    }
+}

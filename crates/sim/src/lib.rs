@@ -1,0 +1,81 @@
+//! `shoal-sim`: a Kubernetes-API-compatible cluster in one process, in the spirit of KWOK, so
+//! that the `kube` crate, `kubectl` and Shoal's services work against it unchanged.
+//!
+//! This version serves the API-server subset: discovery, Namespaces, Nodes, Pods (+ status and
+//! binding), Events, Deployments (+ status and scale), PodDisruptionBudgets and Leases with
+//! get/list (label and field selectors, limit/continue)/watch (resourceVersion, bookmarks, 410
+//! Gone)/create/update/merge and strategic merge patch/delete, and `Status` errors. The
+//! scheduler, simulated kubelets, controllers, eviction, metrics export, sim cloud and scenarios
+//! are not built yet.
+
+pub mod api;
+pub mod error;
+pub mod kubeconfig;
+pub mod patch;
+pub mod resources;
+pub mod selector;
+pub mod store;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+/// How to run the simulator.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Listen address of the API server.
+    pub addr: SocketAddr,
+    /// Past changes kept for watches that resume from a resourceVersion.
+    pub watch_history: usize,
+    /// Interval of watch bookmarks.
+    pub bookmark_interval: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 6443)),
+            watch_history: 200_000,
+            bookmark_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A running simulator.
+pub struct Sim {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The object store (for in-process controllers and tests).
+    pub store: Arc<store::Store>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Sim {
+    /// Binds and starts serving until `shutdown`.
+    pub async fn start(config: SimConfig, shutdown: CancellationToken) -> std::io::Result<Sim> {
+        let listener = tokio::net::TcpListener::bind(config.addr).await?;
+        let addr = listener.local_addr()?;
+        let store = store::Store::new(config.watch_history);
+        let state = Arc::new(api::ApiState {
+            store: store.clone(),
+            bookmark_interval: config.bookmark_interval,
+        });
+        let app = api::router(state);
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        });
+        Ok(Sim { addr, store, task })
+    }
+
+    /// `http://<addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits for the server to stop.
+    pub async fn wait(self) -> std::io::Result<()> {
+        self.task.await.map_err(std::io::Error::other)?
+    }
+}
