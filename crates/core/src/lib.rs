@@ -1,6 +1,7 @@
 //! Shoal's domain types, free of I/O: Kubernetes quantities, [`Resources`], NodeClaim phases and
 //! their legal transitions, well-known labels, and field-path validation errors.
 
+pub mod fit;
 pub mod labels;
 pub mod phase;
 pub mod quantity;

@@ -1,18 +1,23 @@
 //! `shoal-sim`: a Kubernetes-API-compatible cluster in one process, in the spirit of KWOK, so
 //! that the `kube` crate, `kubectl` and Shoal's services work against it unchanged.
 //!
-//! This version serves the API-server subset: discovery, Namespaces, Nodes, Pods (+ status and
-//! binding), Events, Deployments (+ status and scale), PodDisruptionBudgets and Leases with
-//! get/list (label and field selectors, limit/continue)/watch (resourceVersion, bookmarks, 410
-//! Gone)/create/update/merge and strategic merge patch/delete, and `Status` errors. The
-//! scheduler, simulated kubelets, controllers, eviction, metrics export, sim cloud and scenarios
-//! are not built yet.
+//! Served: the API-server subset (discovery, Namespaces, Nodes, Pods + status/binding, Events,
+//! Deployments + status/scale, PodDisruptionBudgets, Leases; get/list with selectors and
+//! pagination, watch with resourceVersion/bookmarks/410, create/update/patch/delete, `Status`
+//! errors), a scheduler with the real filters, simulated kubelets, a deployment controller, and
+//! the sim cloud API. Not yet: eviction with PDBs, node heartbeats through Leases and NotReady
+//! detection, `shoal-sim agent`, metrics export, scenarios, Table output and OpenAPI for kubectl.
 
 pub mod api;
+pub mod cloud;
+mod convert;
+pub mod deployments;
 pub mod error;
 pub mod kubeconfig;
+pub mod kubelet;
 pub mod patch;
 pub mod resources;
+pub mod scheduler;
 pub mod selector;
 pub mod store;
 
@@ -29,6 +34,10 @@ pub struct SimConfig {
     pub watch_history: usize,
     /// Interval of watch bookmarks.
     pub bookmark_interval: Duration,
+    /// Simulated kubelet timing.
+    pub kubelet: kubelet::KubeletTiming,
+    /// Sim cloud instance boot timing.
+    pub boot: cloud::BootTiming,
 }
 
 impl Default for SimConfig {
@@ -37,6 +46,8 @@ impl Default for SimConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 6443)),
             watch_history: 200_000,
             bookmark_interval: Duration::from_secs(5),
+            kubelet: kubelet::KubeletTiming::default(),
+            boot: cloud::BootTiming::default(),
         }
     }
 }
@@ -60,7 +71,15 @@ impl Sim {
             store: store.clone(),
             bookmark_interval: config.bookmark_interval,
         });
-        let app = api::router(state);
+        let cloud = cloud::Cloud::new(store.clone(), config.boot, shutdown.clone());
+        let app = api::router(state).merge(cloud::router(cloud));
+        tokio::spawn(scheduler::run(store.clone(), shutdown.clone()));
+        tokio::spawn(kubelet::run(
+            store.clone(),
+            config.kubelet,
+            shutdown.clone(),
+        ));
+        tokio::spawn(deployments::run(store.clone(), shutdown.clone()));
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -702,6 +702,58 @@ impl Store {
         })
     }
 
+    /// Everything of `kinds` that exists now, and a receiver of every change after that, taken
+    /// atomically (for in-process controllers, as an informer lists then watches).
+    pub fn subscribe(
+        &self,
+        kinds: &[&'static ResourceKind],
+    ) -> (Vec<Change>, broadcast::Receiver<Change>) {
+        let inner = self.read();
+        let live = self.changes.subscribe();
+        let objects = kinds
+            .iter()
+            .flat_map(|k| {
+                inner.tables.get(k.plural).into_iter().flat_map(move |t| {
+                    t.values().map(move |o| Change {
+                        plural: k.plural,
+                        kind: EventType::Added,
+                        object: o.clone(),
+                        prev: None,
+                    })
+                })
+            })
+            .collect();
+        (objects, live)
+    }
+
+    /// Reads, changes and writes back an object, retrying on concurrent writes. `change` returns
+    /// false to leave the object alone.
+    pub fn modify(
+        &self,
+        kind: &'static ResourceKind,
+        namespace: &str,
+        name: &str,
+        status_only: bool,
+        mut change: impl FnMut(&mut Value) -> bool,
+    ) -> Result<Option<Arc<Stored>>, ApiError> {
+        for _ in 0..5 {
+            let current = self.get(kind, namespace, name)?;
+            let mut value = current.value();
+            if !change(&mut value) {
+                return Ok(None);
+            }
+            value["metadata"]["resourceVersion"] = json!(current.rv.to_string());
+            match self.update(kind, namespace, name, value, status_only) {
+                Err(ApiError::Conflict { .. }) => continue,
+                other => return other.map(Some),
+            }
+        }
+        Err(ApiError::Conflict {
+            resource: kind.plural.into(),
+            name: name.into(),
+        })
+    }
+
     /// Forgets all history up to now, as etcd compaction does, and ends every open watch.
     /// Clients that had seen everything resume; clients that were behind get 410 Gone.
     pub fn compact(&self) {

@@ -20,6 +20,7 @@ async fn start(watch_history: usize) -> (Sim, Client, CancellationToken) {
         addr: "127.0.0.1:0".parse().expect("addr"),
         watch_history,
         bookmark_interval: Duration::from_millis(500),
+        ..SimConfig::default()
     };
     let sim = Sim::start(config, shutdown.clone())
         .await

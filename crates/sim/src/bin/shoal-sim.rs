@@ -56,6 +56,7 @@ fn main() -> ExitCode {
             addr,
             watch_history,
             bookmark_interval,
+            ..shoal_sim::SimConfig::default()
         };
         let sim = match shoal_sim::Sim::start(config, shutdown.clone()).await {
             Ok(sim) => sim,

@@ -1,0 +1,194 @@
+//! Simulated kubelets and the node lifecycle: nodes turn Ready after a delay, pods bound to a
+//! Ready node go Running after a delay, and pods of a deleted node are removed (pod GC).
+//! Nodes annotated `sim.shoal.dev/external-kubelet: "true"` are left to a real agent process.
+
+use std::{sync::Arc, time::Duration};
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    resources::by_kind,
+    store::{Change, EventType, ListPage, Store},
+};
+
+/// Timing of the simulated kubelets.
+#[derive(Debug, Clone, Copy)]
+pub struct KubeletTiming {
+    /// Node registered → Ready.
+    pub node_ready_delay: Duration,
+    /// Pod bound → Running.
+    pub pod_start_delay: Duration,
+}
+
+impl Default for KubeletTiming {
+    fn default() -> Self {
+        KubeletTiming {
+            node_ready_delay: Duration::from_secs(1),
+            pod_start_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+const EXTERNAL: &str = "sim.shoal.dev/external-kubelet";
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+fn ready_condition(node: &Value) -> bool {
+    node.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+/// Runs the kubelets until `shutdown`.
+pub async fn run(store: Arc<Store>, timing: KubeletTiming, shutdown: CancellationToken) {
+    let (Some(nodes), Some(pods)) = (by_kind("Node"), by_kind("Pod")) else {
+        return;
+    };
+    loop {
+        let (objects, mut live) = store.subscribe(&[nodes, pods]);
+        for change in &objects {
+            react(&store, timing, change, &shutdown);
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                change = live.recv() => match change {
+                    Ok(change) => react(&store, timing, &change, &shutdown),
+                    Err(RecvError::Lagged(_)) => break,
+                    Err(RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+}
+
+fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &CancellationToken) {
+    let (Some(nodes), Some(pods)) = (by_kind("Node"), by_kind("Pod")) else {
+        return;
+    };
+    let object = change.object.value();
+    match (change.plural, change.kind) {
+        ("nodes", EventType::Deleted) => {
+            // Pod GC: pods bound to a node that no longer exists are deleted.
+            let name = change.object.name.clone();
+            let bound = store.list(pods, &ListPage::default(), &|p| {
+                p.field("spec.nodeName").as_deref() == Some(name.as_str())
+            });
+            for pod in bound.items {
+                let _ = store.delete(pods, &pod.namespace, &pod.name);
+            }
+        }
+        ("nodes", _) => {
+            let external = object
+                .pointer(&format!(
+                    "/metadata/annotations/{}",
+                    EXTERNAL.replace('/', "~1")
+                ))
+                .and_then(Value::as_str)
+                == Some("true");
+            if external || ready_condition(&object) || change.kind != EventType::Added {
+                return;
+            }
+            let (store, name, stop) = (store.clone(), change.object.name.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(timing.node_ready_delay) => {}
+                }
+                let _ = store.modify(nodes, "", &name, true, |node| {
+                    if ready_condition(node) {
+                        return false;
+                    }
+                    let t = now();
+                    node["status"]["conditions"] = json!([{
+                        "type": "Ready", "status": "True", "reason": "KubeletReady",
+                        "message": "kubelet is posting ready status", "lastHeartbeatTime": t, "lastTransitionTime": t
+                    }]);
+                    node["status"]["nodeInfo"] = json!({ "kubeletVersion": "v1.34.0-shoal-sim", "architecture": "amd64", "operatingSystem": "linux",
+                        "containerRuntimeVersion": "sim://1", "kernelVersion": "sim", "kubeProxyVersion": "", "osImage": "shoal-sim",
+                        "bootID": "", "machineID": "", "systemUUID": "" });
+                    true
+                });
+            });
+        }
+        ("pods", EventType::Added | EventType::Modified) => {
+            let node_name = object
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let phase = object
+                .pointer("/status/phase")
+                .and_then(Value::as_str)
+                .unwrap_or("Pending");
+            if node_name.is_empty() || phase != "Pending" {
+                return;
+            }
+            let node_ok = store.get(nodes, "", &node_name).map(|n| {
+                let v = n.value();
+                let external = v
+                    .pointer(&format!(
+                        "/metadata/annotations/{}",
+                        EXTERNAL.replace('/', "~1")
+                    ))
+                    .and_then(Value::as_str)
+                    == Some("true");
+                !external && ready_condition(&v)
+            });
+            if !matches!(node_ok, Ok(true)) {
+                return;
+            }
+            let (store, ns, name, stop) = (
+                store.clone(),
+                change.object.namespace.clone(),
+                change.object.name.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(timing.pod_start_delay) => {}
+                }
+                let _ = store.modify(pods, &ns, &name, true, |pod| {
+                    if pod.pointer("/status/phase").and_then(Value::as_str) != Some("Pending") {
+                        return false;
+                    }
+                    let t = now();
+                    let ip = format!("10.{}.{}.{}", rand::random::<u8>(), rand::random::<u8>(), rand::random::<u8>().max(1));
+                    let scheduled = pod["status"]["conditions"]
+                        .as_array()
+                        .and_then(|cs| cs.iter().find(|c| c["type"] == "PodScheduled").cloned())
+                        .unwrap_or(json!({ "type": "PodScheduled", "status": "True", "lastTransitionTime": t }));
+                    let containers: Vec<Value> = pod["spec"]["containers"]
+                        .as_array()
+                        .map(|cs| {
+                            cs.iter()
+                                .map(|c| json!({ "name": c["name"], "image": c["image"], "imageID": "", "ready": true, "started": true,
+                                    "restartCount": 0, "state": { "running": { "startedAt": t } } }))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    pod["status"]["phase"] = json!("Running");
+                    pod["status"]["podIP"] = json!(ip);
+                    pod["status"]["startTime"] = json!(t);
+                    pod["status"]["containerStatuses"] = Value::Array(containers);
+                    pod["status"]["conditions"] = json!([
+                        scheduled,
+                        { "type": "Initialized", "status": "True", "lastTransitionTime": t },
+                        { "type": "ContainersReady", "status": "True", "lastTransitionTime": t },
+                        { "type": "Ready", "status": "True", "lastTransitionTime": t },
+                    ]);
+                    true
+                });
+            });
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,226 @@
+//! Scheduling in the simulator, as a user sees it: a Deployment that does not fit leaves pods
+//! Unschedulable with the real scheduler's message; a node from the sim cloud makes them run.
+
+use std::time::Duration;
+
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+use kube::{
+    Client, Config,
+    api::{Api, ListParams, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use shoal_sim::{Sim, SimConfig, cloud::BootTiming, kubelet::KubeletTiming};
+use tokio_util::sync::CancellationToken;
+
+async fn start() -> (Sim, Client, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let config = SimConfig {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        kubelet: KubeletTiming {
+            node_ready_delay: Duration::from_millis(200),
+            pod_start_delay: Duration::from_millis(100),
+        },
+        boot: BootTiming {
+            delay: Duration::from_millis(300),
+            jitter: Duration::from_millis(100),
+        },
+        ..SimConfig::default()
+    };
+    let sim = Sim::start(config, shutdown.clone()).await.expect("sim");
+    let client = Client::try_from(Config::new(sim.url().parse().expect("url"))).expect("client");
+    (sim, client, shutdown)
+}
+
+async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    for _ in 0..100 {
+        if let Some(value) = check().await {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn add_instance(
+    sim: &Sim,
+    name: &str,
+    cpu: &str,
+    labels: serde_json::Value,
+    taints: serde_json::Value,
+) -> serde_json::Value {
+    let response = reqwest::Client::new()
+        .post(format!("{}/cloud/v1/instances", sim.url()))
+        .json(&json!({ "name": name, "labels": labels, "taints": taints, "capacity": { "cpu": cpu, "memory": "8Gi" } }))
+        .send()
+        .await
+        .expect("cloud create");
+    assert_eq!(response.status(), 201);
+    response.json().await.expect("instance json")
+}
+
+fn deployment(name: &str, replicas: i32, cpu: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "replicas": replicas,
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": { "containers": [ { "name": "app", "image": "busybox", "resources": { "requests": { "cpu": cpu, "memory": "256Mi" } } } ] }
+            }
+        }
+    }))
+    .expect("deployment")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unschedulable_until_a_cloud_node_arrives_then_running() {
+    let (sim, client, _shutdown) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+
+    // One small node and one tainted node: neither can take 3 pods of 1.5 CPU.
+    add_instance(
+        &sim,
+        "small-1",
+        "2",
+        json!({ "pool": "general" }),
+        json!([]),
+    )
+    .await;
+    add_instance(
+        &sim,
+        "gpu-1",
+        "8",
+        json!({ "pool": "gpu" }),
+        json!([{ "key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule" }]),
+    )
+    .await;
+    eventually("two ready nodes", async || {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+        let list = nodes.list(&ListParams::default()).await.ok()?;
+        (list.items.len() == 2
+            && list.items.iter().all(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            }))
+        .then_some(())
+    })
+    .await;
+
+    deployments
+        .create(&PostParams::default(), &deployment("web", 3, "1500m"))
+        .await
+        .expect("create deployment");
+    let message = eventually("two unschedulable pods", async || {
+        let list = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .ok()?;
+        let stuck: Vec<String> = list
+            .items
+            .iter()
+            .filter_map(|p| {
+                let c = p
+                    .status
+                    .as_ref()?
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+                (c.reason.as_deref() == Some("Unschedulable"))
+                    .then(|| c.message.clone().unwrap_or_default())
+            })
+            .collect();
+        (list.items.len() == 3 && stuck.len() == 2).then(|| stuck[0].clone())
+    })
+    .await;
+    assert_eq!(
+        message,
+        "0/2 nodes are available: 1 Insufficient cpu, 1 node(s) had untolerated taint {nvidia.com/gpu: true}."
+    );
+
+    // A new general node arrives through the cloud API: everything runs.
+    add_instance(
+        &sim,
+        "general-2",
+        "4",
+        json!({ "pool": "general" }),
+        json!([]),
+    )
+    .await;
+    eventually("all three running", async || {
+        let list = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .ok()?;
+        let running = list
+            .items
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .count();
+        (running == 3).then_some(())
+    })
+    .await;
+    let d = deployments.get("web").await.expect("deployment");
+    assert_eq!(d.status.as_ref().and_then(|s| s.ready_replicas), Some(3));
+
+    // Scale down through the scale subresource; the controller removes pods.
+    deployments
+        .patch_scale(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "replicas": 1 } })),
+        )
+        .await
+        .expect("scale");
+    eventually("one pod left", async || {
+        let list = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .ok()?;
+        (list.items.len() == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_rejects_bad_requests_and_injects_faults() {
+    let (sim, _client, _shutdown) = start().await;
+    let http = reqwest::Client::new();
+    let bad = http
+        .post(format!("{}/cloud/v1/instances", sim.url()))
+        .json(&json!({ "capacity": { "cpu": "lots", "memory": "8Gi" } }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(bad.status(), 400);
+    assert!(
+        bad.text()
+            .await
+            .unwrap_or_default()
+            .contains("capacity.cpu")
+    );
+    let faults = http
+        .put(format!("{}/cloud/v1/faults", sim.url()))
+        .json(&json!({ "errorRate": 1.0 }))
+        .send()
+        .await
+        .expect("faults");
+    assert_eq!(faults.status(), 200);
+    let failing = http
+        .get(format!("{}/cloud/v1/instances", sim.url()))
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(failing.status(), 503);
+    let invalid = http
+        .put(format!("{}/cloud/v1/faults", sim.url()))
+        .json(&json!({ "errorRate": 2.0 }))
+        .send()
+        .await
+        .expect("faults");
+    assert_eq!(invalid.status(), 400);
+}
