@@ -130,6 +130,11 @@ fn resource_list(group: &str, version: &str) -> Option<Value> {
                 r["group"] = json!("autoscaling");
                 r["version"] = json!("v1");
             }
+            // kubectl drain uses the Eviction API only when discovery names its group/version.
+            if *sub == "eviction" {
+                r["group"] = json!("policy");
+                r["version"] = json!("v1");
+            }
             resources.push(r);
         }
     }
@@ -453,6 +458,14 @@ async fn handle(
             }
             ("scale", m) => scale(store, kind, &namespace, &name, m, headers, body),
             ("binding", Method::POST) => bind(store, kind, &namespace, &name, &parse_body(&body)?),
+            ("eviction", Method::POST) => {
+                parse_body(&body)?;
+                crate::disruption::evict(store, &namespace, &name)?;
+                Ok(json_response(
+                    StatusCode::CREATED,
+                    json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201 }).to_string(),
+                ))
+            }
             (sub, m) => Err(ApiError::MethodNotAllowed(format!(
                 "{m} is not supported on {}/{sub} in this simulator",
                 kind.plural

@@ -5,13 +5,14 @@
 //! Deployments + status/scale, PodDisruptionBudgets, Leases; get/list with selectors and
 //! pagination, watch with resourceVersion/bookmarks/410, create/update/patch/delete, `Status`
 //! errors), a scheduler with the real filters, simulated kubelets, a deployment controller, and
-//! the sim cloud API. Not yet: eviction with PDBs, node heartbeats through Leases and NotReady
+//! the sim cloud API, and pod eviction honouring PodDisruptionBudgets. Not yet: node heartbeats through Leases and NotReady
 //! detection, `shoal-sim agent`, metrics export, scenarios, Table output and OpenAPI for kubectl.
 
 pub mod api;
 pub mod cloud;
 mod convert;
 pub mod deployments;
+pub mod disruption;
 pub mod error;
 pub mod kubeconfig;
 pub mod kubelet;
@@ -80,6 +81,7 @@ impl Sim {
             shutdown.clone(),
         ));
         tokio::spawn(deployments::run(store.clone(), shutdown.clone()));
+        tokio::spawn(disruption::run(store.clone(), shutdown.clone()));
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())

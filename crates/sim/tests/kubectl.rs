@@ -1,0 +1,286 @@
+//! The installed kubectl against the simulator: apply/re-apply, scale, get, cordon, drain
+//! blocked by a PodDisruptionBudget (as real kubectl fails it), drain after the PDB is gone,
+//! delete, and `get --watch`.
+//!
+//! `kubectl apply` runs with `--validate=false`: the simulator does not serve OpenAPI yet.
+
+use std::{process::Command, time::Duration};
+
+use serde_json::json;
+use shoal_sim::{Sim, SimConfig, cloud::BootTiming, kubelet::KubeletTiming};
+use tokio_util::sync::CancellationToken;
+
+struct Kubectl {
+    kubeconfig: tempfile::NamedTempFile,
+}
+
+impl Kubectl {
+    fn new(sim: &Sim) -> Kubectl {
+        let kubeconfig = tempfile::NamedTempFile::new().expect("temp kubeconfig");
+        shoal_sim::kubeconfig::write(kubeconfig.path(), &sim.url()).expect("write kubeconfig");
+        Kubectl { kubeconfig }
+    }
+
+    /// Runs kubectl; returns (success, stdout, stderr).
+    async fn run(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+        let binary = shoal_testkit::require_tool("kubectl", "install kubectl");
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .env("KUBECONFIG", self.kubeconfig.path())
+            .env("HOME", std::env::temp_dir())
+            .args(args);
+        command
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().expect("kubectl starts");
+        if let Some(input) = stdin {
+            use tokio::io::AsyncWriteExt;
+            let mut pipe = child.stdin.take().expect("stdin");
+            pipe.write_all(input.as_bytes()).await.expect("write stdin");
+        } else {
+            drop(child.stdin.take());
+        }
+        let out = child.wait_with_output().await.expect("kubectl output");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let (ok, stdout, stderr) = self.run(args, None).await;
+        assert!(ok, "kubectl {args:?} failed:\n{stdout}\n{stderr}");
+        stdout
+    }
+
+    async fn apply(&self, manifest: &str) -> String {
+        let (ok, stdout, stderr) = self
+            .run(&["apply", "--validate=false", "-f", "-"], Some(manifest))
+            .await;
+        assert!(ok, "kubectl apply failed:\n{stdout}\n{stderr}");
+        stdout
+    }
+}
+
+fn deployment(replicas: u32) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      containers:\n      - name: app\n        image: nginx\n        resources:\n          requests: {{cpu: 500m, memory: 128Mi}}\n"
+    )
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_works_against_the_simulator() {
+    let shutdown = CancellationToken::new();
+    let config = SimConfig {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        kubelet: KubeletTiming {
+            node_ready_delay: Duration::from_millis(100),
+            pod_start_delay: Duration::from_millis(100),
+        },
+        boot: BootTiming {
+            delay: Duration::from_millis(100),
+            jitter: Duration::from_millis(50),
+        },
+        ..SimConfig::default()
+    };
+    let sim = Sim::start(config, shutdown.clone()).await.expect("sim");
+    let kubectl = Kubectl::new(&sim);
+    let http = reqwest::Client::new();
+    for name in ["node-a", "node-b"] {
+        let created = http
+            .post(format!("{}/cloud/v1/instances", sim.url()))
+            .json(&json!({ "name": name, "capacity": { "cpu": "4", "memory": "8Gi" } }))
+            .send()
+            .await
+            .expect("cloud");
+        assert_eq!(created.status(), 201);
+    }
+    eventually("nodes listed", async || {
+        kubectl
+            .ok(&["get", "nodes", "-o", "name"])
+            .await
+            .lines()
+            .count()
+            == 2
+    })
+    .await;
+
+    // apply, then re-apply with a new replica count.
+    assert!(
+        kubectl
+            .apply(&deployment(2))
+            .await
+            .contains("deployment.apps/web created")
+    );
+    assert!(
+        kubectl
+            .apply(&deployment(3))
+            .await
+            .contains("deployment.apps/web configured")
+    );
+    let running = async || {
+        let out = kubectl
+            .ok(&[
+                "get",
+                "pods",
+                "-l",
+                "app=web",
+                "-o",
+                "jsonpath={range .items[*]}{.status.phase}{\"\\n\"}{end}",
+            ])
+            .await;
+        out.lines().filter(|l| *l == "Running").count()
+    };
+    eventually("3 pods running", async || running().await == 3).await;
+    kubectl
+        .ok(&["scale", "deployment", "web", "--replicas=2"])
+        .await;
+    eventually("2 pods", async || {
+        kubectl
+            .ok(&["get", "pods", "-l", "app=web", "-o", "name"])
+            .await
+            .lines()
+            .count()
+            == 2
+    })
+    .await;
+    eventually("2 running", async || running().await == 2).await;
+
+    let wide = kubectl.ok(&["get", "pods", "-A", "-o", "wide"]).await;
+    assert!(wide.contains("web-"), "{wide}");
+    let described = kubectl.ok(&["describe", "node", "node-a"]).await;
+    assert!(described.contains("node-a"), "{described}");
+
+    kubectl.ok(&["cordon", "node-b"]).await;
+    assert_eq!(
+        kubectl
+            .ok(&[
+                "get",
+                "node",
+                "node-b",
+                "-o",
+                "jsonpath={.spec.unschedulable}"
+            ])
+            .await,
+        "true"
+    );
+    kubectl.ok(&["uncordon", "node-b"]).await;
+
+    // A PDB that allows no disruption: drain fails as real kubectl does, after its timeout.
+    let node_of_a_pod = kubectl
+        .ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[0].spec.nodeName}",
+        ])
+        .await;
+    kubectl.apply("apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: web\nspec:\n  minAvailable: 2\n  selector:\n    matchLabels: {app: web}\n").await;
+    eventually("pdb status", async || {
+        kubectl
+            .ok(&[
+                "get",
+                "pdb",
+                "web",
+                "-o",
+                "jsonpath={.status.disruptionsAllowed}",
+            ])
+            .await
+            == "0"
+    })
+    .await;
+    let (ok, stdout, stderr) = kubectl
+        .run(
+            &[
+                "drain",
+                &node_of_a_pod,
+                "--ignore-daemonsets",
+                "--delete-emptydir-data",
+                "--timeout=3s",
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        !ok,
+        "drain must fail while the PDB forbids evictions:\n{stdout}\n{stderr}"
+    );
+    assert!(stderr.contains("disruption budget"), "{stderr}");
+    assert_eq!(running().await, 2, "nothing was evicted");
+
+    // Without the PDB the drain goes through; the controller re-creates the pod elsewhere.
+    kubectl.ok(&["delete", "pdb", "web"]).await;
+    let drained = kubectl
+        .ok(&[
+            "drain",
+            &node_of_a_pod,
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            "--timeout=20s",
+        ])
+        .await;
+    assert!(drained.contains("drained"), "{drained}");
+    eventually("pods moved off the drained node", async || {
+        let nodes = kubectl
+            .ok(&[
+                "get",
+                "pods",
+                "-l",
+                "app=web",
+                "-o",
+                "jsonpath={range .items[*]}{.spec.nodeName}{\"\\n\"}{end}",
+            ])
+            .await;
+        running().await == 2 && !nodes.lines().any(|n| n == node_of_a_pod)
+    })
+    .await;
+
+    // --watch sees a new pod, then deletions clean up.
+    let binary = shoal_testkit::require_tool("kubectl", "install kubectl");
+    let mut watcher = Command::new(binary)
+        .env("KUBECONFIG", kubectl.kubeconfig.path())
+        .args(["get", "pods", "--watch", "-o", "name"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kubectl.apply("apiVersion: v1\nkind: Pod\nmetadata:\n  name: lonely\nspec:\n  containers:\n  - name: c\n    image: busybox\n").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let _ = watcher.kill();
+    let watched = watcher.wait_with_output().expect("watch output");
+    assert!(
+        String::from_utf8_lossy(&watched.stdout).contains("pod/lonely"),
+        "{}",
+        String::from_utf8_lossy(&watched.stdout)
+    );
+
+    kubectl.ok(&["delete", "pod", "lonely"]).await;
+    kubectl.ok(&["delete", "deployment", "web"]).await;
+    eventually("pods gone", async || {
+        kubectl
+            .ok(&["get", "pods", "-o", "name"])
+            .await
+            .trim()
+            .is_empty()
+    })
+    .await;
+    kubectl.ok(&["delete", "node", "node-a"]).await;
+    assert_eq!(
+        kubectl.ok(&["get", "nodes", "-o", "name"]).await.trim(),
+        "node/node-b"
+    );
+}
