@@ -28,6 +28,8 @@ use crate::{
 pub struct ApiState {
     /// The objects.
     pub store: Arc<Store>,
+    /// The `/metrics` exporter.
+    pub exporter: crate::metrics::Exporter,
     /// How often watches that asked for bookmarks get one.
     pub bookmark_interval: Duration,
 }
@@ -41,6 +43,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/readyz", get(|| async { "ok" }))
         .route("/api", get(core_versions))
         .route("/sim/v1/compact", axum::routing::post(compact))
+        .route("/metrics", get(metrics))
         .route("/apis", get(groups))
         .route("/api/{*rest}", any(dispatch))
         .route("/apis/{*rest}", any(dispatch))
@@ -69,6 +72,17 @@ async fn version() -> Response {
         })
         .to_string(),
     )
+}
+
+/// `GET /metrics`: the cluster in node-exporter, kube-state-metrics and cAdvisor form.
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let body = state.exporter.render(&state.store);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
 }
 
 /// `POST /sim/v1/compact`: drop watch history and end open watches (forces clients to re-list).

@@ -5,8 +5,8 @@
 //! Deployments + status/scale, PodDisruptionBudgets, Leases; get/list with selectors and
 //! pagination, watch with resourceVersion/bookmarks/410, create/update/patch/delete, `Status`
 //! errors), a scheduler with the real filters, simulated kubelets, a deployment controller, and
-//! the sim cloud API, and pod eviction honouring PodDisruptionBudgets. Not yet: node heartbeats through Leases and NotReady
-//! detection, `shoal-sim agent`, metrics export, scenarios, Table output and OpenAPI for kubectl.
+//! the sim cloud API, and pod eviction honouring PodDisruptionBudgets. Metrics in node-exporter/kube-state-metrics/cAdvisor form on `/metrics`. Not yet: node
+//! heartbeats through Leases and NotReady detection, `shoal-sim agent`, scenarios, Table output and OpenAPI for kubectl.
 
 pub mod api;
 pub mod cloud;
@@ -16,6 +16,7 @@ pub mod disruption;
 pub mod error;
 pub mod kubeconfig;
 pub mod kubelet;
+pub mod metrics;
 pub mod patch;
 pub mod resources;
 pub mod scheduler;
@@ -70,6 +71,7 @@ impl Sim {
         let store = store::Store::new(config.watch_history);
         let state = Arc::new(api::ApiState {
             store: store.clone(),
+            exporter: metrics::Exporter::default(),
             bookmark_interval: config.bookmark_interval,
         });
         let cloud = cloud::Cloud::new(store.clone(), config.boot, shutdown.clone());

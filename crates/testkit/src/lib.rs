@@ -6,9 +6,11 @@
 
 pub mod etcd;
 pub mod process;
+pub mod prometheus;
 
 pub use etcd::EtcdServer;
 pub use process::{ServiceProcess, bin_path};
+pub use prometheus::PrometheusServer;
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
