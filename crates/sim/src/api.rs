@@ -50,6 +50,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .fallback(
             |uri: Uri| async move { ApiError::NoSuchPath(uri.path().to_string()).into_response() },
         )
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::MethodNotAllowed(format!("{method} is not supported on {}", uri.path()))
+                .into_response()
+        })
         .with_state(state)
 }
 
@@ -498,6 +502,11 @@ fn patch_object(
     patch_type: PatchType,
     status_only: bool,
 ) -> Result<Arc<Stored>, ApiError> {
+    if !patch_body.is_object() {
+        return Err(ApiError::BadRequest(
+            "a patch body must be a JSON object".into(),
+        ));
+    }
     let mut last = None;
     for _ in 0..5 {
         let current = store.get(kind, namespace, name)?;
@@ -507,6 +516,13 @@ fn patch_object(
             .and_then(Value::as_str)
             .map(str::to_string);
         patch::apply(&mut value, patch_body, patch_type);
+        if !value.get("metadata").is_some_and(Value::is_object) {
+            return Err(ApiError::Invalid {
+                kind: kind.kind.into(),
+                name: name.into(),
+                causes: vec![("metadata".into(), "Invalid value: must be an object".into())],
+            });
+        }
         if precondition.is_none() {
             value["metadata"]["resourceVersion"] = json!(current.rv.to_string());
         }

@@ -124,7 +124,11 @@ fn reconcile(store: &Store, namespace: &str, name: &str) {
             .cloned()
             .unwrap_or(json!({}));
         for _ in owned.len()..desired {
-            let mut metadata = template.get("metadata").cloned().unwrap_or(json!({}));
+            let mut metadata = template
+                .get("metadata")
+                .filter(|m| m.is_object())
+                .cloned()
+                .unwrap_or(json!({}));
             metadata["generateName"] = json!(format!("{name}-"));
             metadata["namespace"] = json!(namespace);
             metadata["ownerReferences"] = json!([{

@@ -259,6 +259,30 @@ impl Store {
                 kind.api_version()
             )));
         }
+        // Controllers write into these; anything but an object (or null) is invalid anyway.
+        for section in ["metadata", "spec", "status"] {
+            if obj
+                .get(section)
+                .is_some_and(|v| !v.is_object() && !v.is_null())
+            {
+                let name = obj
+                    .get("metadata")
+                    .and_then(|m| m.get("name"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                return Err(ApiError::Invalid {
+                    kind: kind.kind.into(),
+                    name: name.to_string(),
+                    causes: vec![(
+                        section.to_string(),
+                        "Invalid value: must be an object".into(),
+                    )],
+                });
+            }
+            if obj.get(section).is_some_and(Value::is_null) {
+                obj.remove(section);
+            }
+        }
         obj.insert("kind".into(), Value::String(kind.kind.into()));
         obj.insert("apiVersion".into(), Value::String(kind.api_version()));
         let metadata = obj
