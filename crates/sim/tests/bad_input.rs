@@ -55,7 +55,9 @@ fn status_of(body: &[u8]) -> Value {
 #[tokio::test]
 async fn bad_requests_get_the_right_status() {
     let pods = "/api/v1/namespaces/default/pods";
-    let cases: [(&str, &str, &str, &[u8], u16, &str); 9] = [
+    // (method, uri, content type, body, expected code, expected reason)
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [u8], u16, &'a str);
+    let cases: [Case; 9] = [
         (
             "POST",
             pods,
