@@ -32,7 +32,7 @@ pub struct Taint {
 }
 
 /// A pod toleration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Toleration {
     /// Empty with `exists` tolerates every taint.
     pub key: String,
@@ -58,7 +58,7 @@ impl Toleration {
 }
 
 /// Operator of a node selector requirement.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum SelectorOp {
     /// Label value in the set.
     In(Vec<String>),
@@ -75,7 +75,7 @@ pub enum SelectorOp {
 }
 
 /// One requirement of a node selector term.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Requirement {
     /// Label key.
     pub key: String,
@@ -102,7 +102,7 @@ impl Requirement {
 }
 
 /// What a pod demands of a node.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct PodDemand {
     /// Resource requests (pods = 1 for a pod).
     pub requests: Resources,
@@ -207,6 +207,17 @@ pub fn misfits(pod: &PodDemand, node: &NodeFacts) -> Vec<Misfit> {
         out.push(Misfit::Insufficient("pods".into()));
     }
     out
+}
+
+/// How many feasible nodes the scheduler looks for before scoring, as kube-scheduler's adaptive
+/// `percentageOfNodesToScore`: all of up to 100 nodes, then `50 - nodes/125` percent (at least
+/// 5 %, at least 100 nodes).
+pub fn nodes_to_find(nodes: usize) -> usize {
+    if nodes <= 100 {
+        return nodes;
+    }
+    let percent = (50i64 - (nodes as i64) / 125).max(5) as usize;
+    (nodes * percent / 100).max(100)
 }
 
 /// The scheduler's message for a pod that fits nowhere, e.g.

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 /// CPU, memory, pods, ephemeral storage and extended resources, in integer base units.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Resources {
     /// Millicores.
     pub cpu_millis: i64,

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{Value, json};
 use shoal_core::{
     Resources,
-    fit::{Misfit, NodeFacts, PodDemand, misfits, unschedulable_message},
+    fit::{Misfit, NodeFacts, PodDemand, misfits, nodes_to_find, unschedulable_message},
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +33,8 @@ struct Cache {
     bound: HashMap<(String, String), (String, Resources)>,
     /// (namespace, name) → (demand, message last written).
     pending: BTreeMap<(String, String), (PodDemand, Option<String>)>,
+    /// Where the next node search starts (rotates, as in kube-scheduler).
+    next_start: usize,
 }
 
 impl Cache {
@@ -92,71 +94,106 @@ impl Cache {
         }
     }
 
-    /// One scheduling pass over every pending pod.
+    /// One scheduling pass over every pending pod. Like kube-scheduler, it stops looking after
+    /// [`nodes_to_find`] feasible nodes (starting where the previous pod stopped) and scores only
+    /// those; pods identical to one that fit nowhere in this pass are not evaluated again.
     fn schedule(&mut self, store: &Store, pods: &'static ResourceKind) {
         if self.pending.is_empty() {
             return;
         }
-        let mut nodes = self.nodes.clone();
+        let mut nodes: Vec<(String, NodeFacts)> = self
+            .nodes
+            .iter()
+            .map(|(n, f)| (n.clone(), f.clone()))
+            .collect();
+        let index: HashMap<String, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.clone(), i))
+            .collect();
         for (node, requests) in self.bound.values() {
-            if let Some(facts) = nodes.get_mut(node) {
-                facts.requested = facts.requested.saturating_add(requests);
+            if let Some(i) = index.get(node) {
+                nodes[*i].1.requested = nodes[*i].1.requested.saturating_add(requests);
             }
         }
+        let to_find = nodes_to_find(nodes.len());
+        let mut nowhere: HashMap<PodDemand, String> = HashMap::new();
         let pending: Vec<_> = self
             .pending
             .iter()
             .map(|(k, (d, m))| (k.clone(), d.clone(), m.clone()))
             .collect();
         for ((namespace, name), demand, last_message) in pending {
-            let mut best: Option<(&String, f64)> = None;
-            let mut reasons: Vec<Vec<Misfit>> = Vec::new();
-            for (node_name, facts) in &nodes {
-                let misfit = misfits(&demand, facts);
-                if misfit.is_empty() {
-                    let score = free_fraction(facts);
-                    if best.is_none_or(|(_, s)| score > s) {
-                        best = Some((node_name, score));
+            let message = match nowhere.get(&demand) {
+                Some(message) => Some(message.clone()),
+                None => {
+                    let mut best: Option<(usize, f64)> = None;
+                    let mut found = 0;
+                    let mut reasons: Vec<Vec<Misfit>> = Vec::new();
+                    let mut scanned = 0;
+                    while scanned < nodes.len() && found < to_find.max(1) {
+                        let i = (self.next_start + scanned) % nodes.len();
+                        scanned += 1;
+                        let misfit = misfits(&demand, &nodes[i].1);
+                        if misfit.is_empty() {
+                            found += 1;
+                            let score = free_fraction(&nodes[i].1);
+                            if best.is_none_or(|(_, s)| score > s) {
+                                best = Some((i, score));
+                            }
+                        } else {
+                            reasons.push(misfit);
+                        }
                     }
-                } else {
-                    reasons.push(misfit);
+                    if !nodes.is_empty() {
+                        self.next_start = (self.next_start + scanned) % nodes.len();
+                    }
+                    match best {
+                        Some((i, _)) => {
+                            let node_name = nodes[i].0.clone();
+                            let bound = store.modify(pods, &namespace, &name, false, |pod| {
+                                if pod
+                                    .pointer("/spec/nodeName")
+                                    .and_then(Value::as_str)
+                                    .is_some_and(|n| !n.is_empty())
+                                {
+                                    return false;
+                                }
+                                pod["spec"]["nodeName"] = json!(node_name);
+                                true
+                            });
+                            if matches!(bound, Ok(Some(_))) {
+                                let _ = store.modify(pods, &namespace, &name, true, |pod| {
+                                    set_scheduled(pod, "True", None, None)
+                                });
+                                nodes[i].1.requested =
+                                    nodes[i].1.requested.saturating_add(&demand.requests);
+                                self.pending.remove(&(namespace.clone(), name.clone()));
+                                self.bound.insert(
+                                    (namespace.clone(), name.clone()),
+                                    (node_name, demand.requests),
+                                );
+                            }
+                            None
+                        }
+                        None => {
+                            let message = unschedulable_message(reasons.iter().map(Vec::as_slice));
+                            nowhere.insert(demand, message.clone());
+                            Some(message)
+                        }
+                    }
                 }
-            }
-            if let Some((node_name, _)) = best {
-                let node_name = node_name.clone();
-                let bound = store.modify(pods, &namespace, &name, false, |pod| {
-                    if pod
-                        .pointer("/spec/nodeName")
-                        .and_then(Value::as_str)
-                        .is_some_and(|n| !n.is_empty())
-                    {
-                        return false;
-                    }
-                    pod["spec"]["nodeName"] = json!(node_name);
-                    true
+            };
+            if let Some(message) = message
+                && last_message.as_deref() != Some(message.as_str())
+            {
+                let written = store.modify(pods, &namespace, &name, true, |pod| {
+                    set_scheduled(pod, "False", Some("Unschedulable"), Some(&message))
                 });
-                if matches!(bound, Ok(Some(_))) {
-                    let _ = store.modify(pods, &namespace, &name, true, |pod| {
-                        set_scheduled(pod, "True", None, None)
-                    });
-                    if let Some(facts) = nodes.get_mut(&node_name) {
-                        facts.requested = facts.requested.saturating_add(&demand.requests);
-                    }
-                    self.pending.remove(&(namespace.clone(), name.clone()));
-                    self.bound
-                        .insert((namespace, name), (node_name, demand.requests));
-                }
-            } else {
-                let message = unschedulable_message(reasons.iter().map(Vec::as_slice));
-                if last_message.as_deref() != Some(message.as_str()) {
-                    let written = store.modify(pods, &namespace, &name, true, |pod| {
-                        set_scheduled(pod, "False", Some("Unschedulable"), Some(&message))
-                    });
-                    if written.is_ok()
-                        && let Some(entry) = self.pending.get_mut(&(namespace, name))
-                    {
-                        entry.1 = Some(message);
-                    }
+                if written.is_ok()
+                    && let Some(entry) = self.pending.get_mut(&(namespace, name))
+                {
+                    entry.1 = Some(message);
                 }
             }
         }
