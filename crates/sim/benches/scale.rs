@@ -143,17 +143,19 @@ async fn run(nodes: usize, pods: usize) -> Figures {
                 while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = buffer.drain(..=end).collect();
                     let received = unix_nanos();
-                    if let Ok(event) = serde_json::from_slice::<Value>(&line) {
-                        if let Some(sent) = event
-                            .pointer("/object/metadata/annotations/bench.shoal.dev~1sent")
-                            .and_then(Value::as_str)
-                            .and_then(|s| s.parse::<u128>().ok())
-                        {
-                            latencies
-                                .lock()
-                                .expect("latencies")
-                                .push((received.saturating_sub(sent)) as f64 / 1e6);
-                        }
+                    let sent = serde_json::from_slice::<Value>(&line)
+                        .ok()
+                        .and_then(|event| {
+                            event
+                                .pointer("/object/metadata/annotations/bench.shoal.dev~1sent")
+                                .and_then(Value::as_str)
+                                .and_then(|s| s.parse::<u128>().ok())
+                        });
+                    if let Some(sent) = sent {
+                        latencies
+                            .lock()
+                            .expect("latencies")
+                            .push((received.saturating_sub(sent)) as f64 / 1e6);
                     }
                 }
             }
