@@ -8,6 +8,7 @@
 //! the sim cloud API, and pod eviction honouring PodDisruptionBudgets. Metrics in node-exporter/kube-state-metrics/cAdvisor form on `/metrics`. Not yet: node
 //! heartbeats through Leases and NotReady detection, `shoal-sim agent`, scenarios, Table output and OpenAPI for kubectl.
 
+pub mod agent;
 pub mod api;
 pub mod cloud;
 mod convert;
@@ -16,6 +17,7 @@ pub mod disruption;
 pub mod error;
 pub mod kubeconfig;
 pub mod kubelet;
+pub mod lifecycle;
 pub mod metrics;
 pub mod patch;
 pub mod resources;
@@ -40,6 +42,8 @@ pub struct SimConfig {
     pub kubelet: kubelet::KubeletTiming,
     /// Sim cloud instance boot timing.
     pub boot: cloud::BootTiming,
+    /// Heartbeats and the node lifecycle controller.
+    pub lifecycle: lifecycle::LifecycleTiming,
 }
 
 impl Default for SimConfig {
@@ -50,6 +54,7 @@ impl Default for SimConfig {
             bookmark_interval: Duration::from_secs(5),
             kubelet: kubelet::KubeletTiming::default(),
             boot: cloud::BootTiming::default(),
+            lifecycle: lifecycle::LifecycleTiming::default(),
         }
     }
 }
@@ -60,6 +65,8 @@ pub struct Sim {
     pub addr: SocketAddr,
     /// The object store (for in-process controllers and tests).
     pub store: Arc<store::Store>,
+    /// In-process kubelets that are stopped (their nodes stop heartbeating).
+    pub killed: lifecycle::KilledNodes,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -74,8 +81,11 @@ impl Sim {
             exporter: metrics::Exporter::default(),
             bookmark_interval: config.bookmark_interval,
         });
+        let killed = lifecycle::KilledNodes::default();
         let cloud = cloud::Cloud::new(store.clone(), config.boot, shutdown.clone());
-        let app = api::router(state).merge(cloud::router(cloud));
+        let app = api::router(state)
+            .merge(cloud::router(cloud))
+            .merge(kubelet_chaos_router(killed.clone()));
         tokio::spawn(scheduler::run(store.clone(), shutdown.clone()));
         tokio::spawn(kubelet::run(
             store.clone(),
@@ -84,12 +94,28 @@ impl Sim {
         ));
         tokio::spawn(deployments::run(store.clone(), shutdown.clone()));
         tokio::spawn(disruption::run(store.clone(), shutdown.clone()));
+        tokio::spawn(lifecycle::run_heartbeats(
+            store.clone(),
+            config.lifecycle,
+            killed.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(lifecycle::run_controller(
+            store.clone(),
+            config.lifecycle,
+            shutdown.clone(),
+        ));
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await
         });
-        Ok(Sim { addr, store, task })
+        Ok(Sim {
+            addr,
+            store,
+            killed,
+            task,
+        })
     }
 
     /// `http://<addr>`.
@@ -101,4 +127,33 @@ impl Sim {
     pub async fn wait(self) -> std::io::Result<()> {
         self.task.await.map_err(std::io::Error::other)?
     }
+}
+
+/// `POST /sim/v1/nodes/{name}/kill` stops a node's in-process kubelet (it stops heartbeating and
+/// goes NotReady after the grace period); `.../revive` starts it again.
+fn kubelet_chaos_router(killed: lifecycle::KilledNodes) -> axum::Router {
+    use axum::{
+        extract::{Path, State},
+        routing::post,
+    };
+    axum::Router::new()
+        .route(
+            "/sim/v1/nodes/{name}/kill",
+            post(
+                |State(k): State<lifecycle::KilledNodes>, Path(name): Path<String>| async move {
+                    k.kill(&name);
+                    "killed\n"
+                },
+            ),
+        )
+        .route(
+            "/sim/v1/nodes/{name}/revive",
+            post(
+                |State(k): State<lifecycle::KilledNodes>, Path(name): Path<String>| async move {
+                    k.revive(&name);
+                    "revived\n"
+                },
+            ),
+        )
+        .with_state(killed)
 }

@@ -28,16 +28,43 @@ enum Command {
         /// Interval of watch bookmarks.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         bookmark_interval: Duration,
+        /// A node whose lease is older than this goes NotReady.
+        #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+        node_grace_period: Duration,
+        /// Pods of a node NotReady this long are evicted.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        pod_eviction_timeout: Duration,
+    },
+    /// Run one simulated node as this process (registers, heartbeats, runs its pods).
+    Agent {
+        /// The simulator's API, e.g. http://sim:6443.
+        #[arg(long)]
+        api: String,
+        /// Node name.
+        #[arg(long)]
+        name: String,
+        /// CPU capacity.
+        #[arg(long, default_value = "4")]
+        cpu: String,
+        /// Memory capacity.
+        #[arg(long, default_value = "8Gi")]
+        memory: String,
+        /// Pod slots.
+        #[arg(long, default_value_t = 110)]
+        pods: u32,
+        /// Node label key=value (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Node taint key=value:Effect (repeatable).
+        #[arg(long = "taint")]
+        taints: Vec<String>,
+        /// Lease renewal interval.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        heartbeat_interval: Duration,
     },
 }
 
 fn main() -> ExitCode {
-    let Command::Serve {
-        addr,
-        kubeconfig,
-        watch_history,
-        bookmark_interval,
-    } = Cli::parse().command;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -50,53 +77,122 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let config = shoal_sim::SimConfig {
+    match Cli::parse().command {
+        Command::Serve {
             addr,
+            kubeconfig,
             watch_history,
             bookmark_interval,
-            ..shoal_sim::SimConfig::default()
-        };
-        let sim = match shoal_sim::Sim::start(config, shutdown.clone()).await {
-            Ok(sim) => sim,
-            Err(err) => {
-                eprintln!("shoal-sim: cannot listen on {addr}: {err}");
-                return ExitCode::FAILURE;
+            node_grace_period,
+            pod_eviction_timeout,
+        } => {
+            let config = shoal_sim::SimConfig {
+                addr,
+                watch_history,
+                bookmark_interval,
+                lifecycle: shoal_sim::lifecycle::LifecycleTiming {
+                    grace_period: node_grace_period,
+                    eviction_timeout: pod_eviction_timeout,
+                    ..Default::default()
+                },
+                ..shoal_sim::SimConfig::default()
+            };
+            runtime.block_on(serve(config, kubeconfig))
+        }
+        Command::Agent {
+            api,
+            name,
+            cpu,
+            memory,
+            pods,
+            labels,
+            taints,
+            heartbeat_interval,
+        } => {
+            let mut label_map = std::collections::BTreeMap::new();
+            for label in labels {
+                match label.split_once('=') {
+                    Some((k, v)) => {
+                        label_map.insert(k.to_string(), v.to_string());
+                    }
+                    None => {
+                        eprintln!("shoal-sim agent: --label {label:?}: expected key=value");
+                        return ExitCode::from(2);
+                    }
+                }
             }
-        };
-        if let Some(path) = &kubeconfig
-            && let Err(err) = shoal_sim::kubeconfig::write(path, &sim.url())
-        {
-            eprintln!(
-                "shoal-sim: cannot write kubeconfig {}: {err}",
-                path.display()
-            );
+            let config = shoal_sim::agent::AgentConfig {
+                api,
+                name,
+                cpu,
+                memory,
+                pods,
+                labels: label_map,
+                taints,
+                heartbeat_interval,
+                pod_start_delay: Duration::from_millis(200),
+            };
+            runtime.block_on(async move {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(stop_on_signal(shutdown.clone()));
+                match shoal_sim::agent::run(config, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => {
+                        eprintln!("shoal-sim agent: {err}");
+                        ExitCode::from(2)
+                    }
+                }
+            })
+        }
+    }
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            shutdown.cancel();
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    shutdown.cancel();
+}
+
+async fn serve(config: shoal_sim::SimConfig, kubeconfig: Option<PathBuf>) -> ExitCode {
+    let addr = config.addr;
+    let shutdown = CancellationToken::new();
+    let sim = match shoal_sim::Sim::start(config, shutdown.clone()).await {
+        Ok(sim) => sim,
+        Err(err) => {
+            eprintln!("shoal-sim: cannot listen on {addr}: {err}");
             return ExitCode::FAILURE;
         }
-        tracing::info!(url = %sim.url(), kubeconfig = ?kubeconfig, "simulated cluster serving");
-        tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            shutdown.cancel();
-        });
-        #[cfg(unix)]
-        {
-            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
-            if let Ok(mut term) = term {
-                let stop = sim.store.clone();
-                tokio::spawn(async move {
-                    term.recv().await;
-                    drop(stop);
-                    std::process::exit(0);
-                });
-            }
+    };
+    if let Some(path) = &kubeconfig
+        && let Err(err) = shoal_sim::kubeconfig::write(path, &sim.url())
+    {
+        eprintln!(
+            "shoal-sim: cannot write kubeconfig {}: {err}",
+            path.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    tracing::info!(url = %sim.url(), kubeconfig = ?kubeconfig, "simulated cluster serving");
+    tokio::spawn(stop_on_signal(shutdown));
+    match sim.wait().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("shoal-sim: {err}");
+            ExitCode::FAILURE
         }
-        match sim.wait().await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("shoal-sim: {err}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    }
 }

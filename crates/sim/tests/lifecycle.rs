@@ -1,0 +1,242 @@
+//! Node lifecycle: a node whose kubelet stops heartbeating goes NotReady (Unknown) and gets the
+//! unreachable taint after the grace period, its pods are evicted after the eviction timeout and
+//! re-created elsewhere; a revived kubelet makes it Ready again. `shoal-sim agent` runs a node as
+//! its own process, and killing that process takes the node down the same way.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::{
+    Client, Config,
+    api::{Api, ListParams, PostParams},
+};
+use serde_json::json;
+use shoal_sim::{
+    Sim, SimConfig, cloud::BootTiming, kubelet::KubeletTiming, lifecycle::LifecycleTiming,
+};
+use tokio_util::sync::CancellationToken;
+
+async fn start() -> (Sim, Client, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let config = SimConfig {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        kubelet: KubeletTiming {
+            node_ready_delay: Duration::from_millis(100),
+            pod_start_delay: Duration::from_millis(100),
+        },
+        boot: BootTiming {
+            delay: Duration::from_millis(100),
+            jitter: Duration::ZERO,
+        },
+        lifecycle: LifecycleTiming {
+            heartbeat_interval: Duration::from_millis(200),
+            grace_period: Duration::from_secs(1),
+            eviction_timeout: Duration::from_secs(1),
+        },
+        ..SimConfig::default()
+    };
+    let sim = Sim::start(config, shutdown.clone()).await.expect("sim");
+    let client = Client::try_from(Config::new(sim.url().parse().expect("url"))).expect("client");
+    (sim, client, shutdown)
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn ready(nodes: &Api<Node>, name: &str) -> Option<String> {
+    let node = nodes.get(name).await.ok()?;
+    node.status?
+        .conditions?
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status)
+}
+
+async fn tainted_unreachable(nodes: &Api<Node>, name: &str) -> bool {
+    nodes
+        .get(name)
+        .await
+        .ok()
+        .and_then(|n| n.spec?.taints)
+        .is_some_and(|ts| {
+            ts.iter()
+                .any(|t| t.key == "node.kubernetes.io/unreachable" && t.effect == "NoExecute")
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_goes_not_ready_and_its_pods_move() {
+    let (sim, client, _shutdown) = start().await;
+    let http = reqwest::Client::new();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for name in ["node-a", "node-b"] {
+        http.post(format!("{}/cloud/v1/instances", sim.url()))
+            .json(&json!({ "name": name, "capacity": { "cpu": "4", "memory": "8Gi" } }))
+            .send()
+            .await
+            .expect("cloud");
+    }
+    eventually("both ready", async || {
+        ready(&nodes, "node-a").await.as_deref() == Some("True")
+            && ready(&nodes, "node-b").await.as_deref() == Some("True")
+    })
+    .await;
+    // Keep node-b out of the way so the pod lands on node-a.
+    let cordon = json!({ "spec": { "unschedulable": true } });
+    nodes
+        .patch(
+            "node-b",
+            &Default::default(),
+            &kube::api::Patch::Merge(cordon),
+        )
+        .await
+        .expect("cordon");
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": { "name": "web" },
+        "spec": { "replicas": 1, "selector": { "matchLabels": { "app": "web" } },
+            "template": { "metadata": { "labels": { "app": "web" } }, "spec": { "containers": [ { "name": "c", "image": "x" } ] } } }
+    }))
+    .expect("deployment");
+    Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create");
+    let node_of = async || {
+        let list = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .ok()?;
+        let pod = list.items.first()?;
+        (pod.status.as_ref()?.phase.as_deref() == Some("Running"))
+            .then(|| pod.spec.as_ref()?.node_name.clone())?
+    };
+    eventually("pod running on node-a", async || {
+        node_of().await.as_deref() == Some("node-a")
+    })
+    .await;
+    nodes
+        .patch(
+            "node-b",
+            &Default::default(),
+            &kube::api::Patch::Merge(json!({ "spec": { "unschedulable": false } })),
+        )
+        .await
+        .expect("uncordon");
+
+    // node-a's kubelet stops.
+    let killed = http
+        .post(format!("{}/sim/v1/nodes/node-a/kill", sim.url()))
+        .send()
+        .await
+        .expect("kill");
+    assert!(killed.status().is_success());
+    eventually("node-a Unknown and tainted", async || {
+        ready(&nodes, "node-a").await.as_deref() == Some("Unknown")
+            && tainted_unreachable(&nodes, "node-a").await
+    })
+    .await;
+    eventually("the pod re-created and running on node-b", async || {
+        node_of().await.as_deref() == Some("node-b")
+    })
+    .await;
+
+    // It comes back.
+    http.post(format!("{}/sim/v1/nodes/node-a/revive", sim.url()))
+        .send()
+        .await
+        .expect("revive");
+    eventually("node-a Ready again, untainted", async || {
+        ready(&nodes, "node-a").await.as_deref() == Some("True")
+            && !tainted_unreachable(&nodes, "node-a").await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_process_is_a_node_until_it_dies() {
+    let (sim, client, _shutdown) = start().await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_shoal-sim"))
+        .args([
+            "agent",
+            "--api",
+            &sim.url(),
+            "--name",
+            "agent-1",
+            "--cpu",
+            "2",
+            "--memory",
+            "4Gi",
+            "--label",
+            "shoal.dev/pool=docker",
+            "--heartbeat-interval",
+            "200ms",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("agent starts");
+    eventually("agent-1 registered and Ready", async || {
+        ready(&nodes, "agent-1").await.as_deref() == Some("True")
+    })
+    .await;
+    let node = nodes.get("agent-1").await.expect("node");
+    assert_eq!(
+        node.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("shoal.dev/pool"))
+            .map(String::as_str),
+        Some("docker")
+    );
+
+    let pod: Pod = serde_json::from_value(json!({ "metadata": { "name": "on-agent" },
+        "spec": { "nodeSelector": { "kubernetes.io/hostname": "agent-1" }, "containers": [ { "name": "c", "image": "x" } ] } }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    eventually("the agent runs its pod", async || {
+        pods.get("on-agent")
+            .await
+            .ok()
+            .and_then(|p| p.status?.phase)
+            .as_deref()
+            == Some("Running")
+    })
+    .await;
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+    eventually("agent-1 NotReady after its process died", async || {
+        ready(&nodes, "agent-1").await.as_deref() == Some("Unknown")
+    })
+    .await;
+}
+
+#[test]
+fn agent_rejects_bad_flags() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal-sim"))
+        .args([
+            "agent",
+            "--api",
+            "http://127.0.0.1:1",
+            "--name",
+            "x",
+            "--taint",
+            "gpu=true",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--taint \"gpu=true\""));
+}
