@@ -6,7 +6,7 @@
 //! pagination, watch with resourceVersion/bookmarks/410, create/update/patch/delete, `Status`
 //! errors), a scheduler with the real filters, simulated kubelets, a deployment controller, and
 //! the sim cloud API, and pod eviction honouring PodDisruptionBudgets. Metrics in node-exporter/kube-state-metrics/cAdvisor form on `/metrics`. Not yet: node
-//! heartbeats through Leases and NotReady detection, `shoal-sim agent`, scenarios, Table output and OpenAPI for kubectl.
+//! heartbeats through Leases and NotReady detection,  Table output and OpenAPI for kubectl.
 
 pub mod agent;
 pub mod api;
@@ -21,6 +21,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod patch;
 pub mod resources;
+pub mod scenario;
 pub mod scheduler;
 pub mod selector;
 pub mod store;
@@ -116,6 +117,20 @@ impl Sim {
             killed,
             task,
         })
+    }
+
+    /// Plays a scenario in the background until it ends or `shutdown`.
+    pub fn play(
+        &self,
+        scenario: scenario::Scenario,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(scenario::play(
+            self.store.clone(),
+            self.killed.clone(),
+            scenario,
+            shutdown,
+        ))
     }
 
     /// `http://<addr>`.

@@ -240,3 +240,71 @@ fn agent_rejects_bad_flags() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--taint \"gpu=true\""));
 }
+
+/// Every shipped scenario parses, and `shoal-sim serve --scenario` refuses a broken one with the
+/// file and the problem.
+#[test]
+fn shipped_scenarios_load_and_broken_ones_are_refused() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/scenarios");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).expect("deploy/scenarios") {
+        let path = entry.expect("entry").path();
+        shoal_sim::scenario::Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        count += 1;
+    }
+    assert!(count >= 3);
+    let bad = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(
+        bad.path(),
+        "name: x\nsteps:\n- { at: 1s, scale: { deployment: web } }\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal-sim"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--scenario"])
+        .arg(bad.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("replicas") && stderr.contains(&bad.path().display().to_string()),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scenario_drives_the_cluster() {
+    let (sim, client, shutdown) = start().await;
+    let http = reqwest::Client::new();
+    http.post(format!("{}/cloud/v1/instances", sim.url()))
+        .json(&json!({ "name": "worker", "capacity": { "cpu": "8", "memory": "16Gi" } }))
+        .send()
+        .await
+        .expect("cloud");
+    let scenario = shoal_sim::scenario::Scenario::parse(
+        "inline",
+        "name: quick\nsteps:\n\
+         - { at: 0s, createDeployment: { name: app, replicas: 2, cpu: 100m, memory: 64Mi, usage: { cpu: 50m } } }\n\
+         - { at: 300ms, scale: { deployment: app, replicas: 4 } }\n\
+         - { at: 600ms, setUsage: { deployment: app, usage: { cpu: 80m } } }\n",
+    )
+    .expect("scenario");
+    sim.play(scenario, shutdown.clone()).await.expect("played");
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    eventually("4 running pods with the new usage", async || {
+        let Ok(list) = pods.list(&ListParams::default().labels("app=app")).await else {
+            return false;
+        };
+        list.items.len() == 4
+            && list.items.iter().all(|p| {
+                p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    && p.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get("sim.shoal.dev/cpu-usage"))
+                        .map(String::as_str)
+                        == Some("80m")
+            })
+    })
+    .await;
+}

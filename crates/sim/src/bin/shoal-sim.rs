@@ -34,6 +34,9 @@ enum Command {
         /// Pods of a node NotReady this long are evicted.
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         pod_eviction_timeout: Duration,
+        /// Play this scenario file (see deploy/scenarios/).
+        #[arg(long)]
+        scenario: Option<PathBuf>,
     },
     /// Run one simulated node as this process (registers, heartbeats, runs its pods).
     Agent {
@@ -85,7 +88,19 @@ fn main() -> ExitCode {
             bookmark_interval,
             node_grace_period,
             pod_eviction_timeout,
+            scenario,
         } => {
+            let scenario = match scenario
+                .as_deref()
+                .map(shoal_sim::scenario::Scenario::load)
+                .transpose()
+            {
+                Ok(scenario) => scenario,
+                Err(err) => {
+                    eprintln!("shoal-sim: {err}");
+                    return ExitCode::from(2);
+                }
+            };
             let config = shoal_sim::SimConfig {
                 addr,
                 watch_history,
@@ -97,7 +112,7 @@ fn main() -> ExitCode {
                 },
                 ..shoal_sim::SimConfig::default()
             };
-            runtime.block_on(serve(config, kubeconfig))
+            runtime.block_on(serve(config, kubeconfig, scenario))
         }
         Command::Agent {
             api,
@@ -167,7 +182,11 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-async fn serve(config: shoal_sim::SimConfig, kubeconfig: Option<PathBuf>) -> ExitCode {
+async fn serve(
+    config: shoal_sim::SimConfig,
+    kubeconfig: Option<PathBuf>,
+    scenario: Option<shoal_sim::scenario::Scenario>,
+) -> ExitCode {
     let addr = config.addr;
     let shutdown = CancellationToken::new();
     let sim = match shoal_sim::Sim::start(config, shutdown.clone()).await {
@@ -187,6 +206,9 @@ async fn serve(config: shoal_sim::SimConfig, kubeconfig: Option<PathBuf>) -> Exi
         return ExitCode::FAILURE;
     }
     tracing::info!(url = %sim.url(), kubeconfig = ?kubeconfig, "simulated cluster serving");
+    if let Some(scenario) = scenario {
+        sim.play(scenario, shutdown.clone());
+    }
     tokio::spawn(stop_on_signal(shutdown));
     match sim.wait().await {
         Ok(()) => ExitCode::SUCCESS,
