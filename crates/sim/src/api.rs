@@ -22,6 +22,7 @@ use crate::{
     resources::{self, KINDS, ResourceKind},
     selector::{FieldSelector, LabelSelector},
     store::{Change, EventType, ListPage, Store, Stored},
+    validation::FieldValidation,
 };
 
 /// Shared state of the HTTP handlers.
@@ -266,6 +267,7 @@ struct Query {
     resource_version: Option<String>,
     allow_bookmarks: bool,
     timeout: Option<Duration>,
+    field_validation: Option<String>,
 }
 
 fn parse_query(uri: &Uri) -> Result<Query, ApiError> {
@@ -284,6 +286,7 @@ fn parse_query(uri: &Uri) -> Result<Query, ApiError> {
             "watch" => q.watch = value == "true" || value == "1",
             "resourceVersion" => q.resource_version = Some(value),
             "allowWatchBookmarks" => q.allow_bookmarks = value == "true" || value == "1",
+            "fieldValidation" => q.field_validation = Some(value),
             "timeoutSeconds" => {
                 let secs: u64 = value.parse().map_err(|_| {
                     ApiError::BadRequest(format!("timeoutSeconds: {value:?} is not a number"))
@@ -337,6 +340,74 @@ async fn dispatch(
     }
 }
 
+/// Applies server-side field validation to `object`: Strict refuses unknown fields, Warn and
+/// Ignore drop them (the API server never stores them); returns the warnings to send.
+fn check_fields(
+    kind: &ResourceKind,
+    object: &mut Value,
+    mode: FieldValidation,
+) -> Result<Vec<String>, ApiError> {
+    let unknown = crate::validation::unknown_fields(kind, object);
+    if unknown.is_empty() {
+        return Ok(Vec::new());
+    }
+    if mode == FieldValidation::Strict {
+        let fields: Vec<String> = unknown
+            .iter()
+            .map(|f| format!("unknown field \"{f}\""))
+            .collect();
+        return Err(ApiError::BadRequest(format!(
+            "strict decoding error: {}",
+            fields.join(", ")
+        )));
+    }
+    for path in &unknown {
+        remove_path(object, path);
+    }
+    Ok(if mode == FieldValidation::Warn {
+        unknown
+            .iter()
+            .map(|f| format!("unknown field \"{f}\""))
+            .collect()
+    } else {
+        Vec::new()
+    })
+}
+
+fn remove_path(object: &mut Value, path: &str) {
+    let segments: Vec<&str> = path.split('.').collect();
+    let Some((last, parents)) = segments.split_last() else {
+        return;
+    };
+    let mut node = object;
+    for segment in parents {
+        node = match segment.parse::<usize>() {
+            Ok(i) if node.is_array() => match node.get_mut(i) {
+                Some(n) => n,
+                None => return,
+            },
+            _ => match node.get_mut(*segment) {
+                Some(n) => n,
+                None => return,
+            },
+        };
+    }
+    if let Some(map) = node.as_object_mut() {
+        map.remove(*last);
+    }
+}
+
+/// Adds one `Warning` header per message, as the API server does.
+fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
+    for warning in warnings {
+        let text = format!("299 - \"{}\"", warning.replace('"', "'"));
+        if let Ok(value) = axum::http::HeaderValue::from_str(&text) {
+            response.headers_mut().append("warning", value);
+        }
+    }
+    response
+}
+
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))
@@ -354,6 +425,8 @@ async fn handle(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let store = &state.store;
+    let mode = FieldValidation::parse(parse_query(uri)?.field_validation.as_deref())
+        .map_err(ApiError::BadRequest)?;
     match parse_target(uri.path())? {
         Target::Resources { group, version } => {
             let list = resource_list(&group, &version)
@@ -392,8 +465,13 @@ async fn handle(
                             kind.plural
                         )));
                     };
-                    let created = store.create(kind, &namespace, parse_body(&body)?)?;
-                    Ok(object_response(StatusCode::CREATED, created))
+                    let mut object = parse_body(&body)?;
+                    let warnings = check_fields(kind, &mut object, mode)?;
+                    let created = store.create(kind, &namespace, object)?;
+                    Ok(with_warnings(
+                        object_response(StatusCode::CREATED, created),
+                        &warnings,
+                    ))
                 }
                 _ => Err(ApiError::MethodNotAllowed(format!(
                     "{method} is not supported on a collection"
@@ -410,10 +488,15 @@ async fn handle(
                 StatusCode::OK,
                 store.get(kind, &namespace, &name)?,
             )),
-            Method::PUT => Ok(object_response(
-                StatusCode::OK,
-                store.update(kind, &namespace, &name, parse_body(&body)?, false)?,
-            )),
+            Method::PUT => {
+                let mut object = parse_body(&body)?;
+                let warnings = check_fields(kind, &mut object, mode)?;
+                let updated = store.update(kind, &namespace, &name, object, false)?;
+                Ok(with_warnings(
+                    object_response(StatusCode::OK, updated),
+                    &warnings,
+                ))
+            }
             Method::PATCH => {
                 let patch_type = PatchType::from_content_type(
                     headers
@@ -421,16 +504,22 @@ async fn handle(
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default(),
                 )?;
-                let patched = patch_object(
+                let (patched, warnings) = patch_object(
                     store,
                     kind,
                     &namespace,
                     &name,
-                    &parse_body(&body)?,
-                    patch_type,
-                    false,
+                    PatchSpec {
+                        body: &parse_body(&body)?,
+                        patch_type,
+                        status_only: false,
+                        mode,
+                    },
                 )?;
-                Ok(object_response(StatusCode::OK, patched))
+                Ok(with_warnings(
+                    object_response(StatusCode::OK, patched),
+                    &warnings,
+                ))
             }
             Method::DELETE => Ok(object_response(
                 StatusCode::OK,
@@ -461,17 +550,21 @@ async fn handle(
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default(),
                 )?;
-                Ok(object_response(
-                    StatusCode::OK,
-                    patch_object(
-                        store,
-                        kind,
-                        &namespace,
-                        &name,
-                        &parse_body(&body)?,
+                let (patched, warnings) = patch_object(
+                    store,
+                    kind,
+                    &namespace,
+                    &name,
+                    PatchSpec {
+                        body: &parse_body(&body)?,
                         patch_type,
-                        true,
-                    )?,
+                        status_only: true,
+                        mode,
+                    },
+                )?;
+                Ok(with_warnings(
+                    object_response(StatusCode::OK, patched),
+                    &warnings,
                 ))
             }
             ("scale", m) => scale(store, kind, &namespace, &name, m, headers, body),
@@ -492,17 +585,27 @@ async fn handle(
     }
 }
 
+/// What a PATCH brings.
+struct PatchSpec<'a> {
+    /// The patch document.
+    body: &'a Value,
+    /// How to apply it.
+    patch_type: PatchType,
+    /// Only `.status` may change (the status subresource).
+    status_only: bool,
+    /// Server-side field validation.
+    mode: FieldValidation,
+}
+
 /// Applies a patch, retrying on a concurrent write as the API server does.
 fn patch_object(
     store: &Store,
     kind: &'static ResourceKind,
     namespace: &str,
     name: &str,
-    patch_body: &Value,
-    patch_type: PatchType,
-    status_only: bool,
-) -> Result<Arc<Stored>, ApiError> {
-    if !patch_body.is_object() {
+    patch: PatchSpec<'_>,
+) -> Result<(Arc<Stored>, Vec<String>), ApiError> {
+    if !patch.body.is_object() {
         return Err(ApiError::BadRequest(
             "a patch body must be a JSON object".into(),
         ));
@@ -511,11 +614,12 @@ fn patch_object(
     for _ in 0..5 {
         let current = store.get(kind, namespace, name)?;
         let mut value = current.value();
-        let precondition = patch_body
+        let precondition = patch
+            .body
             .pointer("/metadata/resourceVersion")
             .and_then(Value::as_str)
             .map(str::to_string);
-        patch::apply(&mut value, patch_body, patch_type);
+        patch::apply(&mut value, patch.body, patch.patch_type);
         if !value.get("metadata").is_some_and(Value::is_object) {
             return Err(ApiError::Invalid {
                 kind: kind.kind.into(),
@@ -523,17 +627,18 @@ fn patch_object(
                 causes: vec![("metadata".into(), "Invalid value: must be an object".into())],
             });
         }
+        let warnings = check_fields(kind, &mut value, patch.mode)?;
         if precondition.is_none() {
             value["metadata"]["resourceVersion"] = json!(current.rv.to_string());
         }
-        match store.update(kind, namespace, name, value, status_only) {
+        match store.update(kind, namespace, name, value, patch.status_only) {
             Err(ApiError::Conflict { .. }) if precondition.is_none() => {
                 last = Some(ApiError::Conflict {
                     resource: kind.plural.into(),
                     name: name.into(),
                 })
             }
-            other => return other,
+            other => return other.map(|stored| (stored, warnings)),
         }
     }
     Err(last.unwrap_or_else(|| ApiError::Internal("patch retries exhausted".into())))
@@ -589,9 +694,12 @@ fn scale(
             kind,
             namespace,
             name,
-            &json!({ "spec": { "replicas": replicas } }),
-            PatchType::Merge,
-            false,
+            PatchSpec {
+                body: &json!({ "spec": { "replicas": replicas } }),
+                patch_type: PatchType::Merge,
+                status_only: false,
+                mode: FieldValidation::Ignore,
+            },
         )?;
     }
     let object = store.get(kind, namespace, name)?.value();
@@ -634,9 +742,12 @@ fn bind(
         kind,
         namespace,
         name,
-        &json!({ "spec": { "nodeName": node } }),
-        PatchType::Merge,
-        false,
+        PatchSpec {
+            body: &json!({ "spec": { "nodeName": node } }),
+            patch_type: PatchType::Merge,
+            status_only: false,
+            mode: FieldValidation::Ignore,
+        },
     )?;
     Ok(json_response(
         StatusCode::CREATED,

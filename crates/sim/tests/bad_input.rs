@@ -221,3 +221,80 @@ proptest! {
         }
     }
 }
+
+#[tokio::test]
+async fn unknown_fields_strict_warn_and_ignore() {
+    let router = router();
+    let uri = "/apis/apps/v1/namespaces/default/deployments";
+    let body = |name: &str| {
+        format!(r#"{{"metadata":{{"name":"{name}"}},"spec":{{"replica":3,"selector":{{"matchLabels":{{"a":"b"}}}},"template":{{"metadata":{{"labels":{{"a":"b"}}}},"spec":{{"containers":[{{"name":"c","image":"x","colour":"red"}}]}}}}}}}}"#)
+            .into_bytes()
+    };
+    let (status, bytes) = call(
+        router.clone(),
+        "POST",
+        &format!("{uri}?fieldValidation=Strict"),
+        "application/json",
+        body("strict"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let message = status_of(&bytes)["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        message.contains("strict decoding error")
+            && message.contains("unknown field \"spec.replica\""),
+        "{message}"
+    );
+    assert!(
+        message.contains("spec.template.spec.containers.0.colour"),
+        "{message}"
+    );
+
+    // Default (Warn): accepted, warned, and the unknown fields are not stored.
+    let request = Request::builder()
+        .method("POST")
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body("warned")))
+        .expect("request");
+    let response = router.clone().oneshot(request).await.expect("router");
+    assert_eq!(response.status(), 201);
+    let warnings: Vec<String> = response
+        .headers()
+        .get_all("warning")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    let stored = status_of(
+        &response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes(),
+    );
+    assert!(stored["spec"].get("replica").is_none(), "{stored}");
+
+    let (status, _) = call(
+        router.clone(),
+        "POST",
+        &format!("{uri}?fieldValidation=Ignore"),
+        "application/json",
+        body("ignored"),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, bytes) = call(
+        router,
+        "POST",
+        &format!("{uri}?fieldValidation=strict"),
+        "application/json",
+        body("x"),
+    )
+    .await;
+    assert_eq!(status, 400, "{}", status_of(&bytes));
+}
