@@ -268,6 +268,9 @@ struct Query {
     allow_bookmarks: bool,
     timeout: Option<Duration>,
     field_validation: Option<String>,
+    include_object: bool,
+    /// kubectl asked for a server-side printed Table (set from the Accept header).
+    table: bool,
 }
 
 fn parse_query(uri: &Uri) -> Result<Query, ApiError> {
@@ -287,6 +290,7 @@ fn parse_query(uri: &Uri) -> Result<Query, ApiError> {
             "resourceVersion" => q.resource_version = Some(value),
             "allowWatchBookmarks" => q.allow_bookmarks = value == "true" || value == "1",
             "fieldValidation" => q.field_validation = Some(value),
+            "includeObject" => q.include_object = value == "Object",
             "timeoutSeconds" => {
                 let secs: u64 = value.parse().map_err(|_| {
                     ApiError::BadRequest(format!("timeoutSeconds: {value:?} is not a number"))
@@ -408,6 +412,13 @@ fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
     response
 }
 
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(crate::table::wanted)
+}
+
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))
@@ -449,7 +460,8 @@ async fn handle(
             ))
         }
         Target::Collection { kind, namespace } => {
-            let query = parse_query(uri)?;
+            let mut query = parse_query(uri)?;
+            query.table = wants_table(headers);
             match *method {
                 Method::GET if query.watch => {
                     state.store.watches_open().await;
@@ -484,10 +496,16 @@ async fn handle(
             name,
             sub: None,
         } => match *method {
-            Method::GET => Ok(object_response(
-                StatusCode::OK,
-                store.get(kind, &namespace, &name)?,
-            )),
+            Method::GET => {
+                let object = store.get(kind, &namespace, &name)?;
+                if wants_table(headers) {
+                    let include = parse_query(uri)?.include_object;
+                    let table =
+                        crate::table::render(kind, &[object.as_ref()], object.rv, include, true);
+                    return Ok(json_response(StatusCode::OK, table.to_string()));
+                }
+                Ok(object_response(StatusCode::OK, object))
+            }
             Method::PUT => {
                 let mut object = parse_body(&body)?;
                 let warnings = check_fields(kind, &mut object, mode)?;
@@ -804,6 +822,12 @@ fn list(
     if let Some(next) = &listed.next {
         metadata["continue"] = json!(encode_continue(next));
     }
+    if query.table {
+        let objects: Vec<&Stored> = listed.items.iter().map(|o| o.as_ref()).collect();
+        let mut table = crate::table::render(kind, &objects, listed.rv, query.include_object, true);
+        table["metadata"] = metadata;
+        return Ok(json_response(StatusCode::OK, table.to_string()));
+    }
     let head = format!(
         "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{},\"items\":[",
         kind.kind,
@@ -867,6 +891,16 @@ fn watch(
         kind.kind,
         kind.api_version()
     );
+    let table_mode = query.table.then_some(query.include_object);
+    let encode = move |event: EventType, object: &Stored| -> Bytes {
+        match table_mode {
+            None => watch_line(event, &object.json),
+            Some(include) => {
+                let table = crate::table::render(kind, &[object], object.rv, include, true);
+                watch_line(event, &Bytes::from(table.to_string()))
+            }
+        }
+    };
     tokio::spawn(async move {
         let mut last_rv = from.unwrap_or(0);
         let mut live = start.live;
@@ -886,12 +920,12 @@ fn watch(
                 (_, true, false) => EventType::Deleted,
                 (_, false, false) => return None,
             };
-            Some(watch_line(event, &change.object.json))
+            Some(encode(event, &change.object))
         };
         for change in &start.backlog {
             let synthetic = from.is_none();
             let line = if synthetic {
-                matches(&change.object).then(|| watch_line(EventType::Added, &change.object.json))
+                matches(&change.object).then(|| encode(EventType::Added, &change.object))
             } else {
                 translate(change)
             };

@@ -25,6 +25,7 @@ pub mod scenario;
 pub mod scheduler;
 pub mod selector;
 pub mod store;
+pub mod table;
 pub mod validation;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

@@ -159,7 +159,39 @@ async fn kubectl_works_against_the_simulator() {
     eventually("2 running", async || running().await == 2).await;
 
     let wide = kubectl.ok(&["get", "pods", "-A", "-o", "wide"]).await;
-    assert!(wide.contains("web-"), "{wide}");
+    let header = wide
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        header.starts_with("NAMESPACE NAME READY STATUS RESTARTS AGE IP NODE"),
+        "{wide}"
+    );
+    assert!(
+        wide.lines()
+            .filter(|l| l.contains("web-") && l.contains("Running") && l.contains("1/1"))
+            .count()
+            == 2,
+        "{wide}"
+    );
+    let nodes = kubectl.ok(&["get", "nodes"]).await;
+    assert!(
+        nodes
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .eq(["NAME", "STATUS", "ROLES", "AGE", "VERSION"]),
+        "{nodes}"
+    );
+    assert_eq!(
+        nodes.lines().filter(|l| l.contains(" Ready ")).count(),
+        2,
+        "{nodes}"
+    );
     let described = kubectl.ok(&["describe", "node", "node-a"]).await;
     assert!(described.contains("node-a"), "{described}");
 
