@@ -45,6 +45,21 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api", get(core_versions))
         .route("/sim/v1/compact", axum::routing::post(compact))
         .route("/metrics", get(metrics))
+        .route(
+            "/openapi/v3",
+            get(|| async { json_response(StatusCode::OK, crate::openapi::index().to_string()) }),
+        )
+        .route(
+            "/openapi/v3/{*path}",
+            get(
+                |axum::extract::Path(path): axum::extract::Path<String>| async move {
+                    match crate::openapi::group_version(&path) {
+                        Some(doc) => json_response(StatusCode::OK, doc.to_string()),
+                        None => ApiError::NoSuchPath(format!("/openapi/v3/{path}")).into_response(),
+                    }
+                },
+            ),
+        )
         .route("/apis", get(groups))
         .route("/api/{*rest}", any(dispatch))
         .route("/apis/{*rest}", any(dispatch))

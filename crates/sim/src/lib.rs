@@ -19,6 +19,7 @@ pub mod kubeconfig;
 pub mod kubelet;
 pub mod lifecycle;
 pub mod metrics;
+pub mod openapi;
 pub mod patch;
 pub mod resources;
 pub mod scenario;

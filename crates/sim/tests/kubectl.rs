@@ -1,8 +1,6 @@
-//! The installed kubectl against the simulator: apply/re-apply, scale, get, cordon, drain
-//! blocked by a PodDisruptionBudget (as real kubectl fails it), drain after the PDB is gone,
-//! delete, and `get --watch`.
-//!
-//! `kubectl apply` runs with `--validate=false`: the simulator does not serve OpenAPI yet.
+//! The installed kubectl against the simulator: apply/re-apply (with kubectl's default strict
+//! validation, done server-side), scale, get, cordon, drain blocked by a PodDisruptionBudget (as
+//! real kubectl fails it), drain after the PDB is gone, delete, and `get --watch`.
 
 use std::{process::Command, time::Duration};
 
@@ -56,9 +54,7 @@ impl Kubectl {
     }
 
     async fn apply(&self, manifest: &str) -> String {
-        let (ok, stdout, stderr) = self
-            .run(&["apply", "--validate=false", "-f", "-"], Some(manifest))
-            .await;
+        let (ok, stdout, stderr) = self.run(&["apply", "-f", "-"], Some(manifest)).await;
         assert!(ok, "kubectl apply failed:\n{stdout}\n{stderr}");
         stdout
     }
@@ -129,6 +125,17 @@ async fn kubectl_works_against_the_simulator() {
             .apply(&deployment(3))
             .await
             .contains("deployment.apps/web configured")
+    );
+    // A typo is refused by kubectl's default (strict) validation, which the server performs.
+    let (ok, _, stderr) = kubectl
+        .run(
+            &["apply", "-f", "-"],
+            Some(&deployment(3).replace("replicas: 3", "replica: 3")),
+        )
+        .await;
+    assert!(
+        !ok && stderr.contains("unknown field \"spec.replica\""),
+        "{stderr}"
     );
     let running = async || {
         let out = kubectl
