@@ -195,8 +195,32 @@ async fn beat(http: &reqwest::Client, config: &AgentConfig) -> Result<(), reqwes
     Ok(())
 }
 
-/// Starts the pods bound to this node that are still Pending.
+/// Finishes pods being deleted, then starts the pods bound to this node that are still Pending.
 async fn start_pods(http: &reqwest::Client, config: &AgentConfig) -> Result<(), reqwest::Error> {
+    let mine: Value = http
+        .get(format!("{}/api/v1/pods", config.api))
+        .query(&[("fieldSelector", format!("spec.nodeName={}", config.name))])
+        .send()
+        .await?
+        .json()
+        .await?;
+    for pod in mine["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p.pointer("/metadata/deletionTimestamp").is_some())
+    {
+        let (Some(ns), Some(name)) = (
+            pod.pointer("/metadata/namespace").and_then(Value::as_str),
+            pod.pointer("/metadata/name").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        http.delete(format!("{}/api/v1/namespaces/{ns}/pods/{name}", config.api))
+            .query(&[("gracePeriodSeconds", "0")])
+            .send()
+            .await?;
+    }
     let list: Value = http
         .get(format!("{}/api/v1/pods", config.api))
         .query(&[(

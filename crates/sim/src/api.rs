@@ -427,6 +427,63 @@ fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
     response
 }
 
+/// `gracePeriodSeconds` from the query or the DeleteOptions body, if given.
+fn grace_period(uri: &Uri, body: &Bytes) -> Result<Option<i64>, ApiError> {
+    if let Some((_, v)) = query_pairs(uri.query().unwrap_or_default())
+        .into_iter()
+        .find(|(k, _)| k == "gracePeriodSeconds")
+    {
+        return v.parse().map(Some).map_err(|_| {
+            ApiError::BadRequest(format!("gracePeriodSeconds: {v:?} is not a number"))
+        });
+    }
+    if body.is_empty() {
+        return Ok(None);
+    }
+    Ok(parse_body(body)?
+        .get("gracePeriodSeconds")
+        .and_then(Value::as_i64))
+}
+
+/// A pod on a node is not deleted at once: it gets `deletionTimestamp` and shows Terminating
+/// until its kubelet has stopped it (then the kubelet deletes it). Returns `None` when the pod
+/// is to be deleted now: not bound, grace 0, or already terminating and deleted again with
+/// grace 0 (force).
+fn begin_graceful_delete(
+    store: &Store,
+    kind: &'static ResourceKind,
+    namespace: &str,
+    name: &str,
+    grace: Option<i64>,
+) -> Result<Option<Arc<Stored>>, ApiError> {
+    let pod = store.get(kind, namespace, name)?.value();
+    // A pod on a node that does not exist has no kubelet to finish it (the pod GC would force
+    // its deletion), so it goes at once.
+    let node_exists = |n: &str| {
+        crate::resources::by_kind("Node").is_some_and(|nodes| store.get(nodes, "", n).is_ok())
+    };
+    let bound = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty() && node_exists(n));
+    let default_grace = pod
+        .pointer("/spec/terminationGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(30);
+    let grace = grace.unwrap_or(default_grace).max(0);
+    if !bound || grace == 0 {
+        return Ok(None);
+    }
+    if pod.pointer("/metadata/deletionTimestamp").is_some() {
+        return store.get(kind, namespace, name).map(Some);
+    }
+    let at = std::time::SystemTime::now() + Duration::from_secs(grace as u64);
+    let stamp = humantime::format_rfc3339_seconds(at).to_string();
+    store
+        .mark_terminating(kind, namespace, name, &stamp, grace)
+        .map(Some)
+}
+
 fn wants_table(headers: &HeaderMap) -> bool {
     headers
         .get(header::ACCEPT)
@@ -554,10 +611,20 @@ async fn handle(
                     &warnings,
                 ))
             }
-            Method::DELETE => Ok(object_response(
-                StatusCode::OK,
-                store.delete(kind, &namespace, &name)?,
-            )),
+            Method::DELETE => {
+                if kind.kind == "Pod" {
+                    let grace = grace_period(uri, &body)?;
+                    if let Some(terminating) =
+                        begin_graceful_delete(store, kind, &namespace, &name, grace)?
+                    {
+                        return Ok(object_response(StatusCode::OK, terminating));
+                    }
+                }
+                Ok(object_response(
+                    StatusCode::OK,
+                    store.delete(kind, &namespace, &name)?,
+                ))
+            }
             _ => Err(ApiError::MethodNotAllowed(format!(
                 "{method} is not supported on an object"
             ))),

@@ -118,6 +118,41 @@ fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &
                 });
             });
         }
+        ("pods", EventType::Modified)
+            if object.pointer("/metadata/deletionTimestamp").is_some() =>
+        {
+            // Graceful deletion: the kubelet stops the containers, then removes the pod.
+            let node_name = object
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let managed = store.get(nodes, "", &node_name).map(|n| {
+                let v = n.value();
+                v.pointer(&format!(
+                    "/metadata/annotations/{}",
+                    EXTERNAL.replace('/', "~1")
+                ))
+                .and_then(Value::as_str)
+                    != Some("true")
+            });
+            if !matches!(managed, Ok(true)) {
+                return;
+            }
+            let (store, ns, name, stop) = (
+                store.clone(),
+                change.object.namespace.clone(),
+                change.object.name.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(timing.pod_start_delay) => {}
+                }
+                let _ = store.delete(pods, &ns, &name);
+            });
+        }
         ("pods", EventType::Added | EventType::Modified) => {
             let node_name = object
                 .pointer("/spec/nodeName")

@@ -621,6 +621,7 @@ impl Store {
                 "creationTimestamp",
                 "generation",
                 "deletionTimestamp",
+                "deletionGracePeriodSeconds",
             ] {
                 match old["metadata"].get(key) {
                     Some(v) => object["metadata"][key] = v.clone(),
@@ -648,6 +649,42 @@ impl Store {
             return Ok(current);
         }
         Ok(self.commit(&mut inner, kind, EventType::Modified, next))
+    }
+
+    /// Marks an object as being deleted (graceful deletion): sets `deletionTimestamp` and
+    /// `deletionGracePeriodSeconds` once; whoever finishes it deletes it later.
+    pub fn mark_terminating(
+        &self,
+        kind: &'static ResourceKind,
+        namespace: &str,
+        name: &str,
+        deletion_timestamp: &str,
+        grace_seconds: i64,
+    ) -> Result<Arc<Stored>, ApiError> {
+        let mut inner = self.write();
+        let key = (
+            if kind.namespaced {
+                namespace.to_string()
+            } else {
+                String::new()
+            },
+            name.to_string(),
+        );
+        let current = inner
+            .tables
+            .get(kind.plural)
+            .and_then(|t| t.get(&key).cloned())
+            .ok_or_else(|| ApiError::NotFound {
+                resource: kind.plural.into(),
+                name: name.into(),
+            })?;
+        let mut object = current.value();
+        if object["metadata"].get("deletionTimestamp").is_some() {
+            return Ok(current);
+        }
+        object["metadata"]["deletionTimestamp"] = json!(deletion_timestamp);
+        object["metadata"]["deletionGracePeriodSeconds"] = json!(grace_seconds);
+        Ok(self.commit(&mut inner, kind, EventType::Modified, object))
     }
 
     /// Deletes an object; returns it as deleted.

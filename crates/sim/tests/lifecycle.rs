@@ -308,3 +308,70 @@ async fn a_scenario_drives_the_cluster() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_on_a_node_terminate_gracefully() {
+    let (sim, client, _shutdown) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = |name: &str, selector: serde_json::Value| -> Pod {
+        serde_json::from_value(json!({ "metadata": { "name": name }, "spec": { "nodeSelector": selector, "containers": [ { "name": "c", "image": "x" } ] } }))
+            .expect("pod")
+    };
+    // Unbound: deleted at once.
+    pods.create(
+        &PostParams::default(),
+        &pod("nowhere", json!({ "pool": "none" })),
+    )
+    .await
+    .expect("create");
+    pods.delete("nowhere", &Default::default())
+        .await
+        .expect("delete");
+    assert!(pods.get_opt("nowhere").await.expect("get").is_none());
+
+    reqwest::Client::new()
+        .post(format!("{}/cloud/v1/instances", sim.url()))
+        .json(&json!({ "name": "w", "capacity": { "cpu": "2", "memory": "4Gi" } }))
+        .send()
+        .await
+        .expect("cloud");
+    for name in ["graceful", "forced"] {
+        pods.create(&PostParams::default(), &pod(name, json!({})))
+            .await
+            .expect("create");
+    }
+    eventually("both running", async || {
+        let list = pods
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
+        list.iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .count()
+            == 2
+    })
+    .await;
+
+    // Bound: Terminating first, gone once the kubelet has stopped it.
+    let deleted = pods
+        .delete("graceful", &Default::default())
+        .await
+        .expect("delete");
+    let terminating = deleted.left().expect("the pod comes back, terminating");
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    assert_eq!(terminating.metadata.deletion_grace_period_seconds, Some(30));
+    eventually("graceful pod gone", async || {
+        pods.get_opt("graceful").await.ok().flatten().is_none()
+    })
+    .await;
+
+    // Grace 0 deletes at once.
+    pods.delete(
+        "forced",
+        &kube::api::DeleteParams::default().grace_period(0),
+    )
+    .await
+    .expect("delete");
+    assert!(pods.get_opt("forced").await.expect("get").is_none());
+}
