@@ -484,6 +484,16 @@ fn begin_graceful_delete(
         .map(Some)
 }
 
+/// The patch type from the request's Content-Type (415 for unsupported ones).
+fn patch_type(headers: &HeaderMap) -> Result<PatchType, ApiError> {
+    PatchType::from_content_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default(),
+    )
+}
+
 fn wants_table(headers: &HeaderMap) -> bool {
     headers
         .get(header::ACCEPT)
@@ -588,12 +598,7 @@ async fn handle(
                 ))
             }
             Method::PATCH => {
-                let patch_type = PatchType::from_content_type(
-                    headers
-                        .get(header::CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default(),
-                )?;
+                let patch_type = patch_type(headers)?;
                 let (patched, warnings) = patch_object(
                     store,
                     kind,
@@ -644,12 +649,7 @@ async fn handle(
                 store.update(kind, &namespace, &name, parse_body(&body)?, true)?,
             )),
             ("status", Method::PATCH) => {
-                let patch_type = PatchType::from_content_type(
-                    headers
-                        .get(header::CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default(),
-                )?;
+                let patch_type = patch_type(headers)?;
                 let (patched, warnings) = patch_object(
                     store,
                     kind,
@@ -762,12 +762,7 @@ fn scale(
                 .unwrap_or(0),
         ),
         Method::PATCH => {
-            let _ = PatchType::from_content_type(
-                headers
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default(),
-            )?;
+            let _ = patch_type(headers)?;
             parse_body(&body)?
                 .pointer("/spec/replicas")
                 .and_then(Value::as_i64)

@@ -33,6 +33,14 @@ impl Default for KubeletTiming {
 
 const EXTERNAL: &str = "sim.shoal.dev/external-kubelet";
 
+/// Whether a node is run by an agent process rather than the in-process kubelets.
+pub(crate) fn has_external_kubelet(node: &Value) -> bool {
+    node.pointer("/metadata/annotations")
+        .and_then(|a| a.get(EXTERNAL))
+        .and_then(Value::as_str)
+        == Some("true")
+}
+
 fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
@@ -86,14 +94,10 @@ fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &
             }
         }
         ("nodes", _) => {
-            let external = object
-                .pointer(&format!(
-                    "/metadata/annotations/{}",
-                    EXTERNAL.replace('/', "~1")
-                ))
-                .and_then(Value::as_str)
-                == Some("true");
-            if external || ready_condition(&object) || change.kind != EventType::Added {
+            if has_external_kubelet(&object)
+                || ready_condition(&object)
+                || change.kind != EventType::Added
+            {
                 return;
             }
             let (store, name, stop) = (store.clone(), change.object.name.clone(), shutdown.clone());
@@ -127,15 +131,9 @@ fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string();
-            let managed = store.get(nodes, "", &node_name).map(|n| {
-                let v = n.value();
-                v.pointer(&format!(
-                    "/metadata/annotations/{}",
-                    EXTERNAL.replace('/', "~1")
-                ))
-                .and_then(Value::as_str)
-                    != Some("true")
-            });
+            let managed = store
+                .get(nodes, "", &node_name)
+                .map(|n| !has_external_kubelet(&n.value()));
             if !matches!(managed, Ok(true)) {
                 return;
             }
@@ -168,14 +166,7 @@ fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &
             }
             let node_ok = store.get(nodes, "", &node_name).map(|n| {
                 let v = n.value();
-                let external = v
-                    .pointer(&format!(
-                        "/metadata/annotations/{}",
-                        EXTERNAL.replace('/', "~1")
-                    ))
-                    .and_then(Value::as_str)
-                    == Some("true");
-                !external && ready_condition(&v)
+                !has_external_kubelet(&v) && ready_condition(&v)
             });
             if !matches!(node_ok, Ok(true)) {
                 return;

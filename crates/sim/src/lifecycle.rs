@@ -103,12 +103,6 @@ fn parse_time(s: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(s.trim_end_matches('Z')).ok()
 }
 
-fn external(node: &Value) -> bool {
-    node.pointer("/metadata/annotations/sim.shoal.dev~1external-kubelet")
-        .and_then(Value::as_str)
-        == Some("true")
-}
-
 /// Heartbeats of the in-process kubelets, until `shutdown`.
 pub async fn run_heartbeats(
     store: Arc<Store>,
@@ -124,7 +118,7 @@ pub async fn run_heartbeats(
             _ = ticker.tick() => {}
         }
         for node in store.list(nodes, &ListPage::default(), &|_| true).items {
-            if killed.is_killed(&node.name) || external(&node.value()) {
+            if killed.is_killed(&node.name) || crate::kubelet::has_external_kubelet(&node.value()) {
                 continue;
             }
             renew_lease(&store, &node.name, timing.grace_period);

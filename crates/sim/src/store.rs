@@ -100,6 +100,33 @@ struct Inner {
     compacted: u64,
 }
 
+/// The table key of an object: cluster-scoped kinds have no namespace.
+fn object_key(kind: &ResourceKind, namespace: &str, name: &str) -> (String, String) {
+    let namespace = if kind.namespaced {
+        namespace.to_string()
+    } else {
+        String::new()
+    };
+    (namespace, name.to_string())
+}
+
+impl Inner {
+    /// The stored object at `key`, or NotFound.
+    fn current(
+        &self,
+        kind: &ResourceKind,
+        key: &(String, String),
+    ) -> Result<Arc<Stored>, ApiError> {
+        self.tables
+            .get(kind.plural)
+            .and_then(|t| t.get(key).cloned())
+            .ok_or_else(|| ApiError::NotFound {
+                resource: kind.plural.into(),
+                name: key.1.clone(),
+            })
+    }
+}
+
 /// A consistent view for a watch: the backlog to send, then the live receiver.
 pub struct WatchStart {
     /// Changes when the store is compacted: the watch must end.
@@ -457,18 +484,9 @@ impl Store {
                 name: namespace.into(),
             });
         }
-        let key = (
-            if kind.namespaced {
-                namespace.to_string()
-            } else {
-                String::new()
-            },
-            name.clone(),
-        );
         if inner
-            .tables
-            .get(kind.plural)
-            .is_some_and(|t| t.contains_key(&key))
+            .current(kind, &object_key(kind, namespace, &name))
+            .is_ok()
         {
             return Err(ApiError::AlreadyExists {
                 resource: kind.plural.into(),
@@ -500,22 +518,8 @@ impl Store {
         namespace: &str,
         name: &str,
     ) -> Result<Arc<Stored>, ApiError> {
-        let key = (
-            if kind.namespaced {
-                namespace.to_string()
-            } else {
-                String::new()
-            },
-            name.to_string(),
-        );
         self.read()
-            .tables
-            .get(kind.plural)
-            .and_then(|t| t.get(&key).cloned())
-            .ok_or_else(|| ApiError::NotFound {
-                resource: kind.plural.into(),
-                name: name.into(),
-            })
+            .current(kind, &object_key(kind, namespace, name))
     }
 
     /// Lists objects matching `filter`, paginated.
@@ -581,22 +585,8 @@ impl Store {
             )));
         }
         let mut inner = self.write();
-        let key = (
-            if kind.namespaced {
-                namespace.to_string()
-            } else {
-                String::new()
-            },
-            name.to_string(),
-        );
-        let current = inner
-            .tables
-            .get(kind.plural)
-            .and_then(|t| t.get(&key).cloned())
-            .ok_or_else(|| ApiError::NotFound {
-                resource: kind.plural.into(),
-                name: name.into(),
-            })?;
+        let key = object_key(kind, namespace, name);
+        let current = inner.current(kind, &key)?;
         if let Some(rv) =
             string_at(&object, &["metadata", "resourceVersion"]).filter(|s| !s.is_empty())
             && rv != current.rv.to_string()
@@ -662,22 +652,8 @@ impl Store {
         grace_seconds: i64,
     ) -> Result<Arc<Stored>, ApiError> {
         let mut inner = self.write();
-        let key = (
-            if kind.namespaced {
-                namespace.to_string()
-            } else {
-                String::new()
-            },
-            name.to_string(),
-        );
-        let current = inner
-            .tables
-            .get(kind.plural)
-            .and_then(|t| t.get(&key).cloned())
-            .ok_or_else(|| ApiError::NotFound {
-                resource: kind.plural.into(),
-                name: name.into(),
-            })?;
+        let key = object_key(kind, namespace, name);
+        let current = inner.current(kind, &key)?;
         let mut object = current.value();
         if object["metadata"].get("deletionTimestamp").is_some() {
             return Ok(current);
@@ -695,22 +671,8 @@ impl Store {
         name: &str,
     ) -> Result<Arc<Stored>, ApiError> {
         let mut inner = self.write();
-        let key = (
-            if kind.namespaced {
-                namespace.to_string()
-            } else {
-                String::new()
-            },
-            name.to_string(),
-        );
-        let current = inner
-            .tables
-            .get(kind.plural)
-            .and_then(|t| t.get(&key).cloned())
-            .ok_or_else(|| ApiError::NotFound {
-                resource: kind.plural.into(),
-                name: name.into(),
-            })?;
+        let key = object_key(kind, namespace, name);
+        let current = inner.current(kind, &key)?;
         let mut object = current.value();
         object["metadata"]["deletionTimestamp"] = Value::String(now_rfc3339());
         Ok(self.commit(&mut inner, kind, EventType::Deleted, object))
