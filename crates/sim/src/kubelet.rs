@@ -33,6 +33,17 @@ impl Default for KubeletTiming {
 
 const EXTERNAL: &str = "sim.shoal.dev/external-kubelet";
 
+/// Runs `action` after `delay`, unless the simulator shuts down first.
+fn after(delay: Duration, stop: &CancellationToken, action: impl FnOnce() + Send + 'static) {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(delay) => action(),
+        }
+    });
+}
+
 /// Whether a node is run by an agent process rather than the in-process kubelets.
 pub(crate) fn has_external_kubelet(node: &Value) -> bool {
     node.pointer("/metadata/annotations")
@@ -101,11 +112,7 @@ fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &
                 return;
             }
             let (store, name, stop) = (store.clone(), change.object.name.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(timing.node_ready_delay) => {}
-                }
+            after(timing.node_ready_delay, &stop, move || {
                 let _ = store.modify(nodes, "", &name, true, |node| {
                     if ready_condition(node) {
                         return false;
@@ -143,11 +150,7 @@ fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &
                 change.object.name.clone(),
                 shutdown.clone(),
             );
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(timing.pod_start_delay) => {}
-                }
+            after(timing.pod_start_delay, &stop, move || {
                 let _ = store.delete(pods, &ns, &name);
             });
         }
@@ -177,11 +180,7 @@ fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &
                 change.object.name.clone(),
                 shutdown.clone(),
             );
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(timing.pod_start_delay) => {}
-                }
+            after(timing.pod_start_delay, &stop, move || {
                 let _ = store.modify(pods, &ns, &name, true, |pod| {
                     if pod.pointer("/status/phase").and_then(Value::as_str) != Some("Pending") {
                         return false;

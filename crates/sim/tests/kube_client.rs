@@ -1,12 +1,14 @@
 //! The simulator against the real `kube` crate: CRUD with the right errors, selectors, and a
 //! kube-runtime reflector that stays consistent through thousands of changes and a forced 410.
 
+mod common;
+
 use std::{collections::BTreeMap, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
-    Client, Config,
+    Client,
     api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, reflector, watcher},
 };
@@ -15,20 +17,11 @@ use shoal_sim::{Sim, SimConfig};
 use tokio_util::sync::CancellationToken;
 
 async fn start(watch_history: usize) -> (Sim, Client, CancellationToken) {
-    let shutdown = CancellationToken::new();
-    let config = SimConfig {
-        addr: "127.0.0.1:0".parse().expect("addr"),
+    common::start_with(SimConfig {
         watch_history,
-        bookmark_interval: Duration::from_millis(500),
-        ..SimConfig::default()
-    };
-    let sim = Sim::start(config, shutdown.clone())
-        .await
-        .expect("sim starts");
-    let mut kube_config = Config::new(sim.url().parse().expect("url"));
-    kube_config.default_namespace = "default".into();
-    let client = Client::try_from(kube_config).expect("client");
-    (sim, client, shutdown)
+        ..common::fast_config()
+    })
+    .await
 }
 
 fn pod(name: &str, labels: serde_json::Value) -> Pod {

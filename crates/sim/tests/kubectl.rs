@@ -2,11 +2,13 @@
 //! validation, done server-side), scale, get, cordon, drain blocked by a PodDisruptionBudget (as
 //! real kubectl fails it), drain after the PDB is gone, delete, and `get --watch`.
 
+mod common;
+
+use common::{add_node, eventually, start};
 use std::{process::Command, time::Duration};
 
 use serde_json::json;
-use shoal_sim::{Sim, SimConfig, cloud::BootTiming, kubelet::KubeletTiming};
-use tokio_util::sync::CancellationToken;
+use shoal_sim::Sim;
 
 struct Kubectl {
     kubeconfig: tempfile::NamedTempFile,
@@ -66,42 +68,12 @@ fn deployment(replicas: u32) -> String {
     )
 }
 
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..100 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_works_against_the_simulator() {
-    let shutdown = CancellationToken::new();
-    let config = SimConfig {
-        addr: "127.0.0.1:0".parse().expect("addr"),
-        kubelet: KubeletTiming {
-            node_ready_delay: Duration::from_millis(100),
-            pod_start_delay: Duration::from_millis(100),
-        },
-        boot: BootTiming {
-            delay: Duration::from_millis(100),
-            jitter: Duration::from_millis(50),
-        },
-        ..SimConfig::default()
-    };
-    let sim = Sim::start(config, shutdown.clone()).await.expect("sim");
+    let (sim, _client, _shutdown) = start().await;
     let kubectl = Kubectl::new(&sim);
-    let http = reqwest::Client::new();
     for name in ["node-a", "node-b"] {
-        let created = http
-            .post(format!("{}/cloud/v1/instances", sim.url()))
-            .json(&json!({ "name": name, "capacity": { "cpu": "4", "memory": "8Gi" } }))
-            .send()
-            .await
-            .expect("cloud");
-        assert_eq!(created.status(), 201);
+        add_node(&sim, name, "4", json!({}), json!([])).await;
     }
     eventually("nodes listed", async || {
         kubectl

@@ -3,52 +3,13 @@
 //! re-created elsewhere; a revived kubelet makes it Ready again. `shoal-sim agent` runs a node as
 //! its own process, and killing that process takes the node down the same way.
 
-use std::time::Duration;
+mod common;
+
+use common::{eventually, start};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::{
-    Client, Config,
-    api::{Api, ListParams, PostParams},
-};
+use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
-use shoal_sim::{
-    Sim, SimConfig, cloud::BootTiming, kubelet::KubeletTiming, lifecycle::LifecycleTiming,
-};
-use tokio_util::sync::CancellationToken;
-
-async fn start() -> (Sim, Client, CancellationToken) {
-    let shutdown = CancellationToken::new();
-    let config = SimConfig {
-        addr: "127.0.0.1:0".parse().expect("addr"),
-        kubelet: KubeletTiming {
-            node_ready_delay: Duration::from_millis(100),
-            pod_start_delay: Duration::from_millis(100),
-        },
-        boot: BootTiming {
-            delay: Duration::from_millis(100),
-            jitter: Duration::ZERO,
-        },
-        lifecycle: LifecycleTiming {
-            heartbeat_interval: Duration::from_millis(200),
-            grace_period: Duration::from_secs(1),
-            eviction_timeout: Duration::from_secs(1),
-        },
-        ..SimConfig::default()
-    };
-    let sim = Sim::start(config, shutdown.clone()).await.expect("sim");
-    let client = Client::try_from(Config::new(sim.url().parse().expect("url"))).expect("client");
-    (sim, client, shutdown)
-}
-
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..100 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
 
 async fn ready(nodes: &Api<Node>, name: &str) -> Option<String> {
     let node = nodes.get(name).await.ok()?;

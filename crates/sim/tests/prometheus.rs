@@ -1,12 +1,13 @@
 //! Real Prometheus scrapes the simulator and answers PromQL written for real clusters with the
 //! simulated values.
 
+mod common;
+
+use common::{add_node, start};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shoal_sim::{Sim, SimConfig, cloud::BootTiming, kubelet::KubeletTiming};
 use shoal_testkit::PrometheusServer;
-use tokio_util::sync::CancellationToken;
 
 fn values_by(body: &str, label: &str) -> Vec<(String, f64)> {
     let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
@@ -26,28 +27,8 @@ fn values_by(body: &str, label: &str) -> Vec<(String, f64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promql_over_the_simulator_returns_simulated_usage() {
-    let shutdown = CancellationToken::new();
-    let config = SimConfig {
-        addr: "127.0.0.1:0".parse().expect("addr"),
-        kubelet: KubeletTiming {
-            node_ready_delay: Duration::from_millis(100),
-            pod_start_delay: Duration::from_millis(100),
-        },
-        boot: BootTiming {
-            delay: Duration::from_millis(100),
-            jitter: Duration::ZERO,
-        },
-        ..SimConfig::default()
-    };
-    let sim = Sim::start(config, shutdown.clone()).await.expect("sim");
-    let http = reqwest::Client::new();
-    let created = http
-        .post(format!("{}/cloud/v1/instances", sim.url()))
-        .json(&json!({ "name": "worker-1", "capacity": { "cpu": "4", "memory": "8Gi" } }))
-        .send()
-        .await
-        .expect("cloud");
-    assert_eq!(created.status(), 201);
+    let (sim, _client, _shutdown) = start().await;
+    add_node(&sim, "worker-1", "4", json!({}), json!([])).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pods = shoal_sim::resources::by_kind("Pod").expect("pods");
     for (name, cpu, memory) in [("busy", "1500m", "1Gi"), ("calm", "500m", "512Mi")] {

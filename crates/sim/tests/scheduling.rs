@@ -1,62 +1,13 @@
 //! Scheduling in the simulator, as a user sees it: a Deployment that does not fit leaves pods
 //! Unschedulable with the real scheduler's message; a node from the sim cloud makes them run.
 
-use std::time::Duration;
+mod common;
+
+use common::{add_node, eventually_some as eventually, start};
 
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
-use kube::{
-    Client, Config,
-    api::{Api, ListParams, Patch, PatchParams, PostParams},
-};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use shoal_sim::{Sim, SimConfig, cloud::BootTiming, kubelet::KubeletTiming};
-use tokio_util::sync::CancellationToken;
-
-async fn start() -> (Sim, Client, CancellationToken) {
-    let shutdown = CancellationToken::new();
-    let config = SimConfig {
-        addr: "127.0.0.1:0".parse().expect("addr"),
-        kubelet: KubeletTiming {
-            node_ready_delay: Duration::from_millis(200),
-            pod_start_delay: Duration::from_millis(100),
-        },
-        boot: BootTiming {
-            delay: Duration::from_millis(300),
-            jitter: Duration::from_millis(100),
-        },
-        ..SimConfig::default()
-    };
-    let sim = Sim::start(config, shutdown.clone()).await.expect("sim");
-    let client = Client::try_from(Config::new(sim.url().parse().expect("url"))).expect("client");
-    (sim, client, shutdown)
-}
-
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    for _ in 0..100 {
-        if let Some(value) = check().await {
-            return value;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
-async fn add_instance(
-    sim: &Sim,
-    name: &str,
-    cpu: &str,
-    labels: serde_json::Value,
-    taints: serde_json::Value,
-) -> serde_json::Value {
-    let response = reqwest::Client::new()
-        .post(format!("{}/cloud/v1/instances", sim.url()))
-        .json(&json!({ "name": name, "labels": labels, "taints": taints, "capacity": { "cpu": cpu, "memory": "8Gi" } }))
-        .send()
-        .await
-        .expect("cloud create");
-    assert_eq!(response.status(), 201);
-    response.json().await.expect("instance json")
-}
 
 fn deployment(name: &str, replicas: i32, cpu: &str) -> Deployment {
     serde_json::from_value(json!({
@@ -80,7 +31,7 @@ async fn unschedulable_until_a_cloud_node_arrives_then_running() {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
 
     // One small node and one tainted node: neither can take 3 pods of 1.5 CPU.
-    add_instance(
+    add_node(
         &sim,
         "small-1",
         "2",
@@ -88,7 +39,7 @@ async fn unschedulable_until_a_cloud_node_arrives_then_running() {
         json!([]),
     )
     .await;
-    add_instance(
+    add_node(
         &sim,
         "gpu-1",
         "8",
@@ -143,7 +94,7 @@ async fn unschedulable_until_a_cloud_node_arrives_then_running() {
     );
 
     // A new general node arrives through the cloud API: everything runs.
-    add_instance(
+    add_node(
         &sim,
         "general-2",
         "4",
