@@ -33,6 +33,12 @@ impl Default for KubeletTiming {
 
 const EXTERNAL: &str = "sim.shoal.dev/external-kubelet";
 
+/// The node named `name` if it exists and the in-process kubelets run it.
+fn local_node(store: &Store, name: &str) -> Option<Value> {
+    let node = store.get(by_kind("Node")?, "", name).ok()?.value();
+    (!has_external_kubelet(&node)).then_some(node)
+}
+
 /// Runs `action` after `delay`, unless the simulator shuts down first.
 fn after(delay: Duration, stop: &CancellationToken, action: impl FnOnce() + Send + 'static) {
     let stop = stop.clone();
@@ -111,8 +117,8 @@ fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &
             {
                 return;
             }
-            let (store, name, stop) = (store.clone(), change.object.name.clone(), shutdown.clone());
-            after(timing.node_ready_delay, &stop, move || {
+            let (store, name) = (store.clone(), change.object.name.clone());
+            after(timing.node_ready_delay, shutdown, move || {
                 let _ = store.modify(nodes, "", &name, true, |node| {
                     if ready_condition(node) {
                         return false;
@@ -138,19 +144,15 @@ fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string();
-            let managed = store
-                .get(nodes, "", &node_name)
-                .map(|n| !has_external_kubelet(&n.value()));
-            if !matches!(managed, Ok(true)) {
+            if local_node(store, &node_name).is_none() {
                 return;
             }
-            let (store, ns, name, stop) = (
+            let (store, ns, name) = (
                 store.clone(),
                 change.object.namespace.clone(),
                 change.object.name.clone(),
-                shutdown.clone(),
             );
-            after(timing.pod_start_delay, &stop, move || {
+            after(timing.pod_start_delay, shutdown, move || {
                 let _ = store.delete(pods, &ns, &name);
             });
         }
@@ -167,20 +169,15 @@ fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &
             if node_name.is_empty() || phase != "Pending" {
                 return;
             }
-            let node_ok = store.get(nodes, "", &node_name).map(|n| {
-                let v = n.value();
-                !has_external_kubelet(&v) && ready_condition(&v)
-            });
-            if !matches!(node_ok, Ok(true)) {
+            if !local_node(store, &node_name).is_some_and(|node| ready_condition(&node)) {
                 return;
             }
-            let (store, ns, name, stop) = (
+            let (store, ns, name) = (
                 store.clone(),
                 change.object.namespace.clone(),
                 change.object.name.clone(),
-                shutdown.clone(),
             );
-            after(timing.pod_start_delay, &stop, move || {
+            after(timing.pod_start_delay, shutdown, move || {
                 let _ = store.modify(pods, &ns, &name, true, |pod| {
                     if pod.pointer("/status/phase").and_then(Value::as_str) != Some("Pending") {
                         return false;
