@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use shoal_e2e::{Running, grpcurl, grpcurl_ok};
-use shoal_testkit::{EtcdServer, http_get};
+use shoal_testkit::{EtcdServer, SimServer, http_get};
 
 /// (binary, gRPC services it serves, whether it needs the store)
 const SERVICES: [(&str, &[&str], bool); 4] = [
@@ -21,7 +21,16 @@ const SERVICES: [(&str, &[&str], bool); 4] = [
 
 fn check_service(binary: &str, served: &[&str], needs_store: bool) {
     let etcd = needs_store.then(EtcdServer::start);
-    let mut service = Running::start(binary, binary, etcd.as_ref(), &[], &[]);
+    // The metrics service watches a Kubernetes API: give it a simulated cluster.
+    let sim = (binary == "shoal-metrics").then(|| SimServer::start(&[]));
+    let kube_flag = sim.as_ref().map(|sim| {
+        format!(
+            "--set=service.kube.kubeconfig={}",
+            sim.kubeconfig().display()
+        )
+    });
+    let extra: Vec<&str> = kube_flag.iter().map(String::as_str).collect();
+    let mut service = Running::start(binary, binary, etcd.as_ref(), &extra, &[]);
     service.wait_ready();
     let addr = service.grpc.to_string();
 
@@ -135,9 +144,9 @@ fn reconciler_alone() {
     check_service(binary, served, store);
 }
 
-/// Status RPCs answer with leadership; methods of later issues say UNIMPLEMENTED plainly.
+/// Status RPCs answer with leadership; a method that needs a missing upstream says which.
 #[test]
-fn status_rpcs_report_leadership_and_unfinished_methods_say_so() {
+fn status_rpcs_report_leadership_and_missing_upstreams_say_so() {
     let etcd = EtcdServer::start();
     let mut decider = Running::start("shoal-decider", "decider-solo", Some(&etcd), &[], &[]);
     let mut reconciler =
@@ -194,7 +203,9 @@ fn status_rpcs_report_leadership_and_unfinished_methods_say_so() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("Unimplemented"),
+        !out.status.success()
+            && stderr.contains("Unavailable")
+            && stderr.contains("metrics service"),
         "{stderr}"
     );
 }

@@ -116,6 +116,107 @@ pub fn grpcurl_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs the real kubectl against `kubeconfig` with `stdin`; returns stdout, asserting success.
+pub fn kubectl(kubeconfig: &std::path::Path, args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let binary = require_tool(
+        "kubectl",
+        "install kubectl (https://kubernetes.io/docs/tasks/tools/)",
+    );
+    let mut child = Command::new(binary)
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run kubectl: {e}"));
+    if let Some(mut input) = child.stdin.take() {
+        let _ = input.write_all(stdin.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("kubectl: {e}"));
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A Deployment manifest: `replicas` pods requesting `cpu`/`memory`, each reporting `usage`
+/// (cpu, memory) to the simulator's exporter.
+pub fn deployment_yaml(
+    name: &str,
+    replicas: u32,
+    cpu: &str,
+    memory: &str,
+    usage: Option<(&str, &str)>,
+) -> String {
+    let annotations = usage
+        .map(|(c, m)| {
+            format!(
+                "      annotations: {{ sim.shoal.dev/cpu-usage: \"{c}\", sim.shoal.dev/memory-usage: \"{m}\" }}\n"
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{ name: {name}, namespace: default }}\nspec:\n  replicas: {replicas}\n  selector: {{ matchLabels: {{ app: {name} }} }}\n  template:\n    metadata:\n      labels: {{ app: {name} }}\n{annotations}    spec:\n      containers:\n      - name: app\n        image: registry.example/app:1\n        resources: {{ requests: {{ cpu: \"{cpu}\", memory: \"{memory}\" }} }}\n"
+    )
+}
+
+/// Adds a node to a simulator through its sim cloud API (it registers and turns Ready).
+pub fn add_sim_node(sim: SocketAddr, name: &str, pool: &str, cpu: &str, memory: &str) {
+    let body = serde_json::json!({ "name": name, "labels": { "shoal.dev/pool": pool },
+        "capacity": { "cpu": cpu, "memory": memory } })
+    .to_string();
+    let (code, answer) =
+        shoal_testkit::http_request(sim, "POST", "/cloud/v1/instances", Some(&body))
+            .unwrap_or_else(|e| panic!("sim cloud: {e}"));
+    assert_eq!(code, 201, "creating node {name}: {answer}");
+}
+
+/// A JSON document from the simulator's API (`/api/v1/pods`, ...).
+pub fn sim_get(sim: SocketAddr, path: &str) -> serde_json::Value {
+    let (code, body) = http_get(sim, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    assert_eq!(code, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+}
+
+/// Waits until the simulator has `nodes` Ready nodes and `running` Running pods.
+pub fn wait_settled(sim: &shoal_testkit::SimServer, nodes: usize, running: usize) {
+    let settled = wait_for(Duration::from_secs(30), || {
+        let n = sim_get(sim.addr(), "/api/v1/nodes");
+        let ready = n["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|node| {
+                node["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+            .count();
+        let p = sim_get(sim.addr(), "/api/v1/pods");
+        let up = p["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|pod| pod["status"]["phase"] == "Running")
+            .count();
+        (ready == nodes && up == running).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "the simulator settles with {nodes} Ready nodes and {running} running pods\n{}",
+        sim.logs()
+    );
+}
+
 /// Direct reads of Shoal's keys in etcd, for assertions.
 pub struct EtcdReader {
     runtime: tokio::runtime::Runtime,

@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::{
     common::v1::any_value::Value,
 };
 use shoal_e2e::{Running, grpcurl_ok};
-use shoal_testkit::{EtcdServer, free_port, wait_for};
+use shoal_testkit::{EtcdServer, SimServer, free_port, wait_for};
 
 /// (service.name, span kind "server"/"client"/"internal", trace id hex, parent span id hex,
 /// span id hex, span name)
@@ -95,7 +95,12 @@ fn a_call_across_three_services_is_one_trace() {
     ];
 
     let etcd = EtcdServer::start();
-    let mut metrics = Running::start("shoal-metrics", "metrics-0", None, &[], &env);
+    let sim = SimServer::start(&[]);
+    let kube_flag = format!(
+        "--set=service.kube.kubeconfig={}",
+        sim.kubeconfig().display()
+    );
+    let mut metrics = Running::start("shoal-metrics", "metrics-0", None, &[&kube_flag], &env);
     let mut provisioner =
         Running::start("shoal-provisioner", "provisioner-0", Some(&etcd), &[], &env);
     metrics.wait_ready();

@@ -155,31 +155,41 @@ impl std::fmt::Display for Misfit {
     }
 }
 
-/// Every reason `pod` cannot go on `node`; empty when it fits. Filters run in the scheduler's
-/// order and stop at the first failing one, as the scheduler reports one reason per node.
-pub fn misfits(pod: &PodDemand, node: &NodeFacts) -> Vec<Misfit> {
-    if node.unschedulable {
-        return vec![Misfit::Unschedulable];
+/// Whether `pod` may go on a node with these labels and taints, resources aside: the
+/// unschedulable, node affinity/selector and taint filters, in the scheduler's order.
+pub fn constraint_misfit(
+    pod: &PodDemand,
+    labels: &BTreeMap<String, String>,
+    taints: &[Taint],
+    unschedulable: bool,
+) -> Option<Misfit> {
+    if unschedulable {
+        return Some(Misfit::Unschedulable);
     }
     let selector_ok = pod
         .node_selector
         .iter()
-        .all(|(k, v)| node.labels.get(k) == Some(v));
+        .all(|(k, v)| labels.get(k) == Some(v));
     let affinity_ok = pod.required_affinity.is_empty()
         || pod
             .required_affinity
             .iter()
-            .any(|term| term.iter().all(|r| r.matches(&node.labels)));
+            .any(|term| term.iter().all(|r| r.matches(labels)));
     if !selector_ok || !affinity_ok {
-        return vec![Misfit::Affinity];
+        return Some(Misfit::Affinity);
     }
-    if let Some(taint) = node
-        .taints
+    taints
         .iter()
         .filter(|t| matches!(t.effect, Effect::NoSchedule | Effect::NoExecute))
         .find(|t| !pod.tolerations.iter().any(|tol| tol.tolerates(t)))
-    {
-        return vec![Misfit::Taint(taint.key.clone(), taint.value.clone())];
+        .map(|taint| Misfit::Taint(taint.key.clone(), taint.value.clone()))
+}
+
+/// Every reason `pod` cannot go on `node`; empty when it fits. Filters run in the scheduler's
+/// order and stop at the first failing one, as the scheduler reports one reason per node.
+pub fn misfits(pod: &PodDemand, node: &NodeFacts) -> Vec<Misfit> {
+    if let Some(misfit) = constraint_misfit(pod, &node.labels, &node.taints, node.unschedulable) {
+        return vec![misfit];
     }
     let free = |alloc: i64, used: i64| alloc.saturating_sub(used);
     let r = &pod.requests;

@@ -1,11 +1,17 @@
-//! Shoal's domain types, free of I/O: Kubernetes quantities, [`Resources`], NodeClaim phases and
-//! their legal transitions, well-known labels, and field-path validation errors.
+//! Shoal's domain types, free of I/O: Kubernetes quantities, [`Resources`], the scheduler's fit
+//! rules, NodePools (YAML, wire and validated forms) with their schedules, NodeClaims and
+//! operations as stored, claim phases and their legal transitions, well-known labels, and
+//! field-path validation errors.
 
+pub mod claim;
 pub mod fit;
 pub mod labels;
 pub mod phase;
+pub mod pool;
 pub mod quantity;
 pub mod resources;
+pub mod schedule;
+pub mod snapshot;
 pub mod validation;
 
 pub use phase::ClaimPhase;

@@ -36,6 +36,50 @@ impl Resources {
         }
     }
 
+    /// Component-wise difference, saturating at `i64::MIN`; extended resources that reach zero
+    /// are dropped so that equal amounts compare equal.
+    pub fn saturating_sub(&self, other: &Resources) -> Resources {
+        let mut extended = self.extended.clone();
+        for (name, value) in &other.extended {
+            let entry = extended.entry(name.clone()).or_default();
+            *entry = entry.saturating_sub(*value);
+        }
+        extended.retain(|_, v| *v != 0);
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_sub(other.cpu_millis),
+            memory_bytes: self.memory_bytes.saturating_sub(other.memory_bytes),
+            pods: self.pods.saturating_sub(other.pods),
+            ephemeral_storage_bytes: self
+                .ephemeral_storage_bytes
+                .saturating_sub(other.ephemeral_storage_bytes),
+            extended,
+        }
+    }
+
+    /// Every dimension multiplied by `n` (saturating).
+    pub fn times(&self, n: i64) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_mul(n),
+            memory_bytes: self.memory_bytes.saturating_mul(n),
+            pods: self.pods.saturating_mul(n),
+            ephemeral_storage_bytes: self.ephemeral_storage_bytes.saturating_mul(n),
+            extended: self
+                .extended
+                .iter()
+                .map(|(k, v)| (k.clone(), v.saturating_mul(n)))
+                .collect(),
+        }
+    }
+
+    /// True when every dimension is zero.
+    pub fn is_zero(&self) -> bool {
+        self.cpu_millis == 0
+            && self.memory_bytes == 0
+            && self.pods == 0
+            && self.ephemeral_storage_bytes == 0
+            && self.extended.values().all(|v| *v == 0)
+    }
+
     /// True when `request` fits into `self` in every dimension.
     pub fn fits(&self, request: &Resources) -> bool {
         request.cpu_millis <= self.cpu_millis
@@ -119,6 +163,24 @@ mod tests {
                 .saturating_add(&cpu_mem(1, 0))
                 .cpu_millis,
             i64::MAX
+        );
+    }
+
+    #[test]
+    fn subtraction_undoes_addition() {
+        let mut a = cpu_mem(100, 1);
+        a.extended.insert("x".into(), 1);
+        let mut b = cpu_mem(200, 2);
+        b.extended.insert("x".into(), 2);
+        assert_eq!(a.saturating_add(&b).saturating_sub(&b), a);
+        assert!(a.saturating_sub(&a).is_zero());
+        assert_eq!(a.saturating_sub(&a), Resources::default());
+        assert_eq!(
+            cpu_mem(3, 5).times(3),
+            Resources {
+                pods: 3,
+                ..cpu_mem(9, 15)
+            }
         );
     }
 

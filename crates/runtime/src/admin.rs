@@ -1,7 +1,11 @@
-//! The admin HTTP port: `/metrics` (Prometheus text), `/healthz` (the process answers) and
-//! `/readyz` (the service is ready to serve; 503 with the reason otherwise).
+//! The admin HTTP port: `/metrics` (Prometheus text), `/healthz` (the process answers; degraded
+//! dependencies are listed, still 200) and `/readyz` (the service is ready to serve; 503 with the
+//! reason otherwise).
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use tokio::net::TcpListener;
@@ -9,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::RuntimeMetrics;
 
-/// Whether the service is ready, and if not, why.
+/// Whether the service is ready, and if not, why; and which dependencies are degraded.
 #[derive(Debug, Clone)]
 pub struct Readiness {
     state: Arc<Mutex<Result<(), String>>>,
+    degraded: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl Readiness {
@@ -20,7 +25,30 @@ impl Readiness {
     pub fn new(reason: &str) -> Readiness {
         Readiness {
             state: Arc::new(Mutex::new(Err(reason.to_string()))),
+            degraded: Arc::default(),
         }
+    }
+
+    /// Marks dependency `name` degraded for `reason` (`None` clears it). A degraded dependency
+    /// does not make the service unready: it still serves, with less (e.g. stale utilization).
+    pub fn set_degraded(&self, name: &str, reason: Option<String>) {
+        let mut degraded = self.degraded.lock().unwrap_or_else(|p| p.into_inner());
+        match reason {
+            Some(reason) => {
+                degraded.insert(name.to_string(), reason);
+            }
+            None => {
+                degraded.remove(name);
+            }
+        }
+    }
+
+    /// Degraded dependencies and why.
+    pub fn degraded(&self) -> BTreeMap<String, String> {
+        self.degraded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Marks ready.
@@ -57,6 +85,14 @@ async fn metrics_handler(
     )
 }
 
+async fn healthz(State(state): State<AdminState>) -> String {
+    let mut out = "ok\n".to_string();
+    for (name, reason) in state.readiness.degraded() {
+        out.push_str(&format!("degraded: {name}: {reason}\n"));
+    }
+    out
+}
+
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
     match state.readiness.get() {
         Ok(()) => (StatusCode::OK, "ready\n".into()),
@@ -76,7 +112,7 @@ pub async fn serve_admin(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(AdminState { metrics, readiness });
     axum::serve(listener, app)

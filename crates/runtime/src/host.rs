@@ -48,6 +48,14 @@ pub enum HostError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// A dependency of the service (Kubernetes client, backend) could not be set up.
+    #[error("{what}: {message}")]
+    Dependency {
+        /// What could not be set up.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
     /// The gRPC server task ended unexpectedly.
     #[error("gRPC server stopped unexpectedly: {0}")]
     Stopped(String),
@@ -210,6 +218,11 @@ impl<S: ServiceSettings> Host<S> {
     /// This service's election (campaigning services), for looking up the current leader.
     pub fn election(&self) -> Option<Election> {
         self.election.clone()
+    }
+
+    /// The service's readiness and degraded dependencies (shown on `/readyz` and `/healthz`).
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
     }
 
     /// The bound gRPC address.

@@ -21,4 +21,4 @@ pub use host::{Host, HostError, status_from_store};
 pub use layers::{TracedChannel, traced_channel};
 pub use leader::{LeaderWatch, describe_leadership};
 pub use shoal_core::ValidationErrors;
-pub use upstream::{Upstream, not_yet_implemented, validate_address};
+pub use upstream::{Upstream, invalid_argument, not_yet_implemented, validate_address};

@@ -97,3 +97,38 @@ impl Telemetry {
         let _ = self.provider.shutdown();
     }
 }
+
+/// The W3C `traceparent` of `span`, for carrying a trace inside a message (a snapshot, a stored
+/// operation) rather than in call metadata. Empty when the span has no valid trace.
+pub fn traceparent_of(span: &tracing::Span) -> String {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = span.context();
+    let mut carrier = std::collections::HashMap::new();
+    global::get_text_map_propagator(|p| p.inject_context(&context, &mut carrier));
+    carrier.remove("traceparent").unwrap_or_default()
+}
+
+/// Makes `span` a child of the trace in `traceparent` (ignored when empty or malformed).
+pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if traceparent.is_empty() {
+        return;
+    }
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    let parent = global::get_text_map_propagator(|p| p.extract(&carrier));
+    let _ = span.set_parent(parent);
+}
+
+/// The trace id of `span` as 32 hex digits (empty when it has none).
+pub fn trace_id_of(span: &tracing::Span) -> String {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    if span_context.is_valid() {
+        span_context.trace_id().to_string()
+    } else {
+        String::new()
+    }
+}

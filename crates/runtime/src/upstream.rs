@@ -76,3 +76,24 @@ pub fn validate_address(path: &str, value: &str, errors: &mut shoal_core::Valida
         );
     }
 }
+
+/// `INVALID_ARGUMENT` listing every invalid field, in the message and as `google.rpc.BadRequest`
+/// field violations (grpcurl shows both). `prefix` is put before each path (e.g. `pools[1].`).
+pub fn invalid_argument(errors: &shoal_core::ValidationErrors, prefix: &str) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let fields: Vec<(String, String)> = errors
+        .errors
+        .iter()
+        .map(|e| (format!("{prefix}{}", e.path), e.reason.clone()))
+        .collect();
+    let message = fields
+        .iter()
+        .map(|(path, reason)| format!("{path}: {reason}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut details = ErrorDetails::new();
+    for (path, reason) in &fields {
+        details.add_bad_request_violation(path.clone(), reason.clone());
+    }
+    tonic::Status::with_error_details(tonic::Code::InvalidArgument, message, details)
+}

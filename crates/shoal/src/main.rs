@@ -16,6 +16,9 @@ use shoal_runtime::{
 };
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Shoal: a node autoscaler for k3s and Kubernetes.
 #[derive(Parser)]
 #[command(name = "shoal", version)]

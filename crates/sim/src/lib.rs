@@ -11,7 +11,6 @@
 pub mod agent;
 pub mod api;
 pub mod cloud;
-mod convert;
 pub mod deployments;
 pub mod disruption;
 pub mod error;

@@ -16,8 +16,9 @@ use shoal_core::{
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
+use shoal_kube::convert::{node_facts, pod_demand};
+
 use crate::{
-    convert::{node_facts, pod_demand},
     resources::{ResourceKind, by_kind},
     store::{Change, EventType, Store, Stored},
 };

@@ -222,13 +222,19 @@ impl Store {
     /// `log_capacity` bounds how far back a watch can resume.
     pub fn new(log_capacity: usize) -> Arc<Store> {
         let (changes, _) = broadcast::channel(65_536);
+        // Versions start at the Unix time in ms, so that a restarted simulator (which forgets
+        // everything) never hands out a version an earlier incarnation used: a client resuming
+        // from one gets 410 Gone and re-lists, instead of keeping objects that no longer exist.
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
         let store = Arc::new(Store {
             inner: RwLock::new(Inner {
-                rv: 1,
+                rv: base,
                 tables: HashMap::new(),
                 log: VecDeque::new(),
                 log_capacity: log_capacity.max(16),
-                compacted: 1,
+                compacted: base,
             }),
             changes,
             epoch: tokio::sync::watch::Sender::new(0),
@@ -689,7 +695,9 @@ impl Store {
         let live = self.changes.subscribe();
         let backlog = match from {
             Some(from) => {
-                if from < inner.compacted {
+                // A version from before this store began, or one it never reached (a client
+                // of an earlier incarnation), cannot be resumed from.
+                if from < inner.compacted || from > inner.rv {
                     return Err(ApiError::Gone {
                         requested: from,
                         oldest: inner.compacted,

@@ -28,3 +28,46 @@ pub fn election(service: &str) -> String {
 pub fn leader_record(service: &str) -> String {
     format!("leaders/{service}")
 }
+
+/// `pools/`: every NodePool.
+pub const POOLS: &str = "pools/";
+
+/// `claims/`: every NodeClaim.
+pub const CLAIMS: &str = "claims/";
+
+/// `ops/`: every provisioner operation.
+pub const OPERATIONS: &str = "ops/";
+
+/// `decisions/`: decision history, oldest first.
+pub const DECISIONS: &str = "decisions/";
+
+/// `decisions/<unix ms, 13 digits>-<id>`: one decision; keys sort by time.
+pub fn decision(unix_ms: u64, id: &str) -> String {
+    format!("decisions/{unix_ms:013}-{id}")
+}
+
+/// `decider/history`: cooldowns and unneeded-node timers (fenced, leader only).
+pub const DECIDER_HISTORY: &str = "decider/history";
+
+/// `decider/paused`: whether the decider acts on its decisions.
+pub const DECIDER_PAUSED: &str = "decider/paused";
+
+/// `ids/<backend>/<id>`: a reserved backend id (e.g. a Proxmox VMID or a node name).
+pub fn reserved_id(backend: &str, id: &str) -> String {
+    format!("ids/{backend}/{id}")
+}
+
+/// `idempotency/<key>`: the operation created for a caller's idempotency key.
+pub fn idempotency(key: &str) -> String {
+    format!("idempotency/{key}")
+}
+
+/// `audit/<unix ms, 13 digits>-<id>`: one mutating call, append-only.
+pub fn audit(unix_ms: u64, id: &str) -> String {
+    format!("audit/{unix_ms:013}-{id}")
+}
+
+/// `drifts/<unix ms, 13 digits>-<id>`: one detected drift and its repair.
+pub fn drift(unix_ms: u64, id: &str) -> String {
+    format!("drifts/{unix_ms:013}-{id}")
+}

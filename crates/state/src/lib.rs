@@ -4,6 +4,7 @@
 //!
 //! Keys are relative to the store's namespace (default `/shoal/v1/`); see [`keys`].
 
+pub mod cache;
 pub mod election;
 mod etcd;
 pub mod keys;
@@ -13,6 +14,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::Stream;
 
+pub use cache::PrefixCache;
 pub use election::{Election, ElectionConfig, Leadership};
 pub use etcd::{EtcdConfig, EtcdStore};
 pub use memory::MemoryStore;

@@ -7,10 +7,12 @@
 pub mod etcd;
 pub mod process;
 pub mod prometheus;
+pub mod sim;
 
 pub use etcd::EtcdServer;
 pub use process::{ServiceProcess, bin_path};
 pub use prometheus::PrometheusServer;
+pub use sim::SimServer;
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -63,10 +65,35 @@ pub fn require_tool(name: &str, install_hint: &str) -> std::path::PathBuf {
 /// Minimal blocking HTTP/1.0 GET on loopback: returns (status, body). For probing fixtures
 /// without pulling an HTTP client into every test.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, None)
+}
+
+/// Minimal blocking HTTP/1.0 request with an optional JSON body (`content-type` is
+/// `application/merge-patch+json` for PATCH, `application/json` otherwise).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    match json {
+        Some(body) => {
+            let content_type = if method == "PATCH" {
+                "application/merge-patch+json"
+            } else {
+                "application/json"
+            };
+            write!(
+                stream,
+                "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
+        }
+        None => write!(stream, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?,
+    }
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let status = response

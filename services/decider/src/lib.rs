@@ -1,11 +1,14 @@
 //! The decider: plans what to add and remove (a pure planner over cluster snapshots), explains
-//! every decision, keeps decision history, and manages NodePools. Only the leader acts.
-//!
-//! This version campaigns for leadership, serves `GetStatus` (leadership, mode, and the health
-//! of the metrics and provisioner services it depends on), and the rest of the API surface; the
-//! planner, control loop and pool management arrive with the decider issue.
+//! every decision, keeps a bounded decision history, manages NodePools, and answers capacity
+//! requests. Only the leader acts; every replica answers reads and what-ifs.
 
 mod api;
+pub mod control;
+pub mod planner;
+pub mod stats;
+pub mod store;
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::{
@@ -15,8 +18,11 @@ use shoal_proto::{
 use shoal_runtime::{
     Config, Host, HostError, ServiceSettings, Upstream, ValidationErrors, validate_address,
 };
+use shoal_state::{PrefixCache, keys};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
+
+pub use planner::Expander;
 
 /// `service:` settings of the decider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +34,13 @@ pub struct DeciderSettings {
     pub provisioner_addr: String,
     /// Plan and record decisions, but never call the provisioner.
     pub dry_run: bool,
+    /// NodePool YAML files the leader applies to the store when elected (files win over API
+    /// changes to the pools they name).
+    pub pool_files: Vec<String>,
+    /// Expander chain choosing among pools: least-waste, priority, price, most-pods, random.
+    pub expanders: Vec<Expander>,
+    /// Decisions kept in the store.
+    pub history_limit: u32,
 }
 
 impl Default for DeciderSettings {
@@ -36,6 +49,9 @@ impl Default for DeciderSettings {
             metrics_addr: "http://127.0.0.1:50051".into(),
             provisioner_addr: "http://127.0.0.1:50053".into(),
             dry_run: false,
+            pool_files: Vec::new(),
+            expanders: vec![Expander::LeastWaste],
+            history_limit: 500,
         }
     }
 }
@@ -49,6 +65,17 @@ impl ServiceSettings for DeciderSettings {
     fn validate(&self, errors: &mut ValidationErrors) {
         validate_address("service.metricsAddr", &self.metrics_addr, errors);
         validate_address("service.provisionerAddr", &self.provisioner_addr, errors);
+        if self.expanders.is_empty() {
+            errors.add("service.expanders", "must list at least one expander");
+        }
+        if self.history_limit == 0 || self.history_limit > 100_000 {
+            errors.add("service.historyLimit", "must be between 1 and 100000");
+        }
+        for (i, file) in self.pool_files.iter().enumerate() {
+            if let Err(why) = control::load_pool_file(file) {
+                errors.add(format!("service.poolFiles[{i}]"), format!("{file}: {why}"));
+            }
+        }
     }
 }
 
@@ -61,6 +88,12 @@ pub async fn serve(
     let Some(host) = Host::start(config, &shutdown).await? else {
         return Ok(());
     };
+    let store = host.store().ok_or_else(|| HostError::Dependency {
+        what: "state store",
+        message: "the decider needs a store".into(),
+    })?;
+    let stats = stats::Stats::register(&host.metrics.registry)
+        .map_err(|e| HostError::Metrics(shoal_runtime::metrics::MetricsError::from(e)))?;
     let upstreams = vec![
         Upstream::new("metrics", &settings.metrics_addr, service_names::METRICS)?,
         Upstream::new(
@@ -69,18 +102,34 @@ pub async fn serve(
             service_names::PROVISIONER,
         )?,
     ];
-    let decider = api::DeciderApi {
-        leader: host.leader(),
-        election: host.election(),
-        upstreams,
-        dry_run: settings.dry_run,
-    };
-    let routes = Routes::new(DeciderServiceServer::new(decider))
-        .add_service(PoolServiceServer::new(api::PoolApi));
-    host.serve(
-        routes,
-        &[service_names::DECIDER, service_names::POOL],
-        shutdown,
-    )
-    .await
+    let tasks = shutdown.child_token();
+    let pools = PrefixCache::start(store.clone(), keys::POOLS, tasks.clone());
+    let claims = PrefixCache::start(store.clone(), keys::CLAIMS, tasks.clone());
+    let decider_store = store::DeciderStore::new(store);
+    let decider = Arc::new(control::Decider::new(
+        settings,
+        decider_store.clone(),
+        pools,
+        claims,
+        upstreams[0].channel.clone(),
+        upstreams[1].channel.clone(),
+        host.leader(),
+        host.election(),
+        stats,
+    ));
+    tokio::spawn(decider.clone().run(tasks.clone()));
+    let api = api::DeciderApi { decider, upstreams };
+    let routes = Routes::new(DeciderServiceServer::new(api).max_decoding_message_size(256 << 20))
+        .add_service(PoolServiceServer::new(api::PoolApi {
+            store: decider_store,
+        }));
+    let result = host
+        .serve(
+            routes,
+            &[service_names::DECIDER, service_names::POOL],
+            shutdown,
+        )
+        .await;
+    tasks.cancel();
+    result
 }

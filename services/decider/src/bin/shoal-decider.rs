@@ -3,6 +3,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Shoal's decider: scaling decisions, their reasons and history, and NodePools.
 #[derive(Parser)]
 #[command(name = "shoal-decider", version)]

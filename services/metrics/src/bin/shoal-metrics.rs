@@ -3,6 +3,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// Snapshots are built from many small allocations; mimalloc makes that several times cheaper than
+// the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Shoal's metrics service: cluster snapshots and node utilization over gRPC.
 #[derive(Parser)]
 #[command(name = "shoal-metrics", version)]

@@ -3,6 +3,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Shoal's provisioner: node lifecycle on every backend.
 #[derive(Parser)]
 #[command(name = "shoal-provisioner", version)]

@@ -3,6 +3,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Shoal's reconciler: finds and repairs drift between the store, the backends and Kubernetes.
 #[derive(Parser)]
 #[command(name = "shoal-reconciler", version)]

@@ -1,0 +1,315 @@
+//! NodeClaims and provisioner operations as stored (`claims/<id>`, `ops/<id>`: versioned JSON),
+//! with their wire forms. The provisioner writes them; the decider and the reconciler read them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use shoal_proto::v1 as pb;
+
+use crate::ClaimPhase;
+
+/// Version of the stored JSON.
+pub const RECORD_VERSION: u32 = 1;
+
+fn version() -> u32 {
+    RECORD_VERSION
+}
+
+fn ts(ms: u64) -> Option<prost_types::Timestamp> {
+    (ms > 0).then(|| prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    })
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One phase change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Transition {
+    /// The new phase.
+    pub phase: ClaimPhase,
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// Shoal's record of one node it asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeClaim {
+    /// Record version.
+    #[serde(default = "version")]
+    pub version: u32,
+    /// Claim id (also the `shoal.dev/claim` label).
+    pub id: String,
+    /// Pool.
+    pub pool: String,
+    /// Phase.
+    pub phase: ClaimPhase,
+    /// Backend.
+    pub backend: String,
+    /// Backend instance id, once launched.
+    #[serde(default)]
+    pub instance_id: String,
+    /// Kubernetes node name.
+    pub node_name: String,
+    /// Operation that created or is deleting it.
+    pub operation_id: String,
+    /// Unix ms.
+    pub created_at_ms: u64,
+    /// Unix ms.
+    pub updated_at_ms: u64,
+    /// Why it failed.
+    #[serde(default)]
+    pub failure_reason: String,
+    /// Phase changes, oldest first.
+    #[serde(default)]
+    pub history: Vec<Transition>,
+    /// Ownership and pool labels put on the instance and node.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A phase change the lifecycle does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("claim {id}: {from:?} cannot become {to:?}")]
+pub struct IllegalTransition {
+    /// Claim.
+    pub id: String,
+    /// Current phase.
+    pub from: ClaimPhase,
+    /// Requested phase.
+    pub to: ClaimPhase,
+}
+
+impl NodeClaim {
+    /// Moves the claim to `next`, recording why; refuses transitions the lifecycle forbids.
+    pub fn transition(
+        &mut self,
+        next: ClaimPhase,
+        reason: impl Into<String>,
+        now_ms: u64,
+    ) -> Result<(), IllegalTransition> {
+        if !self.phase.can_become(next) {
+            return Err(IllegalTransition {
+                id: self.id.clone(),
+                from: self.phase,
+                to: next,
+            });
+        }
+        let reason = reason.into();
+        if next == ClaimPhase::Failed {
+            self.failure_reason = reason.clone();
+        }
+        self.phase = next;
+        self.updated_at_ms = now_ms;
+        self.history.push(Transition {
+            phase: next,
+            at_ms: now_ms,
+            reason,
+        });
+        Ok(())
+    }
+
+    /// When the claim entered its current phase (Unix ms).
+    pub fn phase_since_ms(&self) -> u64 {
+        self.history
+            .iter()
+            .rev()
+            .find(|t| t.phase == self.phase)
+            .map_or(self.created_at_ms, |t| t.at_ms)
+    }
+
+    /// The wire form.
+    pub fn to_proto(&self) -> pb::NodeClaim {
+        pb::NodeClaim {
+            id: self.id.clone(),
+            pool: self.pool.clone(),
+            phase: pb::ClaimPhase::from(self.phase) as i32,
+            backend: self.backend.clone(),
+            instance_id: self.instance_id.clone(),
+            node_name: self.node_name.clone(),
+            operation_id: self.operation_id.clone(),
+            created_at: ts(self.created_at_ms),
+            updated_at: ts(self.updated_at_ms),
+            failure_reason: self.failure_reason.clone(),
+            history: self
+                .history
+                .iter()
+                .map(|t| pb::PhaseTransition {
+                    phase: pb::ClaimPhase::from(t.phase) as i32,
+                    at: ts(t.at_ms),
+                    reason: t.reason.clone(),
+                })
+                .collect(),
+            labels: self.labels.clone(),
+        }
+    }
+
+    /// From the wire form (as `Evaluate` callers pass claims); `None` for an unspecified phase.
+    pub fn from_proto(c: &pb::NodeClaim) -> Option<NodeClaim> {
+        let ms = |t: &Option<prost_types::Timestamp>| {
+            t.as_ref().map_or(0, |t| {
+                (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000
+            })
+        };
+        Some(NodeClaim {
+            version: RECORD_VERSION,
+            id: c.id.clone(),
+            pool: c.pool.clone(),
+            phase: ClaimPhase::try_from(pb::ClaimPhase::try_from(c.phase).ok()?).ok()?,
+            backend: c.backend.clone(),
+            instance_id: c.instance_id.clone(),
+            node_name: c.node_name.clone(),
+            operation_id: c.operation_id.clone(),
+            created_at_ms: ms(&c.created_at),
+            updated_at_ms: ms(&c.updated_at),
+            failure_reason: c.failure_reason.clone(),
+            history: Vec::new(),
+            labels: c.labels.clone(),
+        })
+    }
+}
+
+/// Kind of operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub enum OperationKind {
+    /// CreateNodes.
+    Create,
+    /// DeleteNodes.
+    Delete,
+}
+
+/// Progress of an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub enum OperationState {
+    /// Claims are still moving.
+    Running,
+    /// Every claim reached its goal.
+    Succeeded,
+    /// Some claims failed.
+    PartiallyFailed,
+    /// Every claim failed, or the operation as a whole did.
+    Failed,
+}
+
+/// One CreateNodes or DeleteNodes call and its claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    /// Record version.
+    #[serde(default = "version")]
+    pub version: u32,
+    /// Operation id.
+    pub id: String,
+    /// Create or delete.
+    pub kind: OperationKind,
+    /// Pool (creates; the first node's pool for deletes).
+    pub pool: String,
+    /// Caller's idempotency key.
+    pub idempotency_key: String,
+    /// Claims it creates or deletes.
+    pub claim_ids: Vec<String>,
+    /// Progress.
+    pub state: OperationState,
+    /// Why it was asked for.
+    pub reason: String,
+    /// Unix ms.
+    pub created_at_ms: u64,
+    /// Unix ms.
+    pub updated_at_ms: u64,
+    /// What went wrong, if anything.
+    #[serde(default)]
+    pub error: String,
+    /// W3C traceparent of the request, so work resumed after a restart joins its trace.
+    #[serde(default)]
+    pub traceparent: String,
+}
+
+impl Operation {
+    /// The wire form.
+    pub fn to_proto(&self) -> pb::Operation {
+        pb::Operation {
+            id: self.id.clone(),
+            kind: match self.kind {
+                OperationKind::Create => pb::OperationKind::Create,
+                OperationKind::Delete => pb::OperationKind::Delete,
+            } as i32,
+            pool: self.pool.clone(),
+            idempotency_key: self.idempotency_key.clone(),
+            claim_ids: self.claim_ids.clone(),
+            state: match self.state {
+                OperationState::Running => pb::OperationState::Running,
+                OperationState::Succeeded => pb::OperationState::Succeeded,
+                OperationState::PartiallyFailed => pb::OperationState::PartiallyFailed,
+                OperationState::Failed => pb::OperationState::Failed,
+            } as i32,
+            reason: self.reason.clone(),
+            created_at: ts(self.created_at_ms),
+            updated_at: ts(self.updated_at_ms),
+            error: self.error.clone(),
+        }
+    }
+
+    /// True once nothing more will happen.
+    pub fn is_finished(&self) -> bool {
+        self.state != OperationState::Running
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim() -> NodeClaim {
+        NodeClaim {
+            version: RECORD_VERSION,
+            id: "c1".into(),
+            pool: "general".into(),
+            phase: ClaimPhase::Pending,
+            backend: "sim".into(),
+            instance_id: String::new(),
+            node_name: "general-1".into(),
+            operation_id: "op1".into(),
+            created_at_ms: 1000,
+            updated_at_ms: 1000,
+            failure_reason: String::new(),
+            history: vec![],
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn transitions_are_checked_and_recorded() {
+        let mut c = claim();
+        c.transition(ClaimPhase::Launched, "instance i-1", 2000)
+            .expect("legal");
+        assert_eq!(c.phase_since_ms(), 2000);
+        let err = c
+            .transition(ClaimPhase::Pending, "back", 3000)
+            .expect_err("illegal");
+        assert_eq!(err.from, ClaimPhase::Launched);
+        c.transition(ClaimPhase::Failed, "never registered", 4000)
+            .expect("legal");
+        assert_eq!(c.failure_reason, "never registered");
+        assert_eq!(c.history.len(), 2);
+        let json = serde_json::to_string(&c).expect("json");
+        assert!(json.contains("\"phase\":\"Failed\""), "{json}");
+        let back: NodeClaim = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, c);
+        assert_eq!(
+            NodeClaim::from_proto(&c.to_proto()).map(|p| p.phase),
+            Some(ClaimPhase::Failed)
+        );
+    }
+}

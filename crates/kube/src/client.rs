@@ -1,0 +1,101 @@
+//! A [`kube::Client`] from the service's `kube` settings: an explicit kubeconfig (and context),
+//! or, when none is given, what `kubectl` would use (`$KUBECONFIG`, in-cluster service account,
+//! `~/.kube/config`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// How to reach the Kubernetes API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubeSettings {
+    /// Kubeconfig file. Empty: `$KUBECONFIG`, then the in-cluster service account, then
+    /// `~/.kube/config`.
+    #[serde(default)]
+    pub kubeconfig: String,
+    /// Context in the kubeconfig. Empty: its current context.
+    #[serde(default)]
+    pub context: String,
+}
+
+impl KubeSettings {
+    /// Adds problems with these settings, under `path`, to `errors`.
+    pub fn validate(&self, path: &str, errors: &mut shoal_core::ValidationErrors) {
+        if !self.kubeconfig.is_empty() && !PathBuf::from(&self.kubeconfig).is_file() {
+            errors.add(
+                format!("{path}.kubeconfig"),
+                format!("{:?} is not a readable file", self.kubeconfig),
+            );
+        }
+        if !self.context.is_empty() && self.kubeconfig.is_empty() {
+            errors.add(
+                format!("{path}.context"),
+                "needs kubeconfig: a context names an entry of a kubeconfig file",
+            );
+        }
+    }
+}
+
+/// Why no client could be built, or a Kubernetes call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// The kubeconfig file could not be read or used.
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// No configuration could be inferred from the environment.
+    #[error(
+        "no Kubernetes configuration found (set kube.kubeconfig, KUBECONFIG, or run in a pod): {0}"
+    )]
+    Infer(#[source] kube::config::InferConfigError),
+    /// The client could not be built from the configuration.
+    #[error("Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    /// A call to the API server failed.
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+}
+
+impl KubeError {
+    /// True when retrying the same call may succeed (the API server was unreachable, timed out,
+    /// throttled, or answered with a 5xx).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            KubeError::Api(kube::Error::Api(status)) => status.code == 429 || status.code >= 500,
+            KubeError::Api(kube::Error::Service(_) | kube::Error::HyperError(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Builds a client; it connects on first use.
+pub async fn connect(settings: &KubeSettings) -> Result<kube::Client, KubeError> {
+    let config = if settings.kubeconfig.is_empty() {
+        kube::Config::infer().await.map_err(KubeError::Infer)?
+    } else {
+        let kubeconfig =
+            kube::config::Kubeconfig::read_from(&settings.kubeconfig).map_err(|source| {
+                KubeError::Kubeconfig {
+                    path: settings.kubeconfig.clone(),
+                    source,
+                }
+            })?;
+        let options = kube::config::KubeConfigOptions {
+            context: (!settings.context.is_empty()).then(|| settings.context.clone()),
+            ..Default::default()
+        };
+        kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+            .await
+            .map_err(|source| KubeError::Kubeconfig {
+                path: settings.kubeconfig.clone(),
+                source,
+            })?
+    };
+    kube::Client::try_from(config).map_err(KubeError::Client)
+}

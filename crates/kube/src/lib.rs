@@ -1,0 +1,11 @@
+//! Shoal's Kubernetes adapters: building a client (kubeconfig or in-cluster), reading pods and
+//! nodes the way the scheduler does ([`convert`]), following objects with watches that re-list
+//! on 410 ([`watch`]), and the node operations of scale-down.
+//!
+//! Works against any API server: the simulator in tests, a real cluster in production.
+
+pub mod client;
+pub mod convert;
+pub mod watch;
+
+pub use client::{KubeError, KubeSettings, connect};

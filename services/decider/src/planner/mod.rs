@@ -1,0 +1,425 @@
+//! The planner: a pure function of (snapshot, pools, in-flight claims, history, now) to a
+//! decision, with no I/O. It places pending pods on existing capacity and in-flight nodes as
+//! the scheduler would (sharing its fit rules), bin-packs the rest onto new nodes of the pools
+//! that can host them (chosen by the expander chain), applies the seed systems' threshold and
+//! min-node rules, and removes unneeded nodes whose pods can all be placed elsewhere. Every
+//! decision says why — including why nothing happens.
+
+pub mod expander;
+pub mod packing;
+mod scale_down;
+mod scale_up;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+use shoal_core::{
+    ClaimPhase, Resources,
+    claim::NodeClaim,
+    fit::{NodeFacts, PodDemand},
+    pool::{Bounds, Pool},
+    snapshot,
+};
+use shoal_proto::v1 as pb;
+
+pub use expander::Expander;
+
+/// What a pool's decisions so far mean for the next one. Pure data: the planner reads one and
+/// returns the next.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolHistory {
+    /// Last executed scale-up (Unix ms).
+    #[serde(default)]
+    pub last_scale_up_ms: Option<u64>,
+    /// Last executed scale-down (Unix ms).
+    #[serde(default)]
+    pub last_scale_down_ms: Option<u64>,
+    /// Since when each node has been unneeded (Unix ms).
+    #[serde(default)]
+    pub unneeded_since_ms: BTreeMap<String, u64>,
+    /// Since when average CPU has been above `scaleUp.cpuAbove` (Unix ms).
+    #[serde(default)]
+    pub cpu_above_since_ms: Option<u64>,
+    /// Since when average memory has been above `scaleUp.memoryAbove` (Unix ms).
+    #[serde(default)]
+    pub memory_above_since_ms: Option<u64>,
+}
+
+/// Per-pool history.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct History {
+    /// By pool name.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolHistory>,
+}
+
+impl History {
+    /// Records that `decision`'s actions were carried out at `now` (starting cooldowns).
+    pub fn record_executed(&mut self, decision: &pb::Decision, now: SystemTime) {
+        let now = ms(now);
+        for action in &decision.actions {
+            match &action.action {
+                Some(pb::scale_action::Action::ScaleUp(up)) => {
+                    self.pools
+                        .entry(up.pool.clone())
+                        .or_default()
+                        .last_scale_up_ms = Some(now);
+                }
+                Some(pb::scale_action::Action::ScaleDown(down)) => {
+                    let pool = self.pools.entry(down.pool.clone()).or_default();
+                    pool.last_scale_down_ms = Some(now);
+                    for node in &down.nodes {
+                        pool.unneeded_since_ms.remove(node);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// Everything a plan depends on.
+pub struct PlanInput<'a> {
+    /// The cluster.
+    pub snapshot: &'a pb::ClusterSnapshot,
+    /// Valid pools.
+    pub pools: &'a [Pool],
+    /// NodeClaims in the store (any phase).
+    pub claims: &'a [NodeClaim],
+    /// What earlier decisions did.
+    pub history: &'a History,
+    /// The planning time.
+    pub now: SystemTime,
+    /// The expander chain.
+    pub expanders: &'a [Expander],
+    /// Seed of the random expander.
+    pub seed: u64,
+}
+
+/// A plan: the decision and the history after it.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Actions, reasons and per-class outcomes (id, time and duration are the caller's).
+    pub decision: pb::Decision,
+    /// History with this plan's observations (unneeded nodes, thresholds). Cooldowns start only
+    /// when the caller records the decision as executed.
+    pub history: History,
+    /// A pool's scale-up stopped at its `batchSize`: plan again once these nodes are claimed.
+    pub batch_capped: bool,
+    /// When the oldest pending pod this plan helps became unschedulable.
+    pub oldest_helped_since: Option<SystemTime>,
+}
+
+pub(crate) fn ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(crate) fn from_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+pub(crate) fn human(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+/// A pod class as the planner sees it.
+pub(crate) struct Class<'a> {
+    pub proto: &'a pb::PodClass,
+    pub demand: PodDemand,
+    /// Blockers that forbid moving the pod (anything but DaemonSet, mirror and PDB).
+    pub hard_blockers: Vec<pb::EvictionBlocker>,
+    /// Dies with its node (DaemonSet or mirror pod): never moved, never in the way.
+    pub node_bound: bool,
+    /// Index into `Cluster::pdbs`.
+    pub pdb: Option<usize>,
+    /// `namespace/owner` for reasons.
+    pub label: String,
+}
+
+/// A snapshot node as the planner sees it.
+pub(crate) struct Node<'a> {
+    pub info: &'a pb::NodeInfo,
+    pub facts: NodeFacts,
+    /// Index into the pools, when a known pool manages it.
+    pub pool: Option<usize>,
+    pub ready: bool,
+    /// A claim of it is Draining or Terminating.
+    pub deleting: bool,
+    pub created_ms: u64,
+    /// (class index, count).
+    pub pods: Vec<(usize, i64)>,
+}
+
+/// Where pods can go during the plan: free capacity of an existing node or of a template node
+/// (in flight, or added by this plan).
+#[derive(Clone)]
+pub(crate) struct Bin {
+    pub free: Resources,
+    pub kind: BinKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BinKind {
+    /// Snapshot node (index).
+    Existing(usize),
+    /// A node in flight (claimed, not yet in the snapshot) of a pool.
+    InFlight(usize),
+    /// A node this plan adds to a pool (min enforcement).
+    New(usize),
+}
+
+/// The indexed input.
+pub(crate) struct Cluster<'a> {
+    pub pools: &'a [Pool],
+    pub bounds: Vec<Bounds>,
+    pub classes: Vec<Class<'a>>,
+    pub class_index: HashMap<u64, usize>,
+    pub nodes: Vec<Node<'a>>,
+    /// Nodes per pool that exist and are not being deleted.
+    pub live: Vec<u32>,
+    /// Claimed nodes per pool that are not in the snapshot yet.
+    pub in_flight: Vec<u32>,
+    /// (namespace, name, disruptions allowed).
+    pub pdbs: Vec<(String, String, i32)>,
+    pub template: Vec<NodeFacts>,
+    pub now: SystemTime,
+}
+
+impl<'a> Cluster<'a> {
+    fn build(input: &PlanInput<'a>) -> Cluster<'a> {
+        let pool_index: HashMap<&str, usize> = input
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.as_str(), i))
+            .collect();
+        let pdbs: Vec<(String, String, i32)> = input
+            .snapshot
+            .pdbs
+            .iter()
+            .map(|p| (p.namespace.clone(), p.name.clone(), p.disruptions_allowed))
+            .collect();
+        let pdb_index: HashMap<(&str, &str), usize> = pdbs
+            .iter()
+            .enumerate()
+            .map(|(i, (ns, name, _))| ((ns.as_str(), name.as_str()), i))
+            .collect();
+        let mut class_index = HashMap::with_capacity(input.snapshot.classes.len());
+        let classes: Vec<Class<'a>> = input
+            .snapshot
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                class_index.insert(c.id, i);
+                use pb::EvictionBlocker as B;
+                let blockers: Vec<B> = c
+                    .blockers
+                    .iter()
+                    .filter_map(|b| B::try_from(*b).ok())
+                    .collect();
+                let node_bound = blockers
+                    .iter()
+                    .any(|b| matches!(b, B::Daemonset | B::Mirror));
+                let hard_blockers = blockers
+                    .into_iter()
+                    .filter(|b| !matches!(b, B::Daemonset | B::Mirror | B::Pdb | B::Unspecified))
+                    .collect();
+                let owner = c
+                    .owner
+                    .as_ref()
+                    .map_or_else(|| "(no owner)".to_string(), |o| o.name.clone());
+                Class {
+                    proto: c,
+                    demand: snapshot::pod_demand(c),
+                    hard_blockers,
+                    node_bound,
+                    pdb: (!c.pdb.is_empty())
+                        .then(|| {
+                            pdb_index
+                                .get(&(c.namespace.as_str(), c.pdb.as_str()))
+                                .copied()
+                        })
+                        .flatten(),
+                    label: format!("{}/{owner}", c.namespace),
+                }
+            })
+            .collect();
+        // Claims: which nodes are going away, which are still coming.
+        let mut deleting_nodes: std::collections::HashSet<&str> = Default::default();
+        let node_names: std::collections::HashSet<&str> = input
+            .snapshot
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect();
+        let mut in_flight = vec![0u32; input.pools.len()];
+        for claim in input.claims {
+            match claim.phase {
+                ClaimPhase::Draining | ClaimPhase::Terminating => {
+                    deleting_nodes.insert(claim.node_name.as_str());
+                }
+                ClaimPhase::Pending
+                | ClaimPhase::Launched
+                | ClaimPhase::Registered
+                | ClaimPhase::Ready
+                    if !node_names.contains(claim.node_name.as_str()) =>
+                {
+                    if let Some(p) = pool_index.get(claim.pool.as_str()) {
+                        in_flight[*p] += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut live = vec![0u32; input.pools.len()];
+        let nodes: Vec<Node<'a>> = input
+            .snapshot
+            .nodes
+            .iter()
+            .map(|info| {
+                let pool = pool_index.get(info.pool.as_str()).copied();
+                let deleting = deleting_nodes.contains(info.name.as_str());
+                if let (Some(p), false) = (pool, deleting) {
+                    live[p] += 1;
+                }
+                Node {
+                    info,
+                    facts: snapshot::node_facts(info),
+                    pool,
+                    ready: info.readiness == pb::NodeReadiness::Ready as i32,
+                    deleting,
+                    created_ms: info
+                        .created_at
+                        .as_ref()
+                        .map_or(0, |t| ms(snapshot::system_time(t))),
+                    pods: info
+                        .pods
+                        .iter()
+                        .filter_map(|c| Some((*class_index.get(&c.class_id)?, c.count as i64)))
+                        .collect(),
+                }
+            })
+            .collect();
+        Cluster {
+            pools: input.pools,
+            bounds: input.pools.iter().map(|p| p.bounds(input.now)).collect(),
+            template: input.pools.iter().map(Pool::template_node).collect(),
+            classes,
+            class_index,
+            nodes,
+            live,
+            in_flight,
+            pdbs,
+            now: input.now,
+        }
+    }
+
+    /// Bins for placement: schedulable existing nodes, then in-flight template nodes.
+    fn bins(&self) -> Vec<Bin> {
+        let mut bins: Vec<Bin> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.ready && !n.deleting && !n.facts.unschedulable)
+            .map(|(i, n)| Bin {
+                free: n.facts.allocatable.saturating_sub(&n.facts.requested),
+                kind: BinKind::Existing(i),
+            })
+            .collect();
+        for (p, count) in self.in_flight.iter().enumerate() {
+            for _ in 0..*count {
+                bins.push(Bin {
+                    free: self.pools[p].capacity.clone(),
+                    kind: BinKind::InFlight(p),
+                });
+            }
+        }
+        bins
+    }
+
+    /// The labels, taints and cordon state of a bin.
+    pub fn bin_facts(&self, kind: BinKind) -> &NodeFacts {
+        match kind {
+            BinKind::Existing(i) => &self.nodes[i].facts,
+            BinKind::InFlight(p) | BinKind::New(p) => &self.template[p],
+        }
+    }
+}
+
+/// Plans one decision.
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let cluster = Cluster::build(input);
+    let mut history = input.history.clone();
+    // Forget pools that no longer exist.
+    history
+        .pools
+        .retain(|name, _| input.pools.iter().any(|p| &p.name == name));
+    let mut bins = cluster.bins();
+    let up = scale_up::plan(&cluster, &mut bins, input, &mut history);
+    let down = scale_down::plan(&cluster, &mut bins, &up, input, &mut history);
+
+    let mut actions = Vec::new();
+    let mut reasons = up.reasons.clone();
+    for (pool, count, reason) in &up.actions {
+        actions.push(pb::ScaleAction {
+            action: Some(pb::scale_action::Action::ScaleUp(pb::ScaleUp {
+                pool: pool.clone(),
+                count: *count as i32,
+                reason: reason.clone(),
+            })),
+        });
+    }
+    for (pool, nodes, reason) in &down.actions {
+        actions.push(pb::ScaleAction {
+            action: Some(pb::scale_action::Action::ScaleDown(pb::ScaleDown {
+                pool: pool.clone(),
+                nodes: nodes.clone(),
+                reason: reason.clone(),
+            })),
+        });
+    }
+    reasons.extend(down.reasons);
+    if actions.is_empty() {
+        let mut why = vec!["no action".to_string()];
+        if up.pending_pods == 0 {
+            why.push("no pending pods".into());
+        } else if up.helped_pods == 0 {
+            why.push(format!(
+                "{} pending pod(s) need no new node or cannot be helped (see outcomes)",
+                up.pending_pods
+            ));
+        }
+        why.push(down.summary.clone());
+        reasons.insert(0, why.join("; "));
+    }
+    Plan {
+        decision: pb::Decision {
+            id: String::new(),
+            created_at: Some(snapshot::timestamp(input.now)),
+            snapshot_sequence: input.snapshot.sequence,
+            actions,
+            reasons,
+            outcomes: up.outcomes,
+            dry_run: false,
+            plan_duration: None,
+            trace_id: String::new(),
+        },
+        history,
+        batch_capped: up.batch_capped,
+        oldest_helped_since: up.oldest_helped_since,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,918 @@
+//! Planner scenarios (the seed systems' and ours) and property tests of its invariants.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use proptest::prelude::*;
+use shoal_core::{
+    ClaimPhase, Resources,
+    claim::NodeClaim,
+    fit::{PodDemand, constraint_misfit, misfits},
+    pool::Pool,
+    snapshot::{node_facts, pod_demand, timestamp},
+};
+
+use super::*;
+
+const GI: i64 = 1 << 30;
+
+fn pool(name: &str, extra: &str) -> Pool {
+    let down = if extra.contains("scaleDown") {
+        ""
+    } else {
+        "  scaleDown: { unneededFor: 10m, cooldown: 0s }\n"
+    };
+    let yaml = format!(
+        "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: {name} }}\nspec:\n  provider: {{ backend: sim }}\n  template:\n    capacity: {{ cpu: \"4\", memory: 8Gi }}\n  limits: {{ minNodes: 0, maxNodes: 10 }}\n{down}{extra}"
+    );
+    Pool::from_yaml(&yaml)
+        .unwrap_or_else(|e| panic!("pool {name}: {e}\n{yaml}"))
+        .1
+}
+
+fn res(cpu: i64, mem: i64, pods: i64) -> pb::Resources {
+    pb::Resources {
+        cpu_millis: cpu,
+        memory_bytes: mem,
+        pods,
+        ephemeral_storage_bytes: 0,
+        extended: BTreeMap::new(),
+    }
+}
+
+fn class(id: u64, owner: &str, cpu: i64, mem: i64) -> pb::PodClass {
+    pb::PodClass {
+        id,
+        namespace: "default".into(),
+        owner: Some(pb::OwnerRef {
+            kind: "Deployment".into(),
+            name: owner.into(),
+        }),
+        requests: Some(res(cpu, mem, 1)),
+        ..Default::default()
+    }
+}
+
+fn node(name: &str, pool: &str, pods: &[(u64, i32)], classes: &[pb::PodClass]) -> pb::NodeInfo {
+    let mut requested = res(0, 0, 0);
+    for (id, count) in pods {
+        let c = classes.iter().find(|c| c.id == *id).expect("class");
+        let r = c.requests.clone().unwrap_or_default();
+        requested.cpu_millis += r.cpu_millis * *count as i64;
+        requested.memory_bytes += r.memory_bytes * *count as i64;
+        requested.pods += *count as i64;
+    }
+    pb::NodeInfo {
+        name: name.into(),
+        pool: pool.into(),
+        allocatable: Some(pb::Resources {
+            ephemeral_storage_bytes: 100 * GI,
+            ..res(4000, 8 * GI, 110)
+        }),
+        requested: Some(requested),
+        labels: [
+            ("shoal.dev/pool".to_string(), pool.to_string()),
+            ("kubernetes.io/hostname".to_string(), name.to_string()),
+        ]
+        .into_iter()
+        .collect(),
+        readiness: pb::NodeReadiness::Ready as i32,
+        created_at: Some(timestamp(epoch(1000))),
+        pods: pods
+            .iter()
+            .map(|(id, count)| pb::ClassCount {
+                class_id: *id,
+                count: *count,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn epoch(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_770_000_000 + secs)
+}
+
+fn pending(id: u64, count: i32, since: u64) -> pb::PendingPods {
+    pb::PendingPods {
+        class_id: id,
+        count,
+        unschedulable_since: Some(timestamp(epoch(since))),
+        scheduler_message: "0/1 nodes are available: 1 Insufficient cpu.".into(),
+    }
+}
+
+fn snap(
+    nodes: Vec<pb::NodeInfo>,
+    classes: Vec<pb::PodClass>,
+    pending: Vec<pb::PendingPods>,
+) -> pb::ClusterSnapshot {
+    pb::ClusterSnapshot {
+        sequence: 7,
+        nodes,
+        classes,
+        pending,
+        ..Default::default()
+    }
+}
+
+fn run(
+    s: &pb::ClusterSnapshot,
+    pools: &[Pool],
+    claims: &[NodeClaim],
+    history: &History,
+    now: SystemTime,
+) -> Plan {
+    plan(&PlanInput {
+        snapshot: s,
+        pools,
+        claims,
+        history,
+        now,
+        expanders: &[Expander::LeastWaste],
+        seed: 1,
+    })
+}
+
+fn ups(plan: &Plan) -> Vec<(String, i32)> {
+    plan.decision
+        .actions
+        .iter()
+        .filter_map(|a| match &a.action {
+            Some(pb::scale_action::Action::ScaleUp(u)) => Some((u.pool.clone(), u.count)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn downs(plan: &Plan) -> Vec<(String, Vec<String>)> {
+    plan.decision
+        .actions
+        .iter()
+        .filter_map(|a| match &a.action {
+            Some(pb::scale_action::Action::ScaleDown(d)) => Some((d.pool.clone(), d.nodes.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn claim(id: &str, pool: &str, node: &str, phase: ClaimPhase) -> NodeClaim {
+    NodeClaim {
+        version: 1,
+        id: id.into(),
+        pool: pool.into(),
+        phase,
+        backend: "sim".into(),
+        instance_id: String::new(),
+        node_name: node.into(),
+        operation_id: "op".into(),
+        created_at_ms: 0,
+        updated_at_ms: 0,
+        failure_reason: String::new(),
+        history: vec![],
+        labels: BTreeMap::new(),
+    }
+}
+
+fn reasons(plan: &Plan) -> String {
+    plan.decision.reasons.join("\n")
+}
+
+#[test]
+fn scales_up_for_pending_pods_with_the_right_count_and_says_why() {
+    let web = class(1, "web", 1000, GI);
+    let s = snap(
+        vec![node(
+            "general-1",
+            "general",
+            &[(1, 4)],
+            std::slice::from_ref(&web),
+        )],
+        vec![web],
+        vec![pending(1, 7, 0)],
+    );
+    let p = run(
+        &s,
+        &[pool("general", "")],
+        &[],
+        &History::default(),
+        epoch(10),
+    );
+    assert_eq!(ups(&p), [("general".to_string(), 2)], "{}", reasons(&p));
+    let outcome = &p.decision.outcomes[0];
+    assert_eq!(outcome.placed_new.get("general"), Some(&7));
+    assert_eq!(outcome.unplaced, 0);
+    assert!(
+        reasons(&p).contains("7 pending pod(s) (default/web ×7)"),
+        "{}",
+        reasons(&p)
+    );
+    assert!(reasons(&p).contains("least-waste"), "{}", reasons(&p));
+    assert!(p.oldest_helped_since.is_some());
+}
+
+#[test]
+fn no_scale_up_at_max_and_the_reason_says_so() {
+    let web = class(1, "web", 3000, GI);
+    let nodes: Vec<_> = (0..3)
+        .map(|i| {
+            node(
+                &format!("g-{i}"),
+                "general",
+                &[(1, 1)],
+                std::slice::from_ref(&web),
+            )
+        })
+        .collect();
+    let s = snap(nodes, vec![web], vec![pending(1, 2, 0)]);
+    let general = pool("general", "").with_max(3);
+    let p = run(&s, &[general], &[], &History::default(), epoch(10));
+    assert!(ups(&p).is_empty(), "{}", reasons(&p));
+    let v = &p.decision.outcomes[0].verdicts[0];
+    assert!(v.fits, "the pool could host the pods");
+    assert_eq!(v.reason, "maxNodes 3 reached");
+    assert!(reasons(&p).contains("no action"), "{}", reasons(&p));
+}
+
+trait WithMax {
+    fn with_max(self, max: u32) -> Self;
+}
+
+impl WithMax for Pool {
+    fn with_max(mut self, max: u32) -> Pool {
+        self.max_nodes = max;
+        self
+    }
+}
+
+#[test]
+fn boundary_at_max_adds_only_up_to_it() {
+    let web = class(1, "web", 3000, GI);
+    let s = snap(
+        vec![node(
+            "g-0",
+            "general",
+            &[(1, 1)],
+            std::slice::from_ref(&web),
+        )],
+        vec![web],
+        vec![pending(1, 5, 0)],
+    );
+    let p = run(
+        &s,
+        &[pool("general", "").with_max(3)],
+        &[],
+        &History::default(),
+        epoch(10),
+    );
+    assert_eq!(ups(&p), [("general".to_string(), 2)]);
+    assert_eq!(p.decision.outcomes[0].unplaced, 3);
+}
+
+#[test]
+fn taints_selectors_and_size_are_explained_per_pool() {
+    let mut gpu_job = class(1, "train", 2000, 2 * GI);
+    gpu_job
+        .node_selector
+        .insert("accelerator".into(), "a100".into());
+    let huge = class(2, "huge", 16000, GI);
+    let s = snap(
+        vec![],
+        vec![gpu_job, huge],
+        vec![pending(1, 1, 0), pending(2, 1, 0)],
+    );
+    let gpu = pool("gpu", "  weight: 1\n");
+    let mut gpu = gpu;
+    gpu.labels.insert("accelerator".into(), "a100".into());
+    gpu.taints.push(shoal_core::fit::Taint {
+        key: "nvidia.com/gpu".into(),
+        value: "true".into(),
+        effect: shoal_core::fit::Effect::NoSchedule,
+    });
+    let p = run(
+        &s,
+        &[pool("general", ""), gpu],
+        &[],
+        &History::default(),
+        epoch(10),
+    );
+    assert!(ups(&p).is_empty(), "{}", reasons(&p));
+    let train = p
+        .decision
+        .outcomes
+        .iter()
+        .find(|o| o.class_id == 1)
+        .expect("train");
+    let by_pool: BTreeMap<&str, &str> = train
+        .verdicts
+        .iter()
+        .map(|v| (v.pool.as_str(), v.reason.as_str()))
+        .collect();
+    assert_eq!(
+        by_pool["general"],
+        "nodeSelector accelerator=a100 does not match the pool's labels"
+    );
+    assert_eq!(
+        by_pool["gpu"],
+        "taint nvidia.com/gpu=true:NoSchedule not tolerated"
+    );
+    let huge = p
+        .decision
+        .outcomes
+        .iter()
+        .find(|o| o.class_id == 2)
+        .expect("huge");
+    let by_pool: BTreeMap<&str, &str> = huge
+        .verdicts
+        .iter()
+        .map(|v| (v.pool.as_str(), v.reason.as_str()))
+        .collect();
+    assert_eq!(
+        by_pool["general"],
+        "a pod requests cpu 16000m, a node has 4000m"
+    );
+    assert_eq!(
+        by_pool["gpu"], "taint nvidia.com/gpu=true:NoSchedule not tolerated",
+        "taints are filtered before resources"
+    );
+    assert!(reasons(&p).contains("cannot be helped"), "{}", reasons(&p));
+}
+
+#[test]
+fn pending_pods_use_existing_room_and_in_flight_claims_first() {
+    let web = class(1, "web", 1000, GI);
+    let s = snap(
+        vec![node(
+            "g-0",
+            "general",
+            &[(1, 2)],
+            std::slice::from_ref(&web),
+        )],
+        vec![web],
+        vec![pending(1, 6, 0)],
+    );
+    // 2 fit on g-0, 4 on the claim still booting: no new node.
+    let claims = [claim("c1", "general", "g-1", ClaimPhase::Launched)];
+    let p = run(
+        &s,
+        &[pool("general", "")],
+        &claims,
+        &History::default(),
+        epoch(10),
+    );
+    assert!(ups(&p).is_empty(), "{}", reasons(&p));
+    assert_eq!(p.decision.outcomes[0].placed_existing, 6);
+    // A claim whose node is already in the snapshot is not counted twice.
+    let claims = [claim("c1", "general", "g-0", ClaimPhase::Ready)];
+    let p = run(
+        &s,
+        &[pool("general", "")],
+        &claims,
+        &History::default(),
+        epoch(10),
+    );
+    assert_eq!(ups(&p), [("general".to_string(), 1)]);
+}
+
+#[test]
+fn scale_down_waits_for_unneeded_for_then_removes_and_respects_min() {
+    let web = class(1, "web", 500, GI);
+    let nodes = vec![
+        node("g-0", "general", &[(1, 6)], std::slice::from_ref(&web)),
+        node("g-1", "general", &[(1, 1)], std::slice::from_ref(&web)),
+        node("g-2", "general", &[], std::slice::from_ref(&web)),
+    ];
+    let s = snap(nodes, vec![web], vec![]);
+    let pools = [pool("general", "")];
+    let first = run(&s, &pools, &[], &History::default(), epoch(100));
+    assert!(downs(&first).is_empty(), "not unneeded long enough yet");
+    assert!(
+        reasons(&first).contains("none unneeded long enough"),
+        "{}",
+        reasons(&first)
+    );
+    let later = run(&s, &pools, &[], &first.history, epoch(100 + 601));
+    // g-2 is empty: it goes. max_concurrent 1: g-1 waits for the next decision.
+    assert_eq!(
+        downs(&later),
+        [("general".to_string(), vec!["g-2".to_string()])],
+        "{}",
+        reasons(&later)
+    );
+    assert!(
+        reasons(&later).contains("empty node"),
+        "{}",
+        reasons(&later)
+    );
+    // With room for two: the empty one and then g-1, whose pod fits on g-0.
+    let mut two = pool("general", "");
+    two.scale_down.max_concurrent = 2;
+    let both = run(&s, &[two.clone()], &[], &first.history, epoch(100 + 601));
+    assert_eq!(downs(&both)[0].1, ["g-2", "g-1"], "{}", reasons(&both));
+    // Never below minNodes.
+    two.min_nodes = 2;
+    let at_min = run(&s, &[two], &[], &first.history, epoch(100 + 601));
+    assert_eq!(downs(&at_min)[0].1, ["g-2"], "{}", reasons(&at_min));
+}
+
+#[test]
+fn scale_down_respects_permanent_nodes_annotations_blockers_and_pdbs() {
+    let web = class(1, "web", 500, GI);
+    let mut local = class(2, "cache", 500, GI);
+    local
+        .blockers
+        .push(pb::EvictionBlocker::LocalStorage as i32);
+    let mut guarded = class(3, "db", 500, GI);
+    guarded.pdb = "db".into();
+    let all = vec![web.clone(), local.clone(), guarded.clone()];
+    let mut disabled = node("g-3", "general", &[(1, 1)], &all);
+    disabled.scale_down_disabled = true;
+    let nodes = vec![
+        node("g-0", "general", &[(1, 2)], &all),
+        node("perm", "general", &[], &all),
+        node("g-1", "general", &[(2, 1)], &all),
+        node("g-2", "general", &[(3, 1)], &all),
+        disabled,
+    ];
+    let mut s = snap(nodes, all, vec![]);
+    s.pdbs.push(pb::PdbAllowance {
+        namespace: "default".into(),
+        name: "db".into(),
+        disruptions_allowed: 0,
+    });
+    let mut general = pool("general", "  permanentNodes: [perm]\n");
+    general.scale_down.max_concurrent = 10;
+    let pools = [general];
+    let first = run(&s, &pools, &[], &History::default(), epoch(0));
+    let later = run(&s, &pools, &[], &first.history, epoch(700));
+    let removed: Vec<String> = downs(&later).into_iter().flat_map(|(_, n)| n).collect();
+    assert!(
+        !removed.contains(&"perm".to_string()),
+        "permanent: {removed:?}"
+    );
+    assert!(
+        !removed.contains(&"g-3".to_string()),
+        "annotated: {removed:?}"
+    );
+    assert!(
+        !removed.contains(&"g-1".to_string()),
+        "local storage: {removed:?}"
+    );
+    assert!(
+        !removed.contains(&"g-2".to_string()),
+        "PDB at 0: {removed:?}"
+    );
+    assert_eq!(removed, ["g-0"], "{}", reasons(&later));
+    let text = reasons(&later);
+    assert!(
+        text.contains("local storage") || text.contains("PodDisruptionBudget"),
+        "{text}"
+    );
+}
+
+#[test]
+fn cooldowns_hold_both_directions() {
+    let web = class(1, "web", 1000, GI);
+    let s = snap(vec![], vec![web.clone()], vec![pending(1, 2, 0)]);
+    let cooling = pool("general", "  scaleUp: { cooldown: 60s }\n");
+    let mut history = History::default();
+    history
+        .pools
+        .entry("general".into())
+        .or_default()
+        .last_scale_up_ms = Some(ms(epoch(100)));
+    let p = run(
+        &s,
+        std::slice::from_ref(&cooling),
+        &[],
+        &history,
+        epoch(130),
+    );
+    assert!(ups(&p).is_empty());
+    assert!(
+        p.decision.outcomes[0].verdicts[0]
+            .reason
+            .starts_with("scale-up cooldown until")
+    );
+    let p = run(
+        &s,
+        std::slice::from_ref(&cooling),
+        &[],
+        &history,
+        epoch(161),
+    );
+    assert_eq!(ups(&p), [("general".to_string(), 1)]);
+
+    // Scale-down waits out its cooldown after a scale-up.
+    let empty = snap(vec![node("g-0", "general", &[], &[web])], vec![], vec![]);
+    let mut down_cool = pool(
+        "general",
+        "  scaleDown: { unneededFor: 0s, cooldown: 5m }\n",
+    );
+    down_cool.scale_down.unneeded_for = Duration::ZERO;
+    let p = run(
+        &empty,
+        std::slice::from_ref(&down_cool),
+        &[],
+        &history,
+        epoch(200),
+    );
+    assert!(downs(&p).is_empty());
+    assert!(
+        reasons(&p).contains("scale-down cooldown until"),
+        "{}",
+        reasons(&p)
+    );
+    let p = run(&empty, &[down_cool], &[], &history, epoch(401));
+    assert_eq!(downs(&p).len(), 1, "{}", reasons(&p));
+}
+
+#[test]
+fn business_hours_raise_min_nodes() {
+    let general = pool(
+        "general",
+        "  schedule:\n    - { name: business-hours, days: Mon-Fri, between: \"09:00-17:00\", timezone: Europe/Berlin, minNodes: 3 }\n",
+    );
+    let s = snap(vec![], vec![], vec![]);
+    // 2026-03-04 (Wednesday) 10:00 UTC = 11:00 in Berlin.
+    let wednesday = SystemTime::UNIX_EPOCH + Duration::from_secs(1_772_618_400);
+    let p = run(
+        &s,
+        std::slice::from_ref(&general),
+        &[],
+        &History::default(),
+        wednesday,
+    );
+    assert_eq!(ups(&p), [("general".to_string(), 3)]);
+    assert!(
+        reasons(&p).contains("below minNodes 3 (schedule business-hours)"),
+        "{}",
+        reasons(&p)
+    );
+    // Saturday: min 0, nothing to do.
+    let saturday = wednesday + Duration::from_secs(3 * 86_400);
+    assert!(ups(&run(&s, &[general], &[], &History::default(), saturday)).is_empty());
+}
+
+#[test]
+fn pending_threshold_and_stabilization_window_hold_back_scale_up() {
+    let web = class(1, "web", 1000, GI);
+    let s = snap(vec![], vec![web], vec![pending(1, 2, 100)]);
+    let picky = pool("general", "  scaleUp: { pendingPods: 3 }\n");
+    let p = run(&s, &[picky], &[], &History::default(), epoch(200));
+    assert!(ups(&p).is_empty());
+    assert_eq!(
+        p.decision.outcomes[0].verdicts[0].reason,
+        "pendingPods threshold 3 not reached (2 pending)"
+    );
+    let patient = pool("general", "  scaleUp: { stabilizationWindow: 30s }\n");
+    let p = run(
+        &s,
+        std::slice::from_ref(&patient),
+        &[],
+        &History::default(),
+        epoch(110),
+    );
+    assert!(ups(&p).is_empty());
+    assert!(
+        p.decision.outcomes[0].verdicts[0]
+            .reason
+            .starts_with("stabilization window 30s")
+    );
+    assert_eq!(
+        ups(&run(&s, &[patient], &[], &History::default(), epoch(131))).len(),
+        1
+    );
+}
+
+#[test]
+fn cpu_above_threshold_adds_nodes_once_stable_and_not_while_in_flight() {
+    let mut nodes: Vec<pb::NodeInfo> = (0..2)
+        .map(|i| node(&format!("g-{i}"), "general", &[], &[]))
+        .collect();
+    for n in &mut nodes {
+        n.usage = Some(pb::NodeUsage {
+            cpu: 0.9,
+            memory: 0.2,
+            sampled_at: None,
+        });
+    }
+    let s = snap(nodes, vec![], vec![]);
+    let hot = pool(
+        "general",
+        "  scaleUp: { cpuAbove: 80, stabilizationWindow: 20s }\n",
+    );
+    let first = run(
+        &s,
+        std::slice::from_ref(&hot),
+        &[],
+        &History::default(),
+        epoch(0),
+    );
+    assert!(ups(&first).is_empty(), "must hold for the window first");
+    let second = run(
+        &s,
+        std::slice::from_ref(&hot),
+        &[],
+        &first.history,
+        epoch(25),
+    );
+    assert_eq!(
+        ups(&second),
+        [("general".to_string(), 1)],
+        "{}",
+        reasons(&second)
+    );
+    assert!(
+        reasons(&second).contains("average CPU 90% > cpuAbove 80%"),
+        "{}",
+        reasons(&second)
+    );
+    let claims = [claim("c", "general", "g-9", ClaimPhase::Launched)];
+    let third = run(
+        &s,
+        std::slice::from_ref(&hot),
+        &claims,
+        &first.history,
+        epoch(30),
+    );
+    assert!(ups(&third).is_empty());
+    assert!(
+        reasons(&third).contains("waiting for 1 node(s) in flight"),
+        "{}",
+        reasons(&third)
+    );
+    let mut stale = s.clone();
+    stale.utilization_stale = true;
+    assert!(ups(&run(&stale, &[hot], &[], &first.history, epoch(30))).is_empty());
+}
+
+#[test]
+fn the_expander_chain_picks_between_pools() {
+    let web = class(1, "web", 3000, 2 * GI);
+    let s = snap(vec![], vec![web], vec![pending(1, 4, 0)]);
+    let small = pool("small", "");
+    let big = {
+        let yaml = "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: big }\nspec:\n  provider: { backend: sim }\n  template: { capacity: { cpu: \"6\", memory: 8Gi }, price: 0.5 }\n  limits: { maxNodes: 10 }\n  weight: 5\n";
+        Pool::from_yaml(yaml).expect("big").1
+    };
+    let pools = [small, big];
+    // 3-CPU pods: 4-CPU nodes waste 25 %, 6-CPU nodes none.
+    let p = run(&s, &pools, &[], &History::default(), epoch(0));
+    assert_eq!(ups(&p), [("big".to_string(), 2)], "{}", reasons(&p));
+    let by_priority = plan(&PlanInput {
+        snapshot: &s,
+        pools: &pools,
+        claims: &[],
+        history: &History::default(),
+        now: epoch(0),
+        expanders: &[Expander::Price],
+        seed: 0,
+    });
+    assert_eq!(
+        ups(&by_priority),
+        [("small".to_string(), 4)],
+        "{}",
+        reasons(&by_priority)
+    );
+}
+
+#[test]
+fn batch_size_caps_one_decision_and_asks_for_another() {
+    let web = class(1, "web", 4000, GI);
+    let s = snap(vec![], vec![web], vec![pending(1, 8, 0)]);
+    let p = run(
+        &s,
+        &[pool("general", "  scaleUp: { batchSize: 3 }\n")],
+        &[],
+        &History::default(),
+        epoch(0),
+    );
+    assert_eq!(ups(&p), [("general".to_string(), 3)]);
+    assert!(p.batch_capped);
+    assert!(
+        p.decision.outcomes[0].verdicts[0]
+            .reason
+            .contains("batch size 3")
+    );
+}
+
+// ---- properties ------------------------------------------------------------------------------
+
+/// Class: (cpu, memory in half GiB, local storage, PDB at 0).
+type ClassSpec = (i64, i64, bool, bool);
+/// Node: (pool, (class, pods), permanent).
+type NodeSpec = (u8, Vec<(usize, i32)>, bool);
+/// Pool: (min, max, tainted).
+type PoolSpec = (u32, u32, bool);
+
+/// A whole case: classes, nodes, pending (class, count), pools.
+type Case = (
+    Vec<ClassSpec>,
+    Vec<NodeSpec>,
+    Vec<(usize, i32)>,
+    Vec<PoolSpec>,
+);
+
+fn arb_case() -> impl Strategy<Value = Case> {
+    // classes: (cpu, mem GiB-ish, local storage, pdb at 0)
+    let classes = prop::collection::vec(
+        (
+            100i64..4000,
+            1i64..6,
+            prop::bool::weighted(0.1),
+            prop::bool::weighted(0.1),
+        ),
+        1..6,
+    );
+    // nodes: (pool, pods per class, permanent)
+    let nodes = prop::collection::vec(
+        (
+            0u8..3,
+            prop::collection::vec((0usize..6, 0i32..4), 0..4),
+            prop::bool::weighted(0.1),
+        ),
+        0..12,
+    );
+    let pending = prop::collection::vec((0usize..6, 1i32..20), 0..4);
+    // pools: (min, max, tainted)
+    let pools = prop::collection::vec((0u32..3, 1u32..8, prop::bool::weighted(0.3)), 1..4);
+    (classes, nodes, pending, pools)
+}
+
+fn build_case(
+    classes: &[ClassSpec],
+    nodes: &[NodeSpec],
+    pending_in: &[(usize, i32)],
+    pools_in: &[PoolSpec],
+) -> (pb::ClusterSnapshot, Vec<Pool>) {
+    let mut pcs: Vec<pb::PodClass> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, (cpu, mem, local, pdb))| {
+            let mut c = class(i as u64 + 1, &format!("app{i}"), *cpu, mem * GI / 2);
+            if *local {
+                c.blockers.push(pb::EvictionBlocker::LocalStorage as i32);
+            }
+            if *pdb {
+                c.pdb = format!("pdb{i}");
+            }
+            c
+        })
+        .collect();
+    let mut pools: Vec<Pool> = pools_in
+        .iter()
+        .enumerate()
+        .map(|(i, (min, max, tainted))| {
+            let mut p = pool(&format!("p{i}"), "");
+            p.max_nodes = (*max).max(*min).max(1);
+            p.min_nodes = (*min).min(p.max_nodes);
+            p.scale_down.unneeded_for = Duration::ZERO;
+            p.scale_down.max_concurrent = 3;
+            if *tainted {
+                p.taints.push(shoal_core::fit::Taint {
+                    key: "dedicated".into(),
+                    value: format!("p{i}"),
+                    effect: shoal_core::fit::Effect::NoSchedule,
+                });
+            }
+            p
+        })
+        .collect();
+    let mut infos = Vec::new();
+    for (k, (pool_i, pods, permanent)) in nodes.iter().enumerate() {
+        let pool_name = format!("p{}", (*pool_i as usize) % pools.len());
+        let mut counts: BTreeMap<u64, i32> = BTreeMap::new();
+        let mut cpu = 0;
+        let mut mem = 0;
+        for (c, n) in pods {
+            let c = c % pcs.len();
+            let r = pcs[c].requests.clone().unwrap_or_default();
+            // Keep nodes honest: never more requested than allocatable.
+            let n = (*n)
+                .min(((4000 - cpu) / r.cpu_millis.max(1)) as i32)
+                .min(((8 * GI - mem) / r.memory_bytes.max(1)) as i32);
+            if n <= 0 {
+                continue;
+            }
+            cpu += r.cpu_millis * n as i64;
+            mem += r.memory_bytes * n as i64;
+            *counts.entry(pcs[c].id).or_default() += n;
+        }
+        let pods: Vec<(u64, i32)> = counts.into_iter().collect();
+        let name = format!("n{k}");
+        let mut info = node(&name, &pool_name, &pods, &pcs);
+        if let Some(p) = pools.iter().find(|p| p.name == pool_name) {
+            for t in &p.taints {
+                info.taints.push(shoal_core::snapshot::taint_to_proto(t));
+            }
+        }
+        if *permanent && let Some(p) = pools.iter_mut().find(|p| p.name == pool_name) {
+            p.permanent_nodes.insert(name.clone());
+        }
+        infos.push(info);
+    }
+    let mut s = snap(infos, Vec::new(), Vec::new());
+    for (c, count) in pending_in {
+        let c = c % pcs.len();
+        s.pending.push(pending(pcs[c].id, *count, 0));
+    }
+    s.pending.sort_by_key(|p| p.class_id);
+    s.pending.dedup_by_key(|p| p.class_id);
+    for (i, c) in pcs.iter().enumerate() {
+        if !c.pdb.is_empty() {
+            s.pdbs.push(pb::PdbAllowance {
+                namespace: "default".into(),
+                name: c.pdb.clone(),
+                disruptions_allowed: if classes[i].3 { 0 } else { 5 },
+            });
+        }
+    }
+    s.classes = std::mem::take(&mut pcs);
+    (s, pools)
+}
+
+/// An independent check that the removed nodes' pods fit on the nodes that stay: first fit with
+/// the scheduler's own filter (`fit::misfits`).
+fn replaceable(s: &pb::ClusterSnapshot, removed: &[String]) -> bool {
+    let mut rest: Vec<shoal_core::fit::NodeFacts> = s
+        .nodes
+        .iter()
+        .filter(|n| !removed.contains(&n.name))
+        .map(node_facts)
+        .collect();
+    for n in s.nodes.iter().filter(|n| removed.contains(&n.name)) {
+        for cc in &n.pods {
+            let class = s
+                .classes
+                .iter()
+                .find(|c| c.id == cc.class_id)
+                .expect("class");
+            let demand: PodDemand = pod_demand(class);
+            for _ in 0..cc.count {
+                let Some(target) = rest.iter_mut().find(|f| misfits(&demand, f).is_empty()) else {
+                    return false;
+                };
+                target.requested = target.requested.saturating_add(&demand.requests);
+            }
+        }
+    }
+    true
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn plans_keep_every_invariant((classes, nodes, pending_in, pools_in) in arb_case()) {
+        let (s, pools) = build_case(&classes, &nodes, &pending_in, &pools_in);
+        let history = History::default();
+        // Twice: the second plan sees nodes unneeded (unneededFor is 0).
+        let first = run(&s, &pools, &[], &history, epoch(0));
+        let p = run(&s, &pools, &[], &first.history, epoch(1));
+        for (pool_name, count) in ups(&p) {
+            let pool = pools.iter().find(|x| x.name == pool_name).expect("pool");
+            let live = s.nodes.iter().filter(|n| n.pool == pool_name).count() as u32;
+            let bounds = pool.bounds(epoch(1));
+            // Never beyond maxNodes or the resource limits.
+            prop_assert!(live + count as u32 <= bounds.max.max(live), "{pool_name}: {live} + {count} > {}", bounds.max);
+        }
+        let removed: Vec<String> = downs(&p).into_iter().flat_map(|(_, n)| n).collect();
+        for (pool_name, nodes) in downs(&p) {
+            let pool = pools.iter().find(|x| x.name == pool_name).expect("pool");
+            let live = s.nodes.iter().filter(|n| n.pool == pool_name).count();
+            // Never below minNodes, never a permanent node.
+            prop_assert!(live - nodes.len() >= pool.min_nodes as usize);
+            for n in &nodes {
+                prop_assert!(!pool.is_permanent(n), "removed permanent {n}");
+            }
+        }
+        // Never a node whose pods cannot be evicted or placed elsewhere.
+        for name in &removed {
+            let n = s.nodes.iter().find(|x| &x.name == name).expect("node");
+            for cc in &n.pods {
+                let class = s.classes.iter().find(|c| c.id == cc.class_id).expect("class");
+                prop_assert!(!class.blockers.contains(&(pb::EvictionBlocker::LocalStorage as i32)), "{name} has local storage");
+                if !class.pdb.is_empty() {
+                    let allowed = s.pdbs.iter().find(|x| x.name == class.pdb).map_or(0, |x| x.disruptions_allowed);
+                    prop_assert!(allowed >= cc.count, "{name}: PDB {} allows {allowed}", class.pdb);
+                }
+            }
+        }
+        prop_assert!(replaceable(&s, &removed), "pods of {removed:?} do not fit elsewhere");
+        // New nodes only for pods the scheduler would put on them.
+        for outcome in &p.decision.outcomes {
+            let class = s.classes.iter().find(|c| c.id == outcome.class_id).expect("class");
+            let demand = pod_demand(class);
+            for pool_name in outcome.placed_new.keys() {
+                let pool = pools.iter().find(|x| &x.name == pool_name).expect("pool");
+                prop_assert!(misfits(&demand, &pool.template_node()).is_empty(), "class {} on {pool_name}", class.id);
+                prop_assert!(constraint_misfit(&demand, &pool.labels, &pool.taints, false).is_none());
+            }
+            prop_assert_eq!(
+                outcome.placed_existing + outcome.placed_new.values().sum::<i32>() + outcome.unplaced,
+                outcome.count
+            );
+        }
+        let _ = Resources::default();
+    }
+}
