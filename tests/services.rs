@@ -22,7 +22,8 @@ const SERVICES: [(&str, &[&str], bool); 4] = [
 fn check_service(binary: &str, served: &[&str], needs_store: bool) {
     let etcd = needs_store.then(EtcdServer::start);
     // The metrics service watches a Kubernetes API: give it a simulated cluster.
-    let sim = (binary == "shoal-metrics").then(|| SimServer::start(&[]));
+    let sim =
+        matches!(binary, "shoal-metrics" | "shoal-provisioner").then(|| SimServer::start(&[]));
     let kube_flag = sim.as_ref().map(|sim| {
         format!(
             "--set=service.kube.kubeconfig={}",

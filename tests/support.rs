@@ -253,6 +253,31 @@ impl EtcdReader {
         Some(record)
     }
 
+    /// Validates and stores a NodePool as `PoolService/ApplyPool` would.
+    pub fn put_pool(&self, yaml: &str) {
+        use prost::Message;
+        let (proto, _) = shoal_core::pool::Pool::from_yaml(yaml)
+            .unwrap_or_else(|e| panic!("invalid test pool: {e}\n{yaml}"));
+        self.runtime
+            .block_on(self.store.put(
+                &shoal_state::keys::pool(&proto.name),
+                proto.encode_to_vec(),
+                None,
+            ))
+            .unwrap_or_else(|e| panic!("store pool: {e}"));
+    }
+
+    /// Every value under `prefix` (e.g. `claims/`), decoded as JSON.
+    pub fn json_under(&self, prefix: &str) -> Vec<serde_json::Value> {
+        self.runtime
+            .block_on(self.store.range(prefix))
+            .unwrap_or_else(|e| panic!("range {prefix}: {e}"))
+            .kvs
+            .iter()
+            .map(|kv| serde_json::from_slice(&kv.value).unwrap_or(serde_json::Value::Null))
+            .collect()
+    }
+
     /// Every version `key` had up to now, oldest first (etcd keeps history; tests never
     /// compact).
     pub fn history(&self, key: &str) -> Vec<KeyValue> {

@@ -101,8 +101,13 @@ fn a_call_across_three_services_is_one_trace() {
         sim.kubeconfig().display()
     );
     let mut metrics = Running::start("shoal-metrics", "metrics-0", None, &[&kube_flag], &env);
-    let mut provisioner =
-        Running::start("shoal-provisioner", "provisioner-0", Some(&etcd), &[], &env);
+    let mut provisioner = Running::start(
+        "shoal-provisioner",
+        "provisioner-0",
+        Some(&etcd),
+        &[&kube_flag],
+        &env,
+    );
     metrics.wait_ready();
     provisioner.wait_ready();
     let metrics_flag = format!("--set=service.metricsAddr=http://{}", metrics.grpc);

@@ -1031,6 +1031,13 @@ impl Pool {
         Ok((proto, pool))
     }
 
+    /// Decodes and validates a pool as stored (`pools/<name>`, protobuf).
+    pub fn from_stored(bytes: &[u8]) -> Result<Pool, String> {
+        use prost::Message;
+        let proto = pb::NodePool::decode(bytes).map_err(|e| e.to_string())?;
+        Pool::from_proto(&proto).map_err(|e| format!("pool {}: {e}", proto.name))
+    }
+
     /// What a new node of this pool looks like to the scheduler (startup taints excluded: they
     /// go when the node is Ready).
     pub fn template_node(&self) -> NodeFacts {

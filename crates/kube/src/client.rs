@@ -74,8 +74,23 @@ impl KubeError {
     }
 }
 
-/// Builds a client; it connects on first use.
+/// Builds a client; it connects on first use. Calls answered 429/503/504 are retried by
+/// kube's default policy.
 pub async fn connect(settings: &KubeSettings) -> Result<kube::Client, KubeError> {
+    let config = config(settings).await?;
+    kube::Client::try_from(config).map_err(KubeError::Client)
+}
+
+/// Like [`connect`], but no call is retried by the client: the caller sees a 429 at once. For
+/// evictions, whose 429 means "a PodDisruptionBudget forbids it now" and which the drain loop
+/// retries on its own schedule until its timeout.
+pub async fn connect_direct(settings: &KubeSettings) -> Result<kube::Client, KubeError> {
+    let mut config = config(settings).await?;
+    config.default_retry = false;
+    kube::Client::try_from(config).map_err(KubeError::Client)
+}
+
+async fn config(settings: &KubeSettings) -> Result<kube::Config, KubeError> {
     let config = if settings.kubeconfig.is_empty() {
         kube::Config::infer().await.map_err(KubeError::Infer)?
     } else {
@@ -97,5 +112,5 @@ pub async fn connect(settings: &KubeSettings) -> Result<kube::Client, KubeError>
                 source,
             })?
     };
-    kube::Client::try_from(config).map_err(KubeError::Client)
+    Ok(config)
 }

@@ -6,6 +6,8 @@
 
 pub mod client;
 pub mod convert;
+pub mod drain;
 pub mod watch;
 
-pub use client::{KubeError, KubeSettings, connect};
+pub use client::{KubeError, KubeSettings, connect, connect_direct};
+pub use drain::{Eviction, NodeOps};

@@ -180,8 +180,8 @@ fn falkenauer() {
     }
     println!("falkenauer (one pod per item, CPU = size; vs proven optimum):");
     for file in 1..=8 {
-        let text = std::fs::read_to_string(dir.join(format!("binpack{file}.txt")))
-            .expect("binpack file");
+        let text =
+            std::fs::read_to_string(dir.join(format!("binpack{file}.txt"))).expect("binpack file");
         let mut words = text.split_whitespace();
         let instances: usize = words.next().and_then(|w| w.parse().ok()).expect("count");
         let (mut ffd_sum, mut ff_sum, mut opt_sum, mut name0) = (0, 0, 0, String::new());

@@ -284,7 +284,11 @@ fn sizes() -> Vec<Size> {
         .map(|s| {
             let v: Vec<usize> = s
                 .split('x')
-                .map(|n| n.trim().parse().expect("PLAN_BENCH_SIZES: NODESxPODSxPENDINGxPOOLS"))
+                .map(|n| {
+                    n.trim()
+                        .parse()
+                        .expect("PLAN_BENCH_SIZES: NODESxPODSxPENDINGxPOOLS")
+                })
                 .collect();
             assert_eq!(v.len(), 4, "PLAN_BENCH_SIZES: NODESxPODSxPENDINGxPOOLS");
             Size {

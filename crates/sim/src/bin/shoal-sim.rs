@@ -37,6 +37,12 @@ enum Command {
         /// Play this scenario file (see deploy/scenarios/).
         #[arg(long)]
         scenario: Option<PathBuf>,
+        /// Sim cloud: time from creating an instance to its Node registering.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        boot_delay: Duration,
+        /// Sim cloud: up to this much more, at random.
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        boot_jitter: Duration,
     },
     /// Run one simulated node as this process (registers, heartbeats, runs its pods).
     Agent {
@@ -89,6 +95,8 @@ fn main() -> ExitCode {
             node_grace_period,
             pod_eviction_timeout,
             scenario,
+            boot_delay,
+            boot_jitter,
         } => {
             let scenario = match scenario
                 .as_deref()
@@ -109,6 +117,10 @@ fn main() -> ExitCode {
                     grace_period: node_grace_period,
                     eviction_timeout: pod_eviction_timeout,
                     ..Default::default()
+                },
+                boot: shoal_sim::cloud::BootTiming {
+                    delay: boot_delay,
+                    jitter: boot_jitter,
                 },
                 ..shoal_sim::SimConfig::default()
             };

@@ -1,0 +1,149 @@
+//! A watch-backed index of the Nodes Shoal created (those labelled `shoal.dev/claim`), by claim
+//! id: whether each has registered and is Ready. Claims waiting for their node wake on changes.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, runtime::watcher};
+use shoal_kube::{convert::node_ready, watch::WatchSink};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::CLAIM_LABEL;
+
+/// What the provisioner needs of one Node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    /// Node name.
+    pub name: String,
+    /// Ready condition is True.
+    pub ready: bool,
+    /// Taint keys.
+    pub taints: Vec<String>,
+}
+
+/// Nodes by claim id.
+#[derive(Clone)]
+pub struct NodeIndex {
+    inner: Arc<RwLock<HashMap<String, NodeView>>>,
+    changes: watch::Sender<u64>,
+    synced: watch::Sender<bool>,
+}
+
+impl Default for NodeIndex {
+    fn default() -> Self {
+        NodeIndex {
+            inner: Arc::default(),
+            changes: watch::channel(0).0,
+            synced: watch::channel(false).0,
+        }
+    }
+}
+
+fn view(node: &Node) -> Option<(String, NodeView)> {
+    let claim = node.metadata.labels.as_ref()?.get(CLAIM_LABEL)?.clone();
+    Some((
+        claim,
+        NodeView {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            ready: node_ready(node),
+            taints: node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .map(|t| t.iter().map(|t| t.key.clone()).collect())
+                .unwrap_or_default(),
+        },
+    ))
+}
+
+struct Sink {
+    index: NodeIndex,
+    listing: Option<HashMap<String, NodeView>>,
+}
+
+impl Sink {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, NodeView>> {
+        self.index.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+    fn bump(&self) {
+        self.index.changes.send_modify(|n| *n += 1);
+    }
+}
+
+impl WatchSink<Node> for Sink {
+    fn restarted(&mut self) {
+        self.listing = Some(HashMap::new());
+    }
+    fn listed(&mut self, node: Node) {
+        if let (Some(listing), Some((claim, v))) = (self.listing.as_mut(), view(&node)) {
+            listing.insert(claim, v);
+        }
+    }
+    fn list_done(&mut self) {
+        if let Some(listing) = self.listing.take() {
+            *self.write() = listing;
+        }
+        self.index.synced.send_replace(true);
+        self.bump();
+    }
+    fn applied(&mut self, node: Node) {
+        if let Some((claim, v)) = view(&node) {
+            self.write().insert(claim, v);
+            self.bump();
+        }
+    }
+    fn deleted(&mut self, node: Node) {
+        if let Some((claim, _)) = view(&node) {
+            self.write().remove(&claim);
+            self.bump();
+        }
+    }
+}
+
+impl NodeIndex {
+    /// Starts following Nodes labelled with a claim.
+    pub fn start(client: kube::Client, shutdown: CancellationToken) -> NodeIndex {
+        let index = NodeIndex::default();
+        let sink = Sink {
+            index: index.clone(),
+            listing: None,
+        };
+        let api: Api<Node> = Api::all(client);
+        tokio::spawn(shoal_kube::watch::follow(
+            api,
+            watcher::Config::default().labels(CLAIM_LABEL),
+            sink,
+            |err| tracing::warn!(error = %err, "node watch failed; retrying"),
+            shutdown,
+        ));
+        index
+    }
+
+    /// The node of `claim`, if registered.
+    pub fn get(&self, claim: &str) -> Option<NodeView> {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(claim)
+            .cloned()
+    }
+
+    /// Every indexed node, by claim.
+    pub fn all(&self) -> HashMap<String, NodeView> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Ticks on every change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// True once the first list completed.
+    pub fn synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+}

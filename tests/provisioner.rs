@@ -1,0 +1,426 @@
+//! The provisioner as its own process, with real etcd and the simulator's cloud as the `sim`
+//! backend: bad requests, parallel creation to Ready, idempotency, PDB-honouring drains, and
+//! crash safety under `kill -9` at the three dangerous points.
+
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde_json::{Value, json};
+use shoal_e2e::{EtcdReader, Running, add_sim_node, grpcurl, grpcurl_ok, kubectl, sim_get};
+use shoal_testkit::{EtcdServer, SimServer, wait_for};
+
+fn pool_yaml(extra: &str) -> String {
+    format!(
+        "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: general }}\nspec:\n  provider: {{ backend: sim }}\n  template:\n    labels: {{ role: worker }}\n    startupTaints: [{{ key: shoal.dev/unregistered, effect: NoSchedule }}]\n    capacity: {{ cpu: \"2\", memory: 4Gi }}\n  limits: {{ minNodes: 0, maxNodes: 5 }}\n  permanentNodes: [general-keep]\n  scaleUp: {{ maxConcurrent: 10 }}\n  scaleDown: {{ drainTimeout: 3s }}\n{extra}"
+    )
+}
+
+struct Fixture {
+    etcd: EtcdServer,
+    sim: SimServer,
+    store: EtcdReader,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let etcd = EtcdServer::start();
+        let sim = SimServer::start(&["--boot-delay=300ms", "--boot-jitter=200ms"]);
+        let store = EtcdReader::new(&etcd);
+        store.put_pool(&pool_yaml(""));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("provisioner.yaml");
+        let yaml = format!(
+            "election: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  resilience: {{ callTimeout: 2s, attempts: 4, retryMinDelay: 50ms, retryMaxDelay: 400ms, breakerFailures: 5, breakerRecovery: 3s }}\n  nodeTtl: 60s\n  instanceCheckInterval: 1s\n  drainPollInterval: 200ms\n",
+            sim.kubeconfig().display(),
+            sim.url()
+        );
+        std::fs::write(&config, yaml).expect("write config");
+        Fixture {
+            etcd,
+            sim,
+            store,
+            config,
+            _dir: dir,
+        }
+    }
+
+    fn provisioner(&self, instance: &str, env: &[(&str, &str)]) -> Running {
+        let config = format!("--config={}", self.config.display());
+        let mut p = Running::start(
+            "shoal-provisioner",
+            instance,
+            Some(&self.etcd),
+            &[&config],
+            env,
+        );
+        p.wait_ready();
+        let leads = wait_for(Duration::from_secs(15), || {
+            (p.metric("shoal_leader{service=\"provisioner\"}") == Some(1.0)).then_some(())
+        });
+        assert!(leads.is_some(), "{instance} leads\n{}", p.process.logs());
+        p
+    }
+
+    fn kubectl(&self, args: &[&str], stdin: &str) -> String {
+        kubectl(&self.sim.kubeconfig(), args, stdin)
+    }
+
+    /// Instances in the sim cloud owned by cluster `default`.
+    fn instances(&self) -> Vec<Value> {
+        sim_get(
+            self.sim.addr(),
+            "/cloud/v1/instances?labelSelector=shoal.dev%2Fcluster%3Ddefault",
+        )["instances"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn claims(&self) -> Vec<Value> {
+        self.store.json_under("claims/")
+    }
+
+    fn live_claims(&self) -> Vec<Value> {
+        self.claims()
+            .into_iter()
+            .filter(|c| !matches!(c["phase"].as_str(), Some("Deleted" | "Failed")))
+            .collect()
+    }
+
+    /// Node names carrying a claim label.
+    fn claimed_nodes(&self) -> Vec<String> {
+        sim_get(
+            self.sim.addr(),
+            "/api/v1/nodes?labelSelector=shoal.dev%2Fclaim",
+        )["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["metadata"]["name"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// Every instance belongs to a live claim, every live claim that launched has exactly one
+    /// instance and one Node, and no name appears twice.
+    fn assert_consistent(&self) {
+        let instances = self.instances();
+        let live = self.live_claims();
+        let names: Vec<String> = instances
+            .iter()
+            .filter_map(|i| i["name"].as_str().map(String::from))
+            .collect();
+        let unique: BTreeSet<&String> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "duplicate instances: {names:?}");
+        assert_eq!(
+            instances.len(),
+            live.len(),
+            "instances {names:?} vs live claims {live:#?}"
+        );
+        let mut nodes = self.claimed_nodes();
+        nodes.sort();
+        let mut claimed: Vec<String> = live
+            .iter()
+            .filter_map(|c| c["nodeName"].as_str().map(String::from))
+            .collect();
+        claimed.sort();
+        assert_eq!(nodes, claimed, "nodes vs live claims");
+    }
+}
+
+fn call(p: &Running, method: &str, body: Value) -> Value {
+    let out = grpcurl_ok(&[
+        "-plaintext",
+        "-d",
+        &body.to_string(),
+        &p.grpc.to_string(),
+        &format!("shoal.v1.ProvisionerService/{method}"),
+    ]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{method}: {e}: {out}"))
+}
+
+/// grpcurl's error text for a call that must fail.
+fn refused(addr: SocketAddr, method: &str, body: Value) -> String {
+    let out = grpcurl(&[
+        "-plaintext",
+        "-d",
+        &body.to_string(),
+        &addr.to_string(),
+        &format!("shoal.v1.ProvisionerService/{method}"),
+    ]);
+    assert!(!out.status.success(), "{method} {body} must fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Waits for an operation to finish; returns it.
+fn wait_op(p: &Running, id: &str, timeout: Duration) -> Value {
+    let done = wait_for(timeout, || {
+        let op = call(p, "GetOperation", json!({ "id": id }));
+        (op["state"] != "OPERATION_STATE_RUNNING").then_some(op)
+    });
+    done.unwrap_or_else(|| {
+        panic!(
+            "operation {id} did not finish within {timeout:?}\n{}",
+            p.process.logs()
+        )
+    })
+}
+
+fn node(f: &Fixture, name: &str) -> Value {
+    sim_get(f.sim.addr(), &format!("/api/v1/nodes/{name}"))
+}
+
+#[test]
+fn creates_in_parallel_refuses_bad_requests_and_drains_honouring_pdbs() {
+    let f = Fixture::new();
+    let p = f.provisioner("prov-1", &[]);
+    let addr = p.grpc;
+
+    // Bad requests: the right code and the reason.
+    let e = refused(addr, "CreateNodes", json!({ "pool": "nope", "count": 1 }));
+    assert!(
+        e.contains("NotFound") && e.contains("pool nope not found"),
+        "{e}"
+    );
+    let e = refused(
+        addr,
+        "CreateNodes",
+        json!({ "pool": "general", "count": 0 }),
+    );
+    assert!(e.contains("InvalidArgument") && e.contains("count"), "{e}");
+    let e = refused(
+        addr,
+        "CreateNodes",
+        json!({ "pool": "general", "count": 6 }),
+    );
+    assert!(
+        e.contains("InvalidArgument") && e.contains("above its maxNodes 5"),
+        "{e}"
+    );
+
+    // Three nodes in parallel: all Ready, startup taint gone, one op for a repeated key.
+    let op = call(
+        &p,
+        "CreateNodes",
+        json!({ "pool": "general", "count": 3, "idempotencyKey": "d1/general", "reason": "test" }),
+    );
+    let again = call(
+        &p,
+        "CreateNodes",
+        json!({ "pool": "general", "count": 3, "idempotencyKey": "d1/general" }),
+    );
+    assert_eq!(
+        op["id"], again["id"],
+        "a repeated key returns the same operation"
+    );
+    let id = op["id"].as_str().expect("op id").to_string();
+    let done = wait_op(&p, &id, Duration::from_secs(30));
+    assert_eq!(done["state"], "OPERATION_STATE_SUCCEEDED", "{done}");
+    let claims = call(&p, "ListNodeClaims", json!({ "pool": "general" }));
+    let claims = claims["claims"].as_array().cloned().unwrap_or_default();
+    assert_eq!(claims.len(), 3);
+    assert!(
+        claims.iter().all(|c| c["phase"] == "CLAIM_PHASE_READY"),
+        "{claims:#?}"
+    );
+    for n in 1..=3 {
+        let node = node(&f, &format!("general-{n}"));
+        let taints = node["spec"]["taints"].to_string();
+        assert!(!taints.contains("shoal.dev/unregistered"), "{taints}");
+        assert_eq!(node["metadata"]["labels"]["shoal.dev/pool"], "general");
+    }
+    f.assert_consistent();
+    let ready = p.metric("shoal_node_ready_seconds_count{pool=\"general\"}");
+    assert_eq!(ready, Some(3.0), "node ready time is measured");
+
+    // Deleting an unknown, a permanent or a foreign node is refused.
+    let e = refused(addr, "DeleteNodes", json!({ "nodes": ["ghost"] }));
+    assert!(e.contains("NotFound") && e.contains("ghost"), "{e}");
+    let e = refused(addr, "DeleteNodes", json!({ "nodes": ["general-keep"] }));
+    assert!(
+        e.contains("FailedPrecondition") && e.contains("permanent"),
+        "{e}"
+    );
+    add_sim_node(f.sim.addr(), "static-1", "", "2", "4Gi");
+    wait_for(Duration::from_secs(10), || {
+        matches!(
+            shoal_testkit::http_get(f.sim.addr(), "/api/v1/nodes/static-1"),
+            Ok((200, _))
+        )
+        .then_some(())
+    })
+    .expect("static-1 registers");
+    let e = refused(addr, "DeleteNodes", json!({ "nodes": ["static-1"] }));
+    assert!(
+        e.contains("FailedPrecondition") && e.contains("not created by Shoal"),
+        "{e}"
+    );
+
+    // A PDB that allows no disruption blocks the drain; after drainTimeout the operation
+    // fails and the node is back in service.
+    f.kubectl(
+        &["apply", "-f", "-"],
+        &shoal_e2e::deployment_yaml("web", 4, "500m", "256Mi", None),
+    );
+    f.kubectl(
+        &["apply", "-f", "-"],
+        "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: { name: web, namespace: default }\nspec:\n  minAvailable: 4\n  selector: { matchLabels: { app: web } }\n",
+    );
+    let victim = wait_for(Duration::from_secs(20), || {
+        let pods = sim_get(f.sim.addr(), "/api/v1/namespaces/default/pods");
+        let items = pods["items"].as_array().cloned().unwrap_or_default();
+        let running = items
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count();
+        if running < 4 {
+            return None;
+        }
+        items
+            .iter()
+            .filter_map(|p| p["spec"]["nodeName"].as_str())
+            .find(|n| n.starts_with("general-"))
+            .map(String::from)
+    })
+    .expect("web pods run on a general node");
+    let op = call(
+        &p,
+        "DeleteNodes",
+        json!({ "nodes": [victim], "idempotencyKey": "d2", "reason": "test drain" }),
+    );
+    let failed = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(20));
+    assert_eq!(failed["state"], "OPERATION_STATE_FAILED", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("drain timed out"),
+        "{failed}"
+    );
+    let back = node(&f, &victim);
+    assert_ne!(back["spec"]["unschedulable"], true, "uncordoned: {back}");
+    assert!(
+        !back["spec"]["taints"]
+            .to_string()
+            .contains("shoal.dev/disrupted")
+    );
+    assert!(
+        p.metric("shoal_provisioner_evictions_total{result=\"blocked\"}")
+            .is_some_and(|v| v >= 1.0)
+    );
+
+    // Without the PDB the same node drains and goes: instance, Node and claim.
+    f.kubectl(&["delete", "pdb", "web"], "");
+    let op = call(
+        &p,
+        "DeleteNodes",
+        json!({ "nodes": [victim], "idempotencyKey": "d3", "reason": "test drain" }),
+    );
+    let done = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(30));
+    assert_eq!(done["state"], "OPERATION_STATE_SUCCEEDED", "{done}");
+    assert_eq!(f.live_claims().len(), 2);
+    assert!(!f.claimed_nodes().contains(&victim));
+    f.assert_consistent();
+    let running = wait_for(Duration::from_secs(20), || {
+        let pods = sim_get(f.sim.addr(), "/api/v1/namespaces/default/pods");
+        let n = pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| {
+                p["status"]["phase"] == "Running" && p["spec"]["nodeName"] != victim.as_str()
+            })
+            .count();
+        (n == 4).then_some(())
+    });
+    assert!(running.is_some(), "evicted pods run elsewhere");
+}
+
+fn wait_log(p: &Running, text: &str) {
+    let seen = wait_for(Duration::from_secs(20), || {
+        p.process.logs().contains(text).then_some(())
+    });
+    assert!(seen.is_some(), "{text:?} not logged:\n{}", p.process.logs());
+}
+
+#[test]
+fn kill_9_at_any_point_leaves_nothing_orphaned_or_duplicated() {
+    let f = Fixture::new();
+
+    // (a) after the claims are written, before the backend call.
+    let mut p = f.provisioner(
+        "prov-a",
+        &[("SHOAL_TEST_PAUSE_AT", "before-backend-create")],
+    );
+    let op = call(
+        &p,
+        "CreateNodes",
+        json!({ "pool": "general", "count": 2, "idempotencyKey": "a" }),
+    );
+    wait_log(&p, "crash point before-backend-create reached");
+    p.process.kill();
+    assert_eq!(f.live_claims().len(), 2, "claims were written ahead");
+    assert_eq!(f.instances().len(), 0, "nothing was created yet");
+    let p = f.provisioner("prov-a2", &[]);
+    let done = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(30));
+    assert_eq!(done["state"], "OPERATION_STATE_SUCCEEDED", "{done}");
+    f.assert_consistent();
+    assert_eq!(f.instances().len(), 2);
+    drop(p);
+
+    // (b) after the backend created the instance, before the claim was updated.
+    let mut p = f.provisioner("prov-b", &[("SHOAL_TEST_PAUSE_AT", "after-backend-create")]);
+    let op = call(
+        &p,
+        "CreateNodes",
+        json!({ "pool": "general", "count": 1, "idempotencyKey": "b" }),
+    );
+    wait_log(&p, "crash point after-backend-create reached");
+    p.process.kill();
+    assert_eq!(f.instances().len(), 3, "the instance exists");
+    let p = f.provisioner("prov-b2", &[]);
+    let done = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(30));
+    assert_eq!(done["state"], "OPERATION_STATE_SUCCEEDED", "{done}");
+    f.assert_consistent();
+    assert_eq!(f.instances().len(), 3, "adopted, not created twice");
+    drop(p);
+
+    // (c) mid-drain.
+    f.kubectl(
+        &["apply", "-f", "-"],
+        &shoal_e2e::deployment_yaml("app", 2, "250m", "128Mi", None),
+    );
+    let mut p = f.provisioner("prov-c", &[("SHOAL_TEST_PAUSE_AT", "mid-drain")]);
+    let op = call(
+        &p,
+        "DeleteNodes",
+        json!({ "nodes": ["general-1"], "idempotencyKey": "c" }),
+    );
+    wait_log(&p, "crash point mid-drain reached");
+    p.process.kill();
+    assert_eq!(
+        node(&f, "general-1")["spec"]["unschedulable"],
+        true,
+        "cordoned"
+    );
+    let p = f.provisioner("prov-c2", &[]);
+    let done = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(30));
+    assert_eq!(done["state"], "OPERATION_STATE_SUCCEEDED", "{done}");
+    f.assert_consistent();
+    assert_eq!(f.instances().len(), 2);
+    let phases: Vec<String> = f
+        .claims()
+        .iter()
+        .map(|c| c["phase"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        phases.iter().all(|p| p == "Ready" || p == "Deleted"),
+        "every claim is Ready or Deleted: {phases:?}"
+    );
+    println!(
+        "after three kill -9s: {} instances, {} live claims, nodes {:?}",
+        f.instances().len(),
+        f.live_claims().len(),
+        f.claimed_nodes()
+    );
+}
