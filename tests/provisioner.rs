@@ -424,3 +424,120 @@ fn kill_9_at_any_point_leaves_nothing_orphaned_or_duplicated() {
         f.claimed_nodes()
     );
 }
+
+fn set_faults(f: &Fixture, error_rate: f64) {
+    let body = json!({ "errorRate": error_rate }).to_string();
+    let (code, answer) =
+        shoal_testkit::http_request(f.sim.addr(), "PUT", "/cloud/v1/faults", Some(&body))
+            .unwrap_or_else(|e| panic!("sim faults: {e}"));
+    assert!(code < 300, "setting faults: {code} {answer}");
+}
+
+fn breaker(p: &Running) -> String {
+    let status = call(p, "GetBackendStatus", json!({}));
+    status["backends"][0]["breaker"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn backend_failures_are_retried_break_the_circuit_and_are_never_silent() {
+    let f = Fixture::new();
+    let p = f.provisioner("prov-faults", &[]);
+
+    // 50 % of cloud calls fail: retries carry most creations through.
+    set_faults(&f, 0.5);
+    let op = call(
+        &p,
+        "CreateNodes",
+        json!({ "pool": "general", "count": 4, "idempotencyKey": "half" }),
+    );
+    let done = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(60));
+    let claims = f.claims();
+    let ready = claims.iter().filter(|c| c["phase"] == "Ready").count();
+    for c in &claims {
+        assert!(
+            c["phase"] == "Ready"
+                || (c["phase"] == "Failed"
+                    && !c["failureReason"].as_str().unwrap_or("").is_empty()),
+            "a claim is Ready or Failed with a reason: {c}"
+        );
+    }
+    assert!(ready >= 1, "retries got nodes through 50 % errors: {done}");
+    let retries = p
+        .metric("shoal_provisioner_backend_retries_total{backend=\"sim\",op=\"create\"}")
+        .unwrap_or(0.0)
+        + p.metric("shoal_provisioner_backend_retries_total{backend=\"sim\",op=\"list\"}")
+            .unwrap_or(0.0);
+    assert!(retries >= 1.0, "retries are counted\n{}", p.metrics_text());
+
+    // 100 % for 30 s: the breaker opens, the request fails visibly.
+    set_faults(&f, 1.0);
+    let outage = std::time::Instant::now();
+    let op = call(
+        &p,
+        "CreateNodes",
+        json!({ "pool": "general", "count": 1, "idempotencyKey": "down" }),
+    );
+    let opened = wait_for(Duration::from_secs(20), || {
+        (breaker(&p) == "BREAKER_STATE_OPEN").then_some(())
+    });
+    assert!(opened.is_some(), "breaker opens\n{}", p.process.logs());
+    assert_eq!(
+        p.metric("shoal_provisioner_breaker_state{backend=\"sim\"}"),
+        Some(1.0)
+    );
+    let failed = wait_for(Duration::from_secs(30), || {
+        f.claims()
+            .into_iter()
+            .find(|c| c["operationId"] == op["id"] && c["phase"] == "Failed")
+    });
+    // The claim fails only once its rollback could check the backend; during the outage it
+    // may still be Pending — but never silently Ready.
+    if let Some(c) = &failed {
+        assert!(
+            c["failureReason"].as_str().unwrap_or("").contains("sim"),
+            "{c}"
+        );
+    }
+    let status = call(&p, "GetBackendStatus", json!({}));
+    assert!(
+        status["backends"][0]["lastError"]
+            .as_str()
+            .unwrap_or("")
+            .contains("503"),
+        "{status}"
+    );
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed()));
+
+    // Healthy again: the half-open probe closes the breaker; everything settles consistently.
+    set_faults(&f, 0.0);
+    let closed = wait_for(Duration::from_secs(20), || {
+        (breaker(&p) == "BREAKER_STATE_CLOSED").then_some(())
+    });
+    assert!(closed.is_some(), "breaker closes\n{}", p.process.logs());
+    let settled = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(60));
+    assert_ne!(settled["state"], "OPERATION_STATE_RUNNING");
+    assert!(
+        p.metric("shoal_provisioner_claims_failed_total{pool=\"general\"}")
+            .is_some_and(|v| v >= 1.0)
+            || settled["state"] == "OPERATION_STATE_SUCCEEDED",
+        "failures are counted\n{}",
+        p.metrics_text()
+    );
+    let op = call(
+        &p,
+        "CreateNodes",
+        json!({ "pool": "general", "count": 1, "idempotencyKey": "after" }),
+    );
+    let done = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(30));
+    assert_eq!(done["state"], "OPERATION_STATE_SUCCEEDED", "{done}");
+    f.assert_consistent();
+    println!(
+        "faults: {} claims, {} Ready, {} Failed, retries {retries}",
+        f.claims().len(),
+        f.claims().iter().filter(|c| c["phase"] == "Ready").count(),
+        f.claims().iter().filter(|c| c["phase"] == "Failed").count()
+    );
+}
