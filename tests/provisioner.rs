@@ -541,3 +541,179 @@ fn backend_failures_are_retried_break_the_circuit_and_are_never_silent() {
         f.claims().iter().filter(|c| c["phase"] == "Failed").count()
     );
 }
+
+fn docker_available() -> bool {
+    let up = std::process::Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !up {
+        assert!(
+            std::env::var("SHOAL_REQUIRE_DOCKER").as_deref() != Ok("1"),
+            "SHOAL_REQUIRE_DOCKER=1 but no Docker engine answers `docker info`"
+        );
+        eprintln!("SKIPPED: no Docker engine answers; the docker backend test did not run");
+    }
+    up
+}
+
+fn sh(script: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", script])
+        .output()
+        .unwrap_or_else(|e| panic!("sh: {e}"));
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// An image holding `shoal-sim` and the libraries it links (no image can be pulled here).
+fn agent_image() -> String {
+    let binary = shoal_testkit::process::bin_path("shoal-sim");
+    let tag = "shoal-sim-agent:test";
+    sh(&format!(
+        "set -e; d=$(mktemp -d); cp {bin} $d/shoal-sim; old=$(docker images -q {tag}); \
+         for lib in $(ldd {bin} | grep -o '/[^ ]*'); do mkdir -p $d$(dirname $lib); cp -L $lib $d$lib; done; \
+         tar -C $d -cf - . | docker import --change 'ENTRYPOINT [\"/shoal-sim\"]' - {tag} >/dev/null; rm -rf $d; \
+         if [ -n \"$old\" ] && [ \"$old\" != \"$(docker images -q {tag})\" ]; then docker rmi $old >/dev/null 2>&1 || true; fi",
+        bin = binary.display()
+    ));
+    tag.to_string()
+}
+
+fn containers(cluster: &str) -> Vec<String> {
+    let out = sh(&format!(
+        "docker ps -a --filter label=shoal.dev/cluster={cluster} --format '{{{{.Names}}}} {{{{.State}}}}'"
+    ));
+    let mut v: Vec<String> = out.lines().map(String::from).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn docker_backend_runs_nodes_as_containers_that_register_with_the_simulator() {
+    if !docker_available() {
+        return;
+    }
+    let image = agent_image();
+    let cluster = format!("dtest-{}", std::process::id());
+    let etcd = EtcdServer::start();
+    let sim = SimServer::start_on(std::net::IpAddr::from([0, 0, 0, 0]), &[]);
+    let gateway = sh("ip -4 -o addr show docker0 | awk '{print $4}' | cut -d/ -f1");
+    let store = EtcdReader::new(&etcd);
+    store.put_pool("apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: dock }\nspec:\n  provider: { backend: docker, class: agent }\n  template:\n    capacity: { cpu: \"2\", memory: 4Gi }\n  limits: { minNodes: 0, maxNodes: 3 }\n");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("provisioner.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "cluster: {cluster}\nelection: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {kc} }}\n  backends:\n    docker:\n      classes:\n        agent:\n          image: {image}\n          command: [agent, --api, \"http://{gateway}:{port}\", --name, \"{{name}}\", --cpu, \"{{cpu}}\", --memory, \"{{memory}}\", --label, \"{{labels}}\", --heartbeat-interval, 2s]\n          privileged: false\n          tmpfs: {{}}\n          restartPolicy: \"no\"\n  instanceCheckInterval: 1s\n  drainPollInterval: 200ms\n",
+            kc = sim.kubeconfig().display(),
+            port = sim.port(),
+        ),
+    )
+    .expect("config");
+    let cleanup = format!(
+        "docker rm -f $(docker ps -aq --filter label=shoal.dev/cluster={cluster}) >/dev/null 2>&1 || true"
+    );
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("sh")
+                .args(["-c", &self.0])
+                .status();
+        }
+    }
+    let _cleanup = Cleanup(cleanup);
+    let mut p = Running::start(
+        "shoal-provisioner",
+        "prov-docker",
+        Some(&etcd),
+        &[&format!("--config={}", config.display())],
+        &[],
+    );
+    p.wait_ready();
+
+    // 0 → 3: three containers, three Ready nodes registered by the agents inside them.
+    let op = call(
+        &p,
+        "CreateNodes",
+        json!({ "pool": "dock", "count": 3, "idempotencyKey": "up" }),
+    );
+    let done = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(90));
+    assert_eq!(
+        done["state"],
+        "OPERATION_STATE_SUCCEEDED",
+        "{done}\n{}",
+        p.process.logs()
+    );
+    assert_eq!(
+        containers(&cluster),
+        ["dock-1 running", "dock-2 running", "dock-3 running"]
+    );
+    let ready_nodes = || -> Vec<String> {
+        let nodes = sim_get(
+            sim.addr(),
+            "/api/v1/nodes?labelSelector=shoal.dev%2Fpool%3Ddock",
+        );
+        let mut v: Vec<String> = nodes["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| {
+                n["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+            .filter_map(|n| n["metadata"]["name"].as_str().map(String::from))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ready_nodes(), ["dock-1", "dock-2", "dock-3"]);
+
+    // 3 → 1: drained and removed; containers and Nodes match.
+    let op = call(
+        &p,
+        "DeleteNodes",
+        json!({ "nodes": ["dock-3", "dock-2"], "idempotencyKey": "down" }),
+    );
+    let done = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(60));
+    assert_eq!(done["state"], "OPERATION_STATE_SUCCEEDED", "{done}");
+    assert_eq!(containers(&cluster), ["dock-1 running"]);
+    let gone = wait_for(Duration::from_secs(10), || {
+        (ready_nodes() == ["dock-1"]).then_some(())
+    });
+    assert!(gone.is_some(), "nodes: {:?}", ready_nodes());
+
+    // A container removed by hand: `list` no longer reports it and its claim does not stay Ready.
+    sh("docker rm -f dock-1 >/dev/null");
+    let listed = call(&p, "ListInstances", json!({ "backend": "docker" }));
+    assert!(
+        listed["instances"].as_array().is_none_or(|v| v.is_empty()),
+        "{listed}"
+    );
+    let failed = wait_for(Duration::from_secs(15), || {
+        let claims = call(&p, "ListNodeClaims", json!({ "pool": "dock" }));
+        claims["claims"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["nodeName"] == "dock-1" && c["phase"] == "CLAIM_PHASE_FAILED")
+            .cloned()
+    });
+    let failed = failed.unwrap_or_else(|| panic!("dock-1's claim fails\n{}", p.process.logs()));
+    assert!(
+        failed["failureReason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("disappeared"),
+        "{failed}"
+    );
+    assert!(ready_nodes().is_empty(), "its Node is removed too");
+}

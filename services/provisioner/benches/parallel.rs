@@ -112,14 +112,22 @@ async fn main() {
             .expect("pool");
     }
 
+    let config = dir.path().join("provisioner.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "service:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  instanceCheckInterval: 2s\n",
+            kubeconfig.display(),
+            sim.url()
+        ),
+    )
+    .expect("config");
     let grpc = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_shoal-provisioner"))
         .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
         .arg(format!("--admin-addr=127.0.0.1:{}", free_port()))
         .arg(format!("--etcd-endpoints={}", etcd.endpoint()))
-        .arg(format!("--set=service.kube.kubeconfig={}", kubeconfig.display()))
-        .arg(format!("--set=service.backends.sim.url={}", sim.url()))
-        .arg("--set=service.instanceCheckInterval=2s")
+        .arg(format!("--config={}", config.display()))
         .arg("--log-level=warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

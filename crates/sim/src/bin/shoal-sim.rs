@@ -61,8 +61,8 @@ enum Command {
         /// Pod slots.
         #[arg(long, default_value_t = 110)]
         pods: u32,
-        /// Node label key=value (repeatable).
-        #[arg(long = "label")]
+        /// Node label key=value (repeatable, or comma-separated).
+        #[arg(long = "label", value_delimiter = ',')]
         labels: Vec<String>,
         /// Node taint key=value:Effect (repeatable).
         #[arg(long = "taint")]
