@@ -411,3 +411,104 @@ fn a_deployment_that_does_not_fit_gets_a_scale_up_decision_within_a_second() {
     assert!(!resumed.contains("\"paused\": true"), "{resumed}");
     drop(runtime);
 }
+
+/// Not a dry run: decisions go to a real provisioner, nodes boot in the simulator's cloud and the
+/// pods run. While the nodes boot, later snapshots count them as in flight: exactly the nodes
+/// the first decision asked for are created, no more.
+#[test]
+fn decisions_reach_the_provisioner_and_the_pods_run() {
+    let etcd = EtcdServer::start();
+    let sim = SimServer::start(&["--boot-delay=1s", "--boot-jitter=200ms"]);
+    let kube = format!(
+        "--set=service.kube.kubeconfig={}",
+        sim.kubeconfig().display()
+    );
+    let mut metrics = Running::start(
+        "shoal-metrics",
+        "metrics-l",
+        None,
+        &[&kube, "--set=service.batchIdle=200ms"],
+        &[],
+    );
+    metrics.wait_ready();
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("provisioner.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "service:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  instanceCheckInterval: 1s\n",
+            sim.kubeconfig().display(),
+            sim.url()
+        ),
+    )
+    .expect("config");
+    let mut provisioner = Running::start(
+        "shoal-provisioner",
+        "provisioner-l",
+        Some(&etcd),
+        &[&format!("--config={}", config.display())],
+        &[],
+    );
+    provisioner.wait_ready();
+    let pools = dir.path().join("pools.yaml");
+    std::fs::write(&pools, GENERAL.replace("minNodes: 1", "minNodes: 0")).expect("pools file");
+    let mut decider = Running::start(
+        "shoal-decider",
+        "decider-l",
+        Some(&etcd),
+        &[
+            &format!("--set=service.metricsAddr=http://{}", metrics.grpc),
+            &format!("--set=service.provisionerAddr=http://{}", provisioner.grpc),
+            &format!("--set=service.poolFiles={}", pools.display()),
+        ],
+        &[],
+    );
+    decider.wait_ready();
+    wait_leader(&decider);
+
+    // Six pods of 1 CPU on 4-CPU nodes: two nodes.
+    kubectl(
+        &sim.kubeconfig(),
+        &["apply", "-f", "-"],
+        &deployment_yaml("batch", 6, "1", "512Mi", None),
+    );
+    let running = wait_for(Duration::from_secs(45), || {
+        let pods = sim_get(
+            sim.addr(),
+            "/api/v1/namespaces/default/pods?labelSelector=app%3Dbatch",
+        );
+        let n = pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count();
+        (n == 6).then_some(())
+    });
+    assert!(
+        running.is_some(),
+        "all pods run\n{}\n{}",
+        decider.process.logs(),
+        provisioner.process.logs()
+    );
+    // Settle a few snapshots more: nothing else is created.
+    std::thread::sleep(Duration::from_secs(3));
+    let claims = grpcurl_ok(&[
+        "-plaintext",
+        "-d",
+        r#"{"pool":"general"}"#,
+        &provisioner.grpc.to_string(),
+        "shoal.v1.ProvisionerService/ListNodeClaims",
+    ]);
+    let claims: Value = serde_json::from_str(&claims).expect("claims JSON");
+    let claims = claims["claims"].as_array().cloned().unwrap_or_default();
+    assert_eq!(claims.len(), 2, "exactly two nodes: {claims:#?}");
+    assert!(claims.iter().all(|c| c["phase"] == "CLAIM_PHASE_READY"));
+    let created =
+        decider.metric("shoal_decider_provisioner_calls_total{op=\"create\",result=\"ok\"}");
+    assert!(
+        created.is_some_and(|n| n >= 1.0),
+        "{}",
+        decider.metrics_text()
+    );
+}

@@ -336,7 +336,13 @@ impl Decider {
         // Carry it out.
         let mut operations = Vec::new();
         if acts && !decision.dry_run {
-            let executed = self.execute(&decision, &mut operations).await;
+            let mut claim_ids = Vec::new();
+            let executed = self
+                .execute(&decision, &mut operations, &mut claim_ids)
+                .await;
+            // The next plan must count these claims as in flight: wait (bounded) until the
+            // claims cache shows them, so a snapshot arriving meanwhile cannot ask again.
+            self.await_claims(&claim_ids, Duration::from_secs(5)).await;
             if executed {
                 state.history.record_executed(&decision, now);
                 let value = serde_json::to_vec(&state.history).unwrap_or_default();
@@ -395,7 +401,36 @@ impl Decider {
     }
 
     /// Calls the provisioner for each action; returns whether every call was accepted.
-    async fn execute(&self, decision: &pb::Decision, operations: &mut Vec<String>) -> bool {
+    async fn await_claims(&self, ids: &[String], timeout: Duration) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut changes = self.claims.changes();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let missing = ids
+                .iter()
+                .filter(|id| self.claims.get(&keys::claim(id)).is_none())
+                .count();
+            if missing == 0 {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(missing, "created claims not visible in the store yet; planning on");
+                    return;
+                }
+                c = changes.changed() => if c.is_err() { return },
+            }
+        }
+    }
+
+    async fn execute(
+        &self,
+        decision: &pb::Decision,
+        operations: &mut Vec<String>,
+        claim_ids: &mut Vec<String>,
+    ) -> bool {
         let mut all_ok = true;
         let mut client = self.provisioner.clone();
         for action in &decision.actions {
@@ -429,7 +464,11 @@ impl Decider {
                         .provisioner_calls
                         .with_label_values(&[op, "ok"])
                         .inc();
-                    operations.push(response.into_inner().id);
+                    let op = response.into_inner();
+                    if op.kind == pb::OperationKind::Create as i32 {
+                        claim_ids.extend(op.claim_ids);
+                    }
+                    operations.push(op.id);
                 }
                 Err(status) => {
                     all_ok = false;

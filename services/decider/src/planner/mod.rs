@@ -264,17 +264,21 @@ impl<'a> Cluster<'a> {
             .map(|n| n.name.as_str())
             .collect();
         let mut in_flight = vec![0u32; input.pools.len()];
+        // Nodes of claims not Ready yet: registered but NotReady, or Ready with startup taints
+        // still on. They count as in flight (template capacity), not as existing nodes.
+        let mut coming_nodes: std::collections::HashSet<&str> = Default::default();
         for claim in input.claims {
             match claim.phase {
                 ClaimPhase::Draining | ClaimPhase::Terminating => {
                     deleting_nodes.insert(claim.node_name.as_str());
                 }
-                ClaimPhase::Pending
-                | ClaimPhase::Launched
-                | ClaimPhase::Registered
-                | ClaimPhase::Ready
-                    if !node_names.contains(claim.node_name.as_str()) =>
-                {
+                ClaimPhase::Pending | ClaimPhase::Launched | ClaimPhase::Registered => {
+                    coming_nodes.insert(claim.node_name.as_str());
+                    if let Some(p) = pool_index.get(claim.pool.as_str()) {
+                        in_flight[*p] += 1;
+                    }
+                }
+                ClaimPhase::Ready if !node_names.contains(claim.node_name.as_str()) => {
                     if let Some(p) = pool_index.get(claim.pool.as_str()) {
                         in_flight[*p] += 1;
                     }
@@ -290,14 +294,16 @@ impl<'a> Cluster<'a> {
             .map(|info| {
                 let pool = pool_index.get(info.pool.as_str()).copied();
                 let deleting = deleting_nodes.contains(info.name.as_str());
-                if let (Some(p), false) = (pool, deleting) {
+                let coming = coming_nodes.contains(info.name.as_str());
+                if let (Some(p), false, false) = (pool, deleting, coming) {
                     live[p] += 1;
                 }
                 Node {
                     info,
                     facts: snapshot::node_facts(info),
                     pool,
-                    ready: info.readiness == pb::NodeReadiness::Ready as i32,
+                    // A node still coming up hosts nothing yet: its claim is in flight instead.
+                    ready: info.readiness == pb::NodeReadiness::Ready as i32 && !coming,
                     deleting,
                     created_ms: info
                         .created_at

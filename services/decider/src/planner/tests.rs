@@ -916,3 +916,25 @@ proptest! {
         let _ = Resources::default();
     }
 }
+
+#[test]
+fn a_registered_node_that_is_not_ready_yet_counts_as_in_flight_not_as_a_reason_to_grow() {
+    // Two nodes were asked for; one registered (NotReady), one still booting. The six pending
+    // pods fit on them: no second scale-up.
+    let web = class(1, "web", 1000, GI);
+    let mut coming = node("general-1", "general", &[], std::slice::from_ref(&web));
+    coming.readiness = pb::NodeReadiness::NotReady as i32;
+    let s = snap(vec![coming], vec![web], vec![pending(1, 6, 0)]);
+    let claims = [
+        claim("c1", "general", "general-1", ClaimPhase::Registered),
+        claim("c2", "general", "general-2", ClaimPhase::Launched),
+    ];
+    let p = run(
+        &s,
+        &[pool("general", "")],
+        &claims,
+        &History::default(),
+        epoch(10),
+    );
+    assert!(ups(&p).is_empty(), "{}", reasons(&p));
+}
