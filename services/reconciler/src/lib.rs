@@ -5,6 +5,7 @@
 //! surface; drift detection and repair arrive with the reconciler issue.
 
 mod api;
+pub mod drift;
 
 use std::time::Duration;
 
