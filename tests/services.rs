@@ -21,9 +21,12 @@ const SERVICES: [(&str, &[&str], bool); 4] = [
 
 fn check_service(binary: &str, served: &[&str], needs_store: bool) {
     let etcd = needs_store.then(EtcdServer::start);
-    // The metrics service watches a Kubernetes API: give it a simulated cluster.
-    let sim =
-        matches!(binary, "shoal-metrics" | "shoal-provisioner").then(|| SimServer::start(&[]));
+    // Services that talk to a Kubernetes API get a simulated cluster.
+    let sim = matches!(
+        binary,
+        "shoal-metrics" | "shoal-provisioner" | "shoal-reconciler"
+    )
+    .then(|| SimServer::start(&[]));
     let kube_flag = sim.as_ref().map(|sim| {
         format!(
             "--set=service.kube.kubeconfig={}",
@@ -150,8 +153,18 @@ fn reconciler_alone() {
 fn status_rpcs_report_leadership_and_missing_upstreams_say_so() {
     let etcd = EtcdServer::start();
     let mut decider = Running::start("shoal-decider", "decider-solo", Some(&etcd), &[], &[]);
-    let mut reconciler =
-        Running::start("shoal-reconciler", "reconciler-solo", Some(&etcd), &[], &[]);
+    let sim = SimServer::start(&[]);
+    let kube_flag = format!(
+        "--set=service.kube.kubeconfig={}",
+        sim.kubeconfig().display()
+    );
+    let mut reconciler = Running::start(
+        "shoal-reconciler",
+        "reconciler-solo",
+        Some(&etcd),
+        &[&kube_flag],
+        &[],
+    );
     decider.wait_ready();
     reconciler.wait_ready();
     // The single replica of each becomes leader.

@@ -267,6 +267,13 @@ impl EtcdReader {
             .unwrap_or_else(|e| panic!("store pool: {e}"));
     }
 
+    /// Writes a raw value (to create drift behind the system's back).
+    pub fn put_raw(&self, key: &str, value: &[u8]) {
+        self.runtime
+            .block_on(self.store.put(key, value.to_vec(), None))
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    }
+
     /// Every value under `prefix` (e.g. `claims/`), decoded as JSON.
     pub fn json_under(&self, prefix: &str) -> Vec<serde_json::Value> {
         self.runtime

@@ -133,11 +133,32 @@ fn service_setting_names<S: ServiceSettings>() -> Vec<String> {
     }
 }
 
+/// The demo's NodePool: simulated nodes of 2 CPU / 4 GiB, quick to shrink.
+const DEMO_POOL: &str = "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: general }\nspec:\n  provider: { backend: sim }\n  template:\n    capacity: { cpu: \"2\", memory: 4Gi }\n  limits: { minNodes: 1, maxNodes: 8 }\n  scaleDown: { unneededFor: 30s, cooldown: 10s, maxConcurrent: 2, drainTimeout: 30s }\n";
+
+/// The load the demo plays.
+const DEMO_SCENARIO: &str = include_str!("../../../deploy/scenarios/ramp.yaml");
+
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    let metrics = demo_config::<shoal_metrics::MetricsSettings>(&args, 0)?;
-    let decider = demo_config::<shoal_decider::DeciderSettings>(&args, 1)?;
-    let provisioner = demo_config::<shoal_provisioner::ProvisionerSettings>(&args, 2)?;
-    let reconciler = demo_config::<shoal_reconciler::ReconcilerSettings>(&args, 3)?;
+    let mut metrics = demo_config::<shoal_metrics::MetricsSettings>(&args, 0)?;
+    let mut decider = demo_config::<shoal_decider::DeciderSettings>(&args, 1)?;
+    let mut provisioner = demo_config::<shoal_provisioner::ProvisionerSettings>(&args, 2)?;
+    let mut reconciler = demo_config::<shoal_reconciler::ReconcilerSettings>(&args, 3)?;
+    // The simulated cluster: its kubeconfig and the demo's NodePool in a folder of our own.
+    let dir = std::env::temp_dir().join(format!("shoal-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let kubeconfig = dir.join("kubeconfig");
+    let pool_file = dir.join("pool-general.yaml");
+    std::fs::write(&pool_file, DEMO_POOL)
+        .with_context(|| format!("writing {}", pool_file.display()))?;
+    let scenario =
+        shoal_sim::scenario::Scenario::parse("deploy/scenarios/ramp.yaml", DEMO_SCENARIO)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let kube = kubeconfig.display().to_string();
+    metrics.service.kube.kubeconfig = kube.clone();
+    provisioner.service.kube.kubeconfig = kube.clone();
+    reconciler.service.kube.kubeconfig = kube;
+    decider.service.pool_files = vec![pool_file.display().to_string()];
     let grpc: Vec<SocketAddr> = vec![
         metrics.grpc.addr,
         decider.grpc.addr,
@@ -156,10 +177,23 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let telemetry = Telemetry::init(&telemetry_config)?;
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
+        let sim = shoal_sim::Sim::start(
+            shoal_sim::SimConfig {
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                ..shoal_sim::SimConfig::default()
+            },
+            shutdown.clone(),
+        )
+        .await
+        .context("starting the simulated cluster")?;
+        shoal_sim::kubeconfig::write(&kubeconfig, &sim.url())
+            .with_context(|| format!("writing {}", kubeconfig.display()))?;
+        provisioner.service.backends.sim = Some(shoal_provisioner::SimBackend { url: sim.url() });
+        sim.play(scenario, shutdown.clone());
         let services = vec![
             (
                 "metrics",
@@ -180,6 +214,10 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         ];
         wait_until_listening(&grpc).await;
         print_banner(&grpc, &admin, args.etcd.as_deref());
+        println!(
+            "  kubectl --kubeconfig {} get nodes,pods\n",
+            kubeconfig.display()
+        );
         let mut failed = None;
         for (name, task) in services {
             match task.await {
@@ -199,7 +237,9 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             Some(err) => Err(anyhow::anyhow!(err)),
             None => Ok(()),
         }
-    })
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 async fn wait_until_listening(addrs: &[SocketAddr]) {

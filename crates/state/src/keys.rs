@@ -52,6 +52,9 @@ pub const DECIDER_HISTORY: &str = "decider/history";
 /// `decider/paused`: whether the decider acts on its decisions.
 pub const DECIDER_PAUSED: &str = "decider/paused";
 
+/// `ids/`: every reserved backend id.
+pub const IDS: &str = "ids/";
+
 /// `ids/<backend>/<id>`: a reserved backend id (e.g. a Proxmox VMID or a node name).
 pub fn reserved_id(backend: &str, id: &str) -> String {
     format!("ids/{backend}/{id}")
@@ -66,6 +69,9 @@ pub fn idempotency(key: &str) -> String {
 pub fn audit(unix_ms: u64, id: &str) -> String {
     format!("audit/{unix_ms:013}-{id}")
 }
+
+/// `drifts/`: detected drifts, oldest first.
+pub const DRIFTS: &str = "drifts/";
 
 /// `drifts/<unix ms, 13 digits>-<id>`: one detected drift and its repair.
 pub fn drift(unix_ms: u64, id: &str) -> String {

@@ -10,8 +10,7 @@ use shoal_proto::v1::{
     provisioner_service_server::ProvisionerService,
 };
 use shoal_runtime::{
-    ValidationErrors, invalid_argument, not_yet_implemented, status_from_store,
-    telemetry::traceparent_of,
+    ValidationErrors, invalid_argument, status_from_store, telemetry::traceparent_of,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -38,6 +37,7 @@ fn status(err: RequestError) -> Status {
         RequestError::NotFound(m) => Status::not_found(m),
         RequestError::Precondition(m) => Status::failed_precondition(m),
         RequestError::Store(e) => store_status(e),
+        RequestError::Unavailable(m) => Status::unavailable(m),
     }
 }
 
@@ -213,9 +213,24 @@ impl ProvisionerService for ProvisionerApi {
 
     async fn repair(
         &self,
-        _request: Request<RepairRequest>,
+        request: Request<RepairRequest>,
     ) -> Result<Response<RepairResponse>, Status> {
-        Err(not_yet_implemented("ProvisionerService/Repair"))
+        let r = request.into_inner();
+        let Some(action) = r.action.as_ref() else {
+            return Err(status(RequestError::Invalid {
+                field: "action",
+                reason:
+                    "must be one of deleteInstance, adoptInstance, failClaim, deleteNode, releaseId"
+                        .into(),
+            }));
+        };
+        let why = format!("pass {}: {}", r.pass_id, r.reason);
+        let claim_id = self
+            .provisioner
+            .repair(action, &why)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RepairResponse { claim_id }))
     }
 }
 

@@ -64,6 +64,9 @@ pub enum RequestError {
     /// The store failed (UNAVAILABLE).
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// Only the leader can do this now (UNAVAILABLE).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> RequestError {
@@ -382,6 +385,96 @@ impl Provisioner {
         Err(RequestError::Precondition(
             "the nodes' claims kept changing concurrently; try again".into(),
         ))
+    }
+
+    // ---- repairs (the reconciler's) ---------------------------------------------------------
+
+    /// `Repair`: one repair chosen by the reconciler. Returns the claim concerned, if any.
+    /// Refuses anything a live claim still owns, so a stale report cannot delete a good node.
+    pub async fn repair(
+        &self,
+        action: &pb::repair_request::Action,
+        why: &str,
+    ) -> Result<String, RequestError> {
+        use pb::repair_request::Action;
+        let live: Vec<NodeClaim> = self
+            .store
+            .all_claims()
+            .await?
+            .into_values()
+            .filter(|c| !c.phase.is_terminal())
+            .collect();
+        match action {
+            Action::DeleteInstance(target) => {
+                let (backend, id) = match target.split_once('/') {
+                    Some((b, i)) => (b.to_string(), i.to_string()),
+                    None => return Err(invalid("deleteInstance", "must be <backend>/<instance id>")),
+                };
+                let guarded = self.backend(&backend).map_err(RequestError::NotFound)?;
+                if let Some(owner) = live.iter().find(|c| c.backend == backend && c.instance_id == id) {
+                    return Err(RequestError::Precondition(format!(
+                        "instance {id} belongs to live claim {} ({:?})",
+                        owner.id, owner.phase
+                    )));
+                }
+                guarded
+                    .delete(&id)
+                    .await
+                    .map_err(|e| RequestError::Precondition(format!("backend {backend}: {e}")))?;
+                tracing::warn!(instance = %id, %backend, %why, "repair: orphan instance deleted");
+                Ok(String::new())
+            }
+            Action::DeleteNode(name) => {
+                if let Some(owner) = live.iter().find(|c| &c.node_name == name) {
+                    return Err(RequestError::Precondition(format!(
+                        "node {name} belongs to live claim {} ({:?})",
+                        owner.id, owner.phase
+                    )));
+                }
+                self.kube
+                    .delete(name)
+                    .await
+                    .map_err(|e| RequestError::Precondition(format!("deleting node {name}: {e}")))?;
+                tracing::warn!(node = %name, %why, "repair: orphan node deleted");
+                Ok(String::new())
+            }
+            Action::ReleaseId(target) => {
+                let Some((backend, name)) = target.split_once('/') else {
+                    return Err(invalid("releaseId", "must be <backend>/<name>"));
+                };
+                if let Some(owner) = live.iter().find(|c| c.backend == backend && c.node_name == name) {
+                    return Err(RequestError::Precondition(format!(
+                        "name {name} is held by live claim {}",
+                        owner.id
+                    )));
+                }
+                self.store.release_name(backend, name).await?;
+                tracing::warn!(%backend, %name, %why, "repair: leaked name reservation released");
+                Ok(String::new())
+            }
+            Action::FailClaim(id) => {
+                let leadership = self.leader.as_ref().and_then(|l| l.borrow().clone()).filter(Leadership::is_held).ok_or_else(|| {
+                    RequestError::Unavailable("this provisioner replica is not the leader; retry".into())
+                })?;
+                let claim = self
+                    .transition(&leadership, id, ClaimPhase::Failed, &format!("reconciler: {why}"), |_| {})
+                    .await
+                    .map_err(RequestError::Precondition)?;
+                if claim.phase != ClaimPhase::Failed {
+                    return Err(RequestError::Precondition(format!(
+                        "claim {id} is {:?}: it cannot be failed",
+                        claim.phase
+                    )));
+                }
+                if let Err(e) = self.release(&claim).await {
+                    tracing::warn!(claim = %id, error = %e, "repair: claim failed; its instance or node could not be deleted yet");
+                }
+                Ok(id.clone())
+            }
+            Action::AdoptInstance(_) => Err(RequestError::Precondition(
+                "adopting instances is not supported yet; use the delete or report-only orphan policy".into(),
+            )),
+        }
     }
 
     // ---- the leader -----------------------------------------------------------------------

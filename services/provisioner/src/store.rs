@@ -281,6 +281,12 @@ impl ClaimStore {
         Ok(())
     }
 
+    /// Drops a name reservation.
+    pub async fn release_name(&self, backend: &str, name: &str) -> Result<(), Error> {
+        self.store.delete(&keys::reserved_id(backend, name)).await?;
+        Ok(())
+    }
+
     /// Every claim, by id.
     pub async fn all_claims(&self) -> Result<BTreeMap<String, NodeClaim>, Error> {
         Ok(decode_claims(&self.store.range(keys::CLAIMS).await?.kvs)

@@ -1,17 +1,21 @@
 //! The reconciler: compares claims in the store, instances the backends report and Nodes in
 //! Kubernetes, classifies drift and repairs it through the provisioner. Only the leader acts.
 //!
-//! This version campaigns for leadership and serves `GetStatus` (leadership) plus the API
-//! surface; drift detection and repair arrive with the reconciler issue.
 
 mod api;
 pub mod drift;
+pub mod pass;
+pub mod stats;
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use shoal_proto::v1::provisioner_service_client::ProvisionerServiceClient;
 use shoal_proto::{service_names, v1::reconciler_service_server::ReconcilerServiceServer};
-use shoal_runtime::{Config, Host, HostError, ServiceSettings, ValidationErrors, validate_address};
+use shoal_runtime::{
+    Config, Host, HostError, ServiceSettings, Upstream, ValidationErrors, validate_address,
+};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
@@ -24,6 +28,53 @@ pub struct ReconcilerSettings {
     /// Time between reconciliation passes.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// The Kubernetes API (Nodes with our labels).
+    #[serde(default)]
+    pub kube: shoal_kube::KubeSettings,
+    /// Orphan instances: `delete` (after `orphanGrace`), `adopt` (not supported yet) or `report-only`.
+    #[serde(default = "default_orphans")]
+    pub orphan_policy: drift::OrphanPolicy,
+    /// Orphan instances younger than this are left alone (they may still be booting).
+    #[serde(with = "humantime_serde", default = "five_minutes")]
+    pub orphan_grace: Duration,
+    /// Nodes NotReady this long are acted on (orphan node, phase mismatch).
+    #[serde(with = "humantime_serde", default = "five_minutes")]
+    pub not_ready_grace: Duration,
+    /// Claims launching longer than this are stuck.
+    #[serde(with = "humantime_serde", default = "fifteen_minutes")]
+    pub launch_ttl: Duration,
+    /// Claims draining or terminating longer than this are stuck.
+    #[serde(with = "humantime_serde", default = "thirty_minutes")]
+    pub removal_ttl: Duration,
+    /// Report drift without repairing it.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+fn default_orphans() -> drift::OrphanPolicy {
+    drift::OrphanPolicy::Delete
+}
+fn five_minutes() -> Duration {
+    Duration::from_secs(300)
+}
+fn fifteen_minutes() -> Duration {
+    Duration::from_secs(900)
+}
+fn thirty_minutes() -> Duration {
+    Duration::from_secs(1800)
+}
+
+impl ReconcilerSettings {
+    /// The classification thresholds.
+    pub fn policy(&self) -> drift::Policy {
+        drift::Policy {
+            orphan_grace: self.orphan_grace,
+            orphans: self.orphan_policy,
+            not_ready_grace: self.not_ready_grace,
+            launch_ttl: self.launch_ttl,
+            removal_ttl: self.removal_ttl,
+        }
+    }
 }
 
 impl Default for ReconcilerSettings {
@@ -31,6 +82,13 @@ impl Default for ReconcilerSettings {
         ReconcilerSettings {
             provisioner_addr: "http://127.0.0.1:50053".into(),
             interval: Duration::from_secs(60),
+            kube: shoal_kube::KubeSettings::default(),
+            orphan_policy: default_orphans(),
+            orphan_grace: five_minutes(),
+            not_ready_grace: five_minutes(),
+            launch_ttl: fifteen_minutes(),
+            removal_ttl: thirty_minutes(),
+            dry_run: false,
         }
     }
 }
@@ -46,6 +104,7 @@ impl ServiceSettings for ReconcilerSettings {
         if self.interval < Duration::from_secs(1) {
             errors.add("service.interval", "must be at least 1s");
         }
+        self.kube.validate("service.kube", errors);
     }
 }
 
@@ -54,14 +113,51 @@ pub async fn serve(
     config: Config<ReconcilerSettings>,
     shutdown: CancellationToken,
 ) -> Result<(), HostError> {
+    let settings = config.service.clone();
+    let cluster = config.cluster.clone();
     let Some(host) = Host::start(config, &shutdown).await? else {
         return Ok(());
     };
+    let store = host.store().ok_or_else(|| HostError::Dependency {
+        what: "state store",
+        message: "the reconciler needs a store".into(),
+    })?;
+    let stats = stats::Stats::register(&host.metrics.registry)
+        .map_err(|e| HostError::Metrics(shoal_runtime::metrics::MetricsError::from(e)))?;
+    let kube = shoal_kube::connect(&settings.kube)
+        .await
+        .map_err(|e| HostError::Dependency {
+            what: "Kubernetes API",
+            message: e.to_string(),
+        })?;
+    let provisioner = Upstream::new(
+        "provisioner",
+        &settings.provisioner_addr,
+        service_names::PROVISIONER,
+    )?;
+    let reconciler = Arc::new(pass::Reconciler {
+        settings,
+        cluster,
+        store,
+        provisioner: ProvisionerServiceClient::new(provisioner.channel.clone()),
+        kube,
+        stats,
+        last: std::sync::Mutex::new(None),
+        lock: tokio::sync::Mutex::new(()),
+        repaired: std::sync::atomic::AtomicI64::new(0),
+    });
+    let tasks = shutdown.child_token();
+    tokio::spawn(pass::run(reconciler.clone(), host.leader(), tasks.clone()));
     let api = api::ReconcilerApi {
         leader: host.leader(),
         election: host.election(),
+        reconciler,
+        upstreams: vec![provisioner],
     };
     let routes = Routes::new(ReconcilerServiceServer::new(api));
-    host.serve(routes, &[service_names::RECONCILER], shutdown)
-        .await
+    let result = host
+        .serve(routes, &[service_names::RECONCILER], shutdown)
+        .await;
+    tasks.cancel();
+    result
 }

@@ -1,0 +1,50 @@
+//! The reconciler's own Prometheus metrics (`shoal_reconciliation_*`).
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+
+/// Handles to every metric the reconciler exports.
+#[derive(Clone)]
+pub struct Stats {
+    /// `shoal_reconciliation_cycles_total`.
+    pub cycles: IntCounter,
+    /// `shoal_reconciliation_duration_seconds`.
+    pub duration: Histogram,
+    /// `shoal_reconciliation_drifts_total{type}`.
+    pub drifts: IntCounterVec,
+    /// `shoal_reconciliation_repairs_total{type,result}`.
+    pub repairs: IntCounterVec,
+}
+
+impl Stats {
+    /// Creates and registers the metrics.
+    pub fn register(registry: &Registry) -> Result<Stats, prometheus::Error> {
+        let stats = Stats {
+            cycles: IntCounter::new(
+                "shoal_reconciliation_cycles_total",
+                "Reconciliation passes run",
+            )?,
+            duration: Histogram::with_opts(
+                HistogramOpts::new("shoal_reconciliation_duration_seconds", "Time of one pass")
+                    .buckets(vec![
+                        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ]),
+            )?,
+            drifts: IntCounterVec::new(
+                Opts::new("shoal_reconciliation_drifts_total", "Drifts found, by type"),
+                &["type"],
+            )?,
+            repairs: IntCounterVec::new(
+                Opts::new(
+                    "shoal_reconciliation_repairs_total",
+                    "Repairs by drift type and result (repaired, failed, reported, deferred)",
+                ),
+                &["type", "result"],
+            )?,
+        };
+        registry.register(Box::new(stats.cycles.clone()))?;
+        registry.register(Box::new(stats.duration.clone()))?;
+        registry.register(Box::new(stats.drifts.clone()))?;
+        registry.register(Box::new(stats.repairs.clone()))?;
+        Ok(stats)
+    }
+}
