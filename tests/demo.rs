@@ -1,0 +1,33 @@
+//! `shoal demo`, the README's first command: it must come up on a machine with nothing else
+//! running, scale the simulated cluster, and stop cleanly on Ctrl-C.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use shoal_testkit::{ServiceProcess, free_port, wait_for};
+
+#[test]
+fn the_demo_scales_the_simulated_cluster_and_stops_cleanly_on_sigint() {
+    let grpc = free_port();
+    let admin = free_port();
+    // Consecutive ports from the bases; free_port gives one, the next three are very likely free.
+    let args = vec![
+        "demo".to_string(),
+        format!("--grpc-base-port={grpc}"),
+        format!("--admin-base-port={admin}"),
+    ];
+    let mut demo = ServiceProcess::start("shoal", &args, &[]);
+    let scaled = wait_for(Duration::from_secs(40), || {
+        let logs = demo.logs();
+        (logs.contains("kubectl --kubeconfig") && logs.contains("create operation written"))
+            .then_some(())
+    });
+    assert!(scaled.is_some(), "the demo scales up:\n{}", demo.logs());
+    demo.signal(Signal::SIGINT);
+    let status = demo.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit 0 on SIGINT, got {status:?}\n{}",
+        demo.logs()
+    );
+}
