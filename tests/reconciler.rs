@@ -188,3 +188,178 @@ fn orphan_instances_orphan_nodes_vanished_instances_and_leaked_ids_are_repaired_
         "{again}"
     );
 }
+
+#[test]
+fn a_dead_node_agent_a_deleted_claim_key_and_a_stuck_claim_are_repaired_in_one_pass() {
+    let etcd = EtcdServer::start();
+    let sim = SimServer::start(&[
+        "--boot-delay=200ms",
+        "--boot-jitter=100ms",
+        // Longer than the simulated kubelets' 10 s heartbeat, or every node would flap.
+        "--node-grace-period=12s",
+    ]);
+    let store = EtcdReader::new(&etcd);
+    store.put_pool(POOL);
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("provisioner.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "election: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  instanceCheckInterval: 60s\n",
+            sim.kubeconfig().display(),
+            sim.url()
+        ),
+    )
+    .expect("config");
+    let mut provisioner = Running::start(
+        "shoal-provisioner",
+        "prov-r2",
+        Some(&etcd),
+        &[&format!("--config={}", config.display())],
+        &[],
+    );
+    provisioner.wait_ready();
+    let kube = format!(
+        "--set=service.kube.kubeconfig={}",
+        sim.kubeconfig().display()
+    );
+    let mut reconciler = Running::start(
+        "shoal-reconciler",
+        "rec-r2",
+        Some(&etcd),
+        &[
+            &kube,
+            &format!("--set=service.provisionerAddr=http://{}", provisioner.grpc),
+            "--set=service.orphanGrace=0s",
+            "--set=service.notReadyGrace=1s",
+            "--set=service.launchTtl=1s",
+            "--set=service.interval=1h",
+        ],
+        &[],
+    );
+    reconciler.wait_ready();
+    let p = provisioner.grpc.to_string();
+    let r = reconciler.grpc.to_string();
+    let leads = wait_for(Duration::from_secs(15), || {
+        (provisioner.metric("shoal_leader{service=\"provisioner\"}") == Some(1.0)).then_some(())
+    });
+    assert!(leads.is_some());
+    let op = call(
+        &p,
+        "shoal.v1.ProvisionerService/CreateNodes",
+        json!({ "pool": "general", "count": 3, "idempotencyKey": "k" }),
+    );
+    let done = wait_for(Duration::from_secs(30), || {
+        let op = call(
+            &p,
+            "shoal.v1.ProvisionerService/GetOperation",
+            json!({ "id": op["id"] }),
+        );
+        (op["state"] == "OPERATION_STATE_SUCCEEDED").then_some(())
+    });
+    assert!(done.is_some(), "{}", provisioner.process.logs());
+    let claim_of = |node: &str| -> String {
+        store
+            .json_under("claims/")
+            .into_iter()
+            .find(|c| c["nodeName"] == node)
+            .and_then(|c| c["id"].as_str().map(String::from))
+            .expect("claim")
+    };
+
+    // general-1's node agent dies: its Node goes NotReady while the claim says Ready.
+    let (code, _) =
+        shoal_testkit::http_request(sim.addr(), "POST", "/sim/v1/nodes/general-1/kill", None)
+            .expect("kill");
+    assert!(code < 300);
+    let not_ready = wait_for(Duration::from_secs(40), || {
+        let n = sim_get(sim.addr(), "/api/v1/nodes/general-1");
+        let ready = n["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        (!ready).then_some(())
+    });
+    assert!(not_ready.is_some(), "general-1 goes NotReady");
+    std::thread::sleep(Duration::from_millis(1500));
+    // general-2's claim key is deleted behind the system's back.
+    let c2 = claim_of("general-2");
+    store.delete_raw(&format!("claims/{c2}"));
+    // A claim nobody drives stays Pending.
+    store.put_raw(
+        "claims/c-stuck",
+        json!({ "id": "c-stuck", "pool": "general", "phase": "Pending", "backend": "sim", "nodeName": "general-7",
+                "operationId": "op-gone", "createdAtMs": 1000, "updatedAtMs": 1000,
+                "history": [ { "phase": "Pending", "atMs": 1000, "reason": "written by hand" } ] })
+        .to_string()
+        .as_bytes(),
+    );
+
+    let report = call(&r, "shoal.v1.ReconcilerService/Reconcile", json!({}));
+    let drifts = report["drifts"].as_array().cloned().unwrap_or_default();
+    let found = |kind: &str, subject: &str| {
+        drifts
+            .iter()
+            .find(|d| {
+                d["type"] == kind && d["subject"].as_str().is_some_and(|s| s.contains(subject))
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("{kind} for {subject}: {report:#}"))
+    };
+    let c1 = claim_of("general-1");
+    for d in &drifts {
+        println!("drift {} {} {}", d["type"], d["subject"], d["repairResult"]);
+    }
+    assert_eq!(
+        found("DRIFT_TYPE_PHASE_MISMATCH", &c1)["repairResult"],
+        "REPAIR_RESULT_REPAIRED"
+    );
+    assert_eq!(
+        found("DRIFT_TYPE_ORPHAN_INSTANCE", "i-")["repairResult"],
+        "REPAIR_RESULT_REPAIRED"
+    );
+    assert_eq!(
+        found("DRIFT_TYPE_STUCK_CLAIM", "c-stuck")["repairResult"],
+        "REPAIR_RESULT_REPAIRED"
+    );
+
+    // Backend, store and Kubernetes agree: only general-3 is left.
+    let names: Vec<String> = sim_get(sim.addr(), "/cloud/v1/instances")["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["name"].as_str().map(String::from))
+        .collect();
+    assert_eq!(names, ["general-3"]);
+    let phases: Vec<(String, String)> = store
+        .json_under("claims/")
+        .iter()
+        .map(|c| {
+            (
+                c["nodeName"].as_str().unwrap_or("").to_string(),
+                c["phase"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        phases.contains(&("general-1".into(), "Failed".into())),
+        "{phases:?}"
+    );
+    assert!(
+        phases.contains(&("general-7".into(), "Failed".into())),
+        "{phases:?}"
+    );
+    assert!(
+        phases.contains(&("general-3".into(), "Ready".into())),
+        "{phases:?}"
+    );
+    let nodes: Vec<String> = sim_get(sim.addr(), "/api/v1/nodes")["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["metadata"]["name"].as_str().map(String::from))
+        .collect();
+    assert_eq!(nodes, ["general-3"]);
+    println!("drifts: {}", drifts.len());
+}

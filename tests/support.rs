@@ -274,6 +274,13 @@ impl EtcdReader {
             .unwrap_or_else(|e| panic!("put {key}: {e}"));
     }
 
+    /// Deletes a key (to create drift behind the system's back).
+    pub fn delete_raw(&self, key: &str) {
+        self.runtime
+            .block_on(self.store.delete(key))
+            .unwrap_or_else(|e| panic!("delete {key}: {e}"));
+    }
+
     /// Every value under `prefix` (e.g. `claims/`), decoded as JSON.
     pub fn json_under(&self, prefix: &str) -> Vec<serde_json::Value> {
         self.runtime

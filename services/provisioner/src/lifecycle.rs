@@ -741,7 +741,8 @@ impl Provisioner {
             .list_owned(&owner)
             .await
             .map_err(|e| e.to_string())?;
-        Ok(found.into_iter().next())
+        // Only an instance that really carries this claim (never "the first one listed").
+        Ok(found.into_iter().find(|i| i.claim_id == claim.id))
     }
 
     fn backend(&self, name: &str) -> Result<&Arc<Guarded>, String> {
