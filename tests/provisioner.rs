@@ -24,6 +24,10 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
+        Fixture::with_ttl("60s")
+    }
+
+    fn with_ttl(ttl: &str) -> Fixture {
         let etcd = EtcdServer::start();
         let sim = SimServer::start(&["--boot-delay=300ms", "--boot-jitter=200ms"]);
         let store = EtcdReader::new(&etcd);
@@ -31,7 +35,7 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("provisioner.yaml");
         let yaml = format!(
-            "election: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  resilience: {{ callTimeout: 2s, attempts: 4, retryMinDelay: 50ms, retryMaxDelay: 400ms, breakerFailures: 5, breakerRecovery: 3s }}\n  nodeTtl: 60s\n  instanceCheckInterval: 1s\n  drainPollInterval: 200ms\n",
+            "election: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  resilience: {{ callTimeout: 2s, attempts: 4, retryMinDelay: 50ms, retryMaxDelay: 400ms, breakerFailures: 5, breakerRecovery: 3s }}\n  nodeTtl: {ttl}\n  instanceCheckInterval: 1s\n  drainPollInterval: 200ms\n",
             sim.kubeconfig().display(),
             sim.url()
         );
@@ -443,7 +447,8 @@ fn breaker(p: &Running) -> String {
 
 #[test]
 fn backend_failures_are_retried_break_the_circuit_and_are_never_silent() {
-    let f = Fixture::new();
+    // A node TTL shorter than the 30 s outage: a claim that cannot launch fails visibly.
+    let f = Fixture::with_ttl("20s");
     let p = f.provisioner("prov-faults", &[]);
 
     // 50 % of cloud calls fail: retries carry most creations through.
@@ -518,7 +523,19 @@ fn backend_failures_are_retried_break_the_circuit_and_are_never_silent() {
     });
     assert!(closed.is_some(), "breaker closes\n{}", p.process.logs());
     let settled = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(60));
-    assert_ne!(settled["state"], "OPERATION_STATE_RUNNING");
+    assert_eq!(settled["state"], "OPERATION_STATE_FAILED", "{settled}");
+    let down = f
+        .claims()
+        .into_iter()
+        .find(|c| c["operationId"] == op["id"])
+        .expect("the outage's claim");
+    let reason = down["failureReason"].as_str().unwrap_or("");
+    assert!(
+        down["phase"] == "Failed"
+            && reason.contains("not launched within the node TTL")
+            && reason.contains("sim"),
+        "the claim that could not launch fails with the backend's reason: {down}"
+    );
     assert!(
         p.metric("shoal_provisioner_claims_failed_total{pool=\"general\"}")
             .is_some_and(|v| v >= 1.0)

@@ -811,6 +811,7 @@ impl Provisioner {
         let _permit = limit.acquire_owned().await.map_err(|e| e.to_string())?;
         let mut changes = self.nodes.changes();
         let mut last_instance_check = std::time::Instant::now();
+        let mut last_error = String::new();
         loop {
             let (claim, _) = self.store.claim(id).await.map_err(|e| e.to_string())?;
             let ttl_left = Duration::from_millis(
@@ -825,15 +826,15 @@ impl Provisioner {
                 }
                 ClaimPhase::Pending => {
                     if ttl_left.is_zero() {
-                        return self
-                            .roll_back(
-                                leadership,
-                                &claim,
-                                "not launched within the node TTL",
-                                "ttl",
-                                term,
+                        let why = if last_error.is_empty() {
+                            "not launched within the node TTL".to_string()
+                        } else {
+                            format!(
+                                "not launched within the node TTL; backend {}: {last_error}",
+                                claim.backend
                             )
-                            .await;
+                        };
+                        return self.roll_back(leadership, &claim, &why, "ttl", term).await;
                     }
                     let instance = match self.find_instance(&claim).await {
                         Ok(Some(found)) => {
@@ -848,16 +849,19 @@ impl Provisioner {
                                 Err(crate::backend::ProviderError::Conflict(m)) => {
                                     match self.find_instance(&claim).await {
                                         Ok(Some(found)) => Ok(found),
-                                        _ => Err(format!(
+                                        _ => Err(CreateError::Permanent(format!(
                                             "name {} is taken on the backend: {m}",
                                             claim.node_name
-                                        )),
+                                        ))),
                                     }
                                 }
-                                Err(e) => Err(e.to_string()),
+                                Err(e) if e.is_transient() => {
+                                    Err(CreateError::Transient(e.to_string()))
+                                }
+                                Err(e) => Err(CreateError::Permanent(e.to_string())),
                             }
                         }
-                        Err(e) => Err(e),
+                        Err(e) => Err(CreateError::Transient(e)),
                     };
                     match instance {
                         Ok(instance) => {
@@ -871,7 +875,17 @@ impl Provisioner {
                             )
                             .await?;
                         }
-                        Err(why) => {
+                        Err(CreateError::Transient(why)) => {
+                            // The backend is down or its breaker open: keep the claim Pending
+                            // and try again until the node TTL, then fail with this reason.
+                            tracing::warn!(claim = id, error = %why, "backend unavailable; the claim waits");
+                            last_error = why;
+                            tokio::select! {
+                                _ = term.cancelled() => return Err("leadership ended".into()),
+                                _ = tokio::time::sleep(ttl_left.min(Duration::from_secs(2))) => {}
+                            }
+                        }
+                        Err(CreateError::Permanent(why)) => {
                             let reason = format!("backend {}: {why}", claim.backend);
                             // Nothing may have been created, but a timed-out call might have:
                             // release by label before failing.
@@ -1186,6 +1200,13 @@ impl Provisioner {
             }
         }
     }
+}
+
+enum CreateError {
+    /// May succeed later (backend down, breaker open): wait, up to the node TTL.
+    Transient(String),
+    /// Will not succeed: fail the claim now.
+    Permanent(String),
 }
 
 enum DrainError {
