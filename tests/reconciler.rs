@@ -15,71 +15,92 @@ fn call(addr: &str, method: &str, body: Value) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{method}: {e}: {out}"))
 }
 
-#[test]
-fn orphan_instances_orphan_nodes_vanished_instances_and_leaked_ids_are_repaired_in_one_pass() {
-    let etcd = EtcdServer::start();
-    let sim = SimServer::start(&["--boot-delay=200ms", "--boot-jitter=100ms"]);
-    let store = EtcdReader::new(&etcd);
-    store.put_pool(POOL);
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("provisioner.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "election: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  instanceCheckInterval: 60s\n",
-            sim.kubeconfig().display(),
-            sim.url()
-        ),
-    )
-    .expect("config");
-    let mut provisioner = Running::start(
-        "shoal-provisioner",
-        "prov-r",
-        Some(&etcd),
-        &[&format!("--config={}", config.display())],
-        &[],
-    );
-    provisioner.wait_ready();
-    let kube = format!(
-        "--set=service.kube.kubeconfig={}",
-        sim.kubeconfig().display()
-    );
-    let mut reconciler = Running::start(
-        "shoal-reconciler",
-        "rec-r",
-        Some(&etcd),
-        &[
-            &kube,
-            &format!("--set=service.provisionerAddr=http://{}", provisioner.grpc),
-            "--set=service.orphanGrace=0s",
-            "--set=service.notReadyGrace=0s",
-            "--set=service.interval=1h",
-        ],
-        &[],
-    );
-    reconciler.wait_ready();
-    let p = provisioner.grpc.to_string();
-    let r = reconciler.grpc.to_string();
-    let leads = wait_for(Duration::from_secs(15), || {
-        (provisioner.metric("shoal_leader{service=\"provisioner\"}") == Some(1.0)).then_some(())
-    });
-    assert!(leads.is_some());
+/// etcd, a simulator, a provisioner on its sim cloud with `nodes` Ready nodes, and a reconciler
+/// repairing through it (orphan grace 0 s, no timed passes).
+struct World {
+    _etcd: EtcdServer,
+    sim: SimServer,
+    store: EtcdReader,
+    _provisioner: Running,
+    reconciler: Running,
+    _dir: tempfile::TempDir,
+}
 
-    // Two good nodes.
-    let op = call(
-        &p,
-        "shoal.v1.ProvisionerService/CreateNodes",
-        json!({ "pool": "general", "count": 2, "idempotencyKey": "k" }),
-    );
-    let done = wait_for(Duration::from_secs(30), || {
+impl World {
+    fn start(sim_flags: &[&str], reconciler_flags: &[&str], nodes: i32) -> World {
+        let etcd = EtcdServer::start();
+        let mut flags = vec!["--boot-delay=200ms", "--boot-jitter=100ms"];
+        flags.extend_from_slice(sim_flags);
+        let sim = SimServer::start(&flags);
+        let store = EtcdReader::new(&etcd);
+        store.put_pool(POOL);
+        let dir = tempfile::tempdir().expect("dir");
+        let config = dir.path().join("provisioner.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "election: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  instanceCheckInterval: 60s\n",
+                sim.kubeconfig().display(),
+                sim.url()
+            ),
+        )
+        .expect("config");
+        let mut provisioner = Running::start(
+            "shoal-provisioner",
+            "prov-r",
+            Some(&etcd),
+            &[&format!("--config={}", config.display())],
+            &[],
+        );
+        provisioner.wait_ready();
+        let kube = format!(
+            "--set=service.kube.kubeconfig={}",
+            sim.kubeconfig().display()
+        );
+        let upstream = format!("--set=service.provisionerAddr=http://{}", provisioner.grpc);
+        let mut args = vec![
+            kube.as_str(),
+            upstream.as_str(),
+            "--set=service.orphanGrace=0s",
+            "--set=service.interval=1h",
+        ];
+        args.extend_from_slice(reconciler_flags);
+        let mut reconciler = Running::start("shoal-reconciler", "rec-r", Some(&etcd), &args, &[]);
+        reconciler.wait_ready();
+        let leads = wait_for(Duration::from_secs(15), || {
+            (provisioner.metric("shoal_leader{service=\"provisioner\"}") == Some(1.0)).then_some(())
+        });
+        assert!(leads.is_some());
+        let p = provisioner.grpc.to_string();
         let op = call(
             &p,
-            "shoal.v1.ProvisionerService/GetOperation",
-            json!({ "id": op["id"] }),
+            "shoal.v1.ProvisionerService/CreateNodes",
+            json!({ "pool": "general", "count": nodes, "idempotencyKey": "k" }),
         );
-        (op["state"] == "OPERATION_STATE_SUCCEEDED").then_some(())
-    });
-    assert!(done.is_some(), "{}", provisioner.process.logs());
+        let done = wait_for(Duration::from_secs(30), || {
+            let op = call(
+                &p,
+                "shoal.v1.ProvisionerService/GetOperation",
+                json!({ "id": op["id"] }),
+            );
+            (op["state"] == "OPERATION_STATE_SUCCEEDED").then_some(())
+        });
+        assert!(done.is_some(), "{}", provisioner.process.logs());
+        World {
+            _etcd: etcd,
+            sim,
+            store,
+            _provisioner: provisioner,
+            reconciler,
+            _dir: dir,
+        }
+    }
+}
+
+#[test]
+fn orphan_instances_orphan_nodes_vanished_instances_and_leaked_ids_are_repaired_in_one_pass() {
+    let w = World::start(&[], &["--set=service.notReadyGrace=0s"], 2);
+    let (sim, store, r) = (&w.sim, &w.store, w.reconciler.grpc.to_string());
 
     // A clean pass finds nothing.
     let report = call(&r, "shoal.v1.ReconcilerService/Reconcile", json!({}));
@@ -176,11 +197,11 @@ fn orphan_instances_orphan_nodes_vanished_instances_and_leaked_ids_are_repaired_
         "{listed}"
     );
     assert!(
-        reconciler
+        w.reconciler
             .metric("shoal_reconciliation_drifts_total{type=\"OrphanInstance\"}")
             .is_some_and(|v| v >= 1.0),
         "{}",
-        reconciler.metrics_text()
+        w.reconciler.metrics_text()
     );
     let again = call(&r, "shoal.v1.ReconcilerService/Reconcile", json!({}));
     assert!(
@@ -191,73 +212,16 @@ fn orphan_instances_orphan_nodes_vanished_instances_and_leaked_ids_are_repaired_
 
 #[test]
 fn a_dead_node_agent_a_deleted_claim_key_and_a_stuck_claim_are_repaired_in_one_pass() {
-    let etcd = EtcdServer::start();
-    let sim = SimServer::start(&[
-        "--boot-delay=200ms",
-        "--boot-jitter=100ms",
+    let w = World::start(
         // Longer than the simulated kubelets' 10 s heartbeat, or every node would flap.
-        "--node-grace-period=12s",
-    ]);
-    let store = EtcdReader::new(&etcd);
-    store.put_pool(POOL);
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("provisioner.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "election: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  instanceCheckInterval: 60s\n",
-            sim.kubeconfig().display(),
-            sim.url()
-        ),
-    )
-    .expect("config");
-    let mut provisioner = Running::start(
-        "shoal-provisioner",
-        "prov-r2",
-        Some(&etcd),
-        &[&format!("--config={}", config.display())],
-        &[],
-    );
-    provisioner.wait_ready();
-    let kube = format!(
-        "--set=service.kube.kubeconfig={}",
-        sim.kubeconfig().display()
-    );
-    let mut reconciler = Running::start(
-        "shoal-reconciler",
-        "rec-r2",
-        Some(&etcd),
+        &["--node-grace-period=12s"],
         &[
-            &kube,
-            &format!("--set=service.provisionerAddr=http://{}", provisioner.grpc),
-            "--set=service.orphanGrace=0s",
             "--set=service.notReadyGrace=1s",
             "--set=service.launchTtl=1s",
-            "--set=service.interval=1h",
         ],
-        &[],
+        3,
     );
-    reconciler.wait_ready();
-    let p = provisioner.grpc.to_string();
-    let r = reconciler.grpc.to_string();
-    let leads = wait_for(Duration::from_secs(15), || {
-        (provisioner.metric("shoal_leader{service=\"provisioner\"}") == Some(1.0)).then_some(())
-    });
-    assert!(leads.is_some());
-    let op = call(
-        &p,
-        "shoal.v1.ProvisionerService/CreateNodes",
-        json!({ "pool": "general", "count": 3, "idempotencyKey": "k" }),
-    );
-    let done = wait_for(Duration::from_secs(30), || {
-        let op = call(
-            &p,
-            "shoal.v1.ProvisionerService/GetOperation",
-            json!({ "id": op["id"] }),
-        );
-        (op["state"] == "OPERATION_STATE_SUCCEEDED").then_some(())
-    });
-    assert!(done.is_some(), "{}", provisioner.process.logs());
+    let (sim, store, r) = (&w.sim, &w.store, w.reconciler.grpc.to_string());
     let claim_of = |node: &str| -> String {
         store
             .json_under("claims/")

@@ -164,6 +164,18 @@ impl Provisioner {
 
     // ---- requests -------------------------------------------------------------------------
 
+    /// The caller's idempotency key (one is made up when empty), or the operation it already
+    /// names.
+    async fn idempotency(&self, key: &str) -> Result<Result<String, Operation>, RequestError> {
+        if key.is_empty() {
+            return Ok(Ok(random_id("auto")));
+        }
+        match self.store.op_for_key(key).await? {
+            Some(op) => Ok(Err(self.store.op(&op).await?)),
+            None => Ok(Ok(key.to_string())),
+        }
+    }
+
     /// `CreateNodes`: validates, then writes the operation and its claims ahead of any work.
     pub async fn create_nodes(
         &self,
@@ -179,14 +191,10 @@ impl Provisioner {
         if count <= 0 {
             return Err(invalid("count", format!("must be at least 1, not {count}")));
         }
-        let key = if key.is_empty() {
-            random_id("auto")
-        } else {
-            key.to_string()
+        let key = match self.idempotency(key).await? {
+            Ok(key) => key,
+            Err(existing) => return Ok(existing),
         };
-        if let Some(op) = self.store.op_for_key(&key).await? {
-            return Ok(self.store.op(&op).await?);
-        }
         let pool = self.pools().remove(pool_name).ok_or_else(|| {
             RequestError::NotFound(format!(
                 "pool {pool_name} not found (apply it with PoolService/ApplyPool first)"
@@ -304,14 +312,10 @@ impl Provisioner {
         if unique.len() != nodes.len() {
             return Err(invalid("nodes", "names a node twice"));
         }
-        let key = if key.is_empty() {
-            random_id("auto")
-        } else {
-            key.to_string()
+        let key = match self.idempotency(key).await? {
+            Ok(key) => key,
+            Err(existing) => return Ok(existing),
         };
-        if let Some(op) = self.store.op_for_key(&key).await? {
-            return Ok(self.store.op(&op).await?);
-        }
         let pools = self.pools();
         for _ in 0..10 {
             let all = self.store.all_claims().await?;

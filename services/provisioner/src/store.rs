@@ -79,6 +79,27 @@ pub fn decode_ops(kvs: &[KeyValue]) -> Vec<Operation> {
         .collect()
 }
 
+/// The writes of a new operation: its key (only if the key is unused) and the record.
+fn new_operation(op: &Operation) -> (Vec<Compare>, Vec<TxnOp>) {
+    let compares = vec![Compare::CreateRevision {
+        key: keys::idempotency(&op.idempotency_key),
+        revision: 0,
+    }];
+    let success = vec![
+        TxnOp::Put {
+            key: keys::idempotency(&op.idempotency_key),
+            value: op.id.as_bytes().to_vec(),
+            lease: None,
+        },
+        TxnOp::Put {
+            key: keys::operation(&op.id),
+            value: encode(op),
+            lease: None,
+        },
+    ];
+    (compares, success)
+}
+
 /// Store access for the provisioner.
 #[derive(Clone)]
 pub struct ClaimStore {
@@ -137,22 +158,7 @@ impl ClaimStore {
         claims: &[NodeClaim],
         backend: &str,
     ) -> Result<Written, Error> {
-        let mut compares = vec![Compare::CreateRevision {
-            key: keys::idempotency(&op.idempotency_key),
-            revision: 0,
-        }];
-        let mut success = vec![
-            TxnOp::Put {
-                key: keys::idempotency(&op.idempotency_key),
-                value: op.id.as_bytes().to_vec(),
-                lease: None,
-            },
-            TxnOp::Put {
-                key: keys::operation(&op.id),
-                value: encode(op),
-                lease: None,
-            },
-        ];
+        let (mut compares, mut success) = new_operation(op);
         for claim in claims {
             let name_key = keys::reserved_id(backend, &claim.node_name);
             compares.push(Compare::CreateRevision {
@@ -180,22 +186,7 @@ impl ClaimStore {
         op: &Operation,
         claims: &[(NodeClaim, i64)],
     ) -> Result<Written, Error> {
-        let mut compares = vec![Compare::CreateRevision {
-            key: keys::idempotency(&op.idempotency_key),
-            revision: 0,
-        }];
-        let mut success = vec![
-            TxnOp::Put {
-                key: keys::idempotency(&op.idempotency_key),
-                value: op.id.as_bytes().to_vec(),
-                lease: None,
-            },
-            TxnOp::Put {
-                key: keys::operation(&op.id),
-                value: encode(op),
-                lease: None,
-            },
-        ];
+        let (mut compares, mut success) = new_operation(op);
         for (claim, revision) in claims {
             compares.push(Compare::ModRevision {
                 key: keys::claim(&claim.id),
