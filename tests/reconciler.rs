@@ -327,3 +327,100 @@ fn a_dead_node_agent_a_deleted_claim_key_and_a_stuck_claim_are_repaired_in_one_p
     assert_eq!(nodes, ["general-3"]);
     println!("drifts: {}", drifts.len());
 }
+
+#[test]
+fn under_the_adopt_policy_a_lost_claim_is_written_again_and_a_wrong_operation_record_is_settled() {
+    let w = World::start(&[], &["--set=service.orphanPolicy=adopt"], 2);
+    let (sim, store, r) = (&w.sim, &w.store, w.reconciler.grpc.to_string());
+    let claims = store.json_under("claims/");
+    let lost = claims
+        .iter()
+        .find(|c| c["nodeName"] == "general-2")
+        .expect("claim of general-2")
+        .clone();
+    let lost_id = lost["id"].as_str().expect("id").to_string();
+    let instance = lost["instanceId"].as_str().expect("instance").to_string();
+
+    // The claim record is lost; its instance and Node live on.
+    store.delete_raw(&format!("claims/{lost_id}"));
+    let report = call(&r, "shoal.v1.ReconcilerService/Reconcile", json!({}));
+    let drifts = report["drifts"].as_array().cloned().unwrap_or_default();
+    for d in &drifts {
+        println!(
+            "drift {} {} {} {}",
+            d["type"], d["subject"], d["repairAction"], d["repairResult"]
+        );
+    }
+    assert_eq!(drifts.len(), 1, "only the orphan instance: {report:#}");
+    let adopted = drifts
+        .iter()
+        .find(|d| d["type"] == "DRIFT_TYPE_ORPHAN_INSTANCE")
+        .unwrap_or_else(|| panic!("orphan instance found: {report:#}"));
+    assert_eq!(adopted["repairAction"], "adopt instance", "{adopted}");
+    assert_eq!(
+        adopted["repairResult"], "REPAIR_RESULT_REPAIRED",
+        "{adopted}"
+    );
+    assert!(
+        !drifts
+            .iter()
+            .any(|d| d["type"] == "DRIFT_TYPE_LEAKED_ID" || d["type"] == "DRIFT_TYPE_ORPHAN_NODE"),
+        "the name and the Node go with the adopted instance: {report:#}"
+    );
+
+    // The claim is back under its id, driven to Ready; instance and Node were kept.
+    let back = wait_for(Duration::from_secs(20), || {
+        store
+            .json_under(&format!("claims/{lost_id}"))
+            .into_iter()
+            .find(|c| c["phase"] == "Ready")
+    })
+    .unwrap_or_else(|| panic!("adopted claim Ready: {:?}", store.json_under("claims/")));
+    assert_eq!(back["instanceId"], instance.as_str());
+    assert_eq!(back["nodeName"], "general-2");
+    let mut names: Vec<String> = sim_get(sim.addr(), "/cloud/v1/instances")["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["name"].as_str().map(String::from))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["general-1", "general-2"]);
+    assert_eq!(
+        sim_get(sim.addr(), "/api/v1/nodes/general-2")["metadata"]["labels"]["shoal.dev/claim"],
+        lost_id.as_str()
+    );
+
+    // The first operation's record is tampered with: it says Failed though both nodes came up.
+    let ops = store.json_under("ops/");
+    let mut first = ops
+        .iter()
+        .find(|o| o["idempotencyKey"] == "k")
+        .expect("first op")
+        .clone();
+    assert_eq!(first["state"], "Succeeded", "{first}");
+    first["state"] = json!("Failed");
+    first["error"] = json!("written by hand");
+    let op_id = first["id"].as_str().expect("op id").to_string();
+    store.put_raw(&format!("ops/{op_id}"), first.to_string().as_bytes());
+    let report = call(&r, "shoal.v1.ReconcilerService/Reconcile", json!({}));
+    let drifts = report["drifts"].as_array().cloned().unwrap_or_default();
+    let settled = drifts
+        .iter()
+        .find(|d| d["type"] == "DRIFT_TYPE_COUNTER_MISMATCH")
+        .unwrap_or_else(|| panic!("counter mismatch found: {report:#}"));
+    println!("{settled}");
+    assert_eq!(settled["subject"], op_id.as_str());
+    assert_eq!(
+        settled["repairResult"], "REPAIR_RESULT_REPAIRED",
+        "{settled}"
+    );
+    let fixed = store.json_under(&format!("ops/{op_id}"));
+    assert_eq!(fixed[0]["state"], "Succeeded", "{fixed:?}");
+
+    let again = call(&r, "shoal.v1.ReconcilerService/Reconcile", json!({}));
+    assert!(
+        again["drifts"].as_array().is_none_or(|d| d.is_empty()),
+        "{again}"
+    );
+}

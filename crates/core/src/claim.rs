@@ -265,6 +265,62 @@ impl Operation {
     pub fn is_finished(&self) -> bool {
         self.state != OperationState::Running
     }
+
+    /// What the operation's state should be, judged from its claims (`claim` looks one up;
+    /// `None` = its record is gone): `None` while any claim is still moving, else the state and
+    /// the claims that did not reach the goal. A create succeeded for a claim that was Ready at
+    /// some point (it may be draining or deleted since); a delete for a claim it removed (a
+    /// claim a later delete took over counts against this one).
+    pub fn outcome<'a>(
+        &self,
+        claim: impl Fn(&str) -> Option<&'a NodeClaim>,
+    ) -> Option<(OperationState, Vec<String>)> {
+        let mut failures = Vec::new();
+        for id in &self.claim_ids {
+            let Some(c) = claim(id) else {
+                failures.push(format!("{id}: claim record is gone"));
+                continue;
+            };
+            if self.kind == OperationKind::Delete && c.operation_id != self.id {
+                // A later DeleteNodes took the claim over: this one did not remove it.
+                failures.push(format!("{id}: handed to operation {}", c.operation_id));
+                continue;
+            }
+            let reached = match self.kind {
+                OperationKind::Create => c.history.iter().any(|t| t.phase == ClaimPhase::Ready),
+                OperationKind::Delete => c.phase == ClaimPhase::Deleted,
+            };
+            let moving = match self.kind {
+                OperationKind::Create => matches!(
+                    c.phase,
+                    ClaimPhase::Pending | ClaimPhase::Launched | ClaimPhase::Registered
+                ),
+                OperationKind::Delete => {
+                    matches!(c.phase, ClaimPhase::Draining | ClaimPhase::Terminating)
+                }
+            };
+            if reached {
+                continue;
+            }
+            if moving {
+                return None;
+            }
+            let why = if c.failure_reason.is_empty() {
+                format!("{:?}", c.phase)
+            } else {
+                c.failure_reason.clone()
+            };
+            failures.push(format!("{id}: {why}"));
+        }
+        let state = if failures.is_empty() {
+            OperationState::Succeeded
+        } else if failures.len() == self.claim_ids.len() {
+            OperationState::Failed
+        } else {
+            OperationState::PartiallyFailed
+        };
+        Some((state, failures))
+    }
 }
 
 #[cfg(test)]
@@ -310,6 +366,84 @@ mod tests {
         assert_eq!(
             NodeClaim::from_proto(&c.to_proto()).map(|p| p.phase),
             Some(ClaimPhase::Failed)
+        );
+    }
+
+    #[test]
+    fn an_operation_outcome_is_judged_from_its_claims() {
+        let op = |kind, ids: &[&str]| Operation {
+            version: RECORD_VERSION,
+            id: "op1".into(),
+            kind,
+            pool: "general".into(),
+            idempotency_key: "k".into(),
+            claim_ids: ids.iter().map(|s| s.to_string()).collect(),
+            state: OperationState::Running,
+            reason: String::new(),
+            created_at_ms: 1000,
+            updated_at_ms: 1000,
+            error: String::new(),
+            traceparent: String::new(),
+        };
+        let mut ready = claim();
+        ready.id = "c1".into();
+        for p in [
+            ClaimPhase::Launched,
+            ClaimPhase::Registered,
+            ClaimPhase::Ready,
+        ] {
+            ready.transition(p, "up", 2000).expect("legal");
+        }
+        let mut draining = ready.clone();
+        draining.id = "c3".into();
+        draining.operation_id = "op1".into();
+        draining
+            .transition(ClaimPhase::Draining, "scale down", 3000)
+            .expect("legal");
+        let mut failed = claim();
+        failed.id = "c2".into();
+        failed
+            .transition(ClaimPhase::Failed, "boot failed", 2000)
+            .expect("legal");
+        let pending = claim();
+        let all = [&ready, &failed, &draining];
+        let look = |id: &str| all.iter().copied().find(|c| c.id == id);
+
+        let create = op(OperationKind::Create, &["c1", "c3"]);
+        assert_eq!(
+            create.outcome(look).map(|o| o.0),
+            Some(OperationState::Succeeded)
+        );
+        let (state, failures) = op(OperationKind::Create, &["c1", "c2"])
+            .outcome(look)
+            .expect("settled");
+        assert_eq!(state, OperationState::PartiallyFailed);
+        assert_eq!(failures, ["c2: boot failed"]);
+        let gone = op(OperationKind::Create, &["c9"])
+            .outcome(look)
+            .expect("settled");
+        assert_eq!(gone.0, OperationState::Failed);
+        let moving = [&pending];
+        assert_eq!(
+            op(OperationKind::Create, &["c1"])
+                .outcome(|id| moving.iter().copied().find(|c| c.id == id)),
+            None,
+            "a Pending claim is still moving"
+        );
+        // A delete is done when its claims are Deleted; a claim back to Ready failed it.
+        assert_eq!(op(OperationKind::Delete, &["c3"]).outcome(look), None);
+        let mut later = draining.clone();
+        later.operation_id = "op2".into();
+        let (state, failures) = op(OperationKind::Delete, &["c3"])
+            .outcome(|_| Some(&later))
+            .expect("handed over");
+        assert_eq!(state, OperationState::Failed);
+        assert_eq!(failures, ["c3: handed to operation op2"]);
+        assert_eq!(
+            op(OperationKind::Delete, &["c1"])
+                .outcome(look)
+                .map(|o| o.0),
+            Some(OperationState::Failed)
         );
     }
 }

@@ -220,7 +220,7 @@ impl ProvisionerService for ProvisionerApi {
             return Err(status(RequestError::Invalid {
                 field: "action",
                 reason:
-                    "must be one of deleteInstance, adoptInstance, failClaim, deleteNode, releaseId"
+                    "must be one of deleteInstance, adoptInstance, failClaim, deleteNode, releaseId, settleOperation"
                         .into(),
             }));
         };

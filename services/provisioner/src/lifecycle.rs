@@ -412,10 +412,15 @@ impl Provisioner {
             Action::DeleteInstance(target) => {
                 let (backend, id) = match target.split_once('/') {
                     Some((b, i)) => (b.to_string(), i.to_string()),
-                    None => return Err(invalid("deleteInstance", "must be <backend>/<instance id>")),
+                    None => {
+                        return Err(invalid("deleteInstance", "must be <backend>/<instance id>"));
+                    }
                 };
                 let guarded = self.backend(&backend).map_err(RequestError::NotFound)?;
-                if let Some(owner) = live.iter().find(|c| c.backend == backend && c.instance_id == id) {
+                if let Some(owner) = live
+                    .iter()
+                    .find(|c| c.backend == backend && c.instance_id == id)
+                {
                     return Err(RequestError::Precondition(format!(
                         "instance {id} belongs to live claim {} ({:?})",
                         owner.id, owner.phase
@@ -435,10 +440,9 @@ impl Provisioner {
                         owner.id, owner.phase
                     )));
                 }
-                self.kube
-                    .delete(name)
-                    .await
-                    .map_err(|e| RequestError::Precondition(format!("deleting node {name}: {e}")))?;
+                self.kube.delete(name).await.map_err(|e| {
+                    RequestError::Precondition(format!("deleting node {name}: {e}"))
+                })?;
                 tracing::warn!(node = %name, %why, "repair: orphan node deleted");
                 Ok(String::new())
             }
@@ -446,7 +450,10 @@ impl Provisioner {
                 let Some((backend, name)) = target.split_once('/') else {
                     return Err(invalid("releaseId", "must be <backend>/<name>"));
                 };
-                if let Some(owner) = live.iter().find(|c| c.backend == backend && c.node_name == name) {
+                if let Some(owner) = live
+                    .iter()
+                    .find(|c| c.backend == backend && c.node_name == name)
+                {
                     return Err(RequestError::Precondition(format!(
                         "name {name} is held by live claim {}",
                         owner.id
@@ -457,11 +464,19 @@ impl Provisioner {
                 Ok(String::new())
             }
             Action::FailClaim(id) => {
-                let leadership = self.leader.as_ref().and_then(|l| l.borrow().clone()).filter(Leadership::is_held).ok_or_else(|| {
-                    RequestError::Unavailable("this provisioner replica is not the leader; retry".into())
+                let leadership = self.leadership().ok_or_else(|| {
+                    RequestError::Unavailable(
+                        "this provisioner replica is not the leader; retry".into(),
+                    )
                 })?;
                 let claim = self
-                    .transition(&leadership, id, ClaimPhase::Failed, &format!("reconciler: {why}"), |_| {})
+                    .transition(
+                        &leadership,
+                        id,
+                        ClaimPhase::Failed,
+                        &format!("reconciler: {why}"),
+                        |_| {},
+                    )
                     .await
                     .map_err(RequestError::Precondition)?;
                 if claim.phase != ClaimPhase::Failed {
@@ -475,9 +490,156 @@ impl Provisioner {
                 }
                 Ok(id.clone())
             }
-            Action::AdoptInstance(_) => Err(RequestError::Precondition(
-                "adopting instances is not supported yet; use the delete or report-only orphan policy".into(),
-            )),
+            Action::AdoptInstance(adopt) => self.adopt(adopt, &live, why).await,
+            Action::SettleOperation(id) => {
+                let leadership = self.leadership().ok_or_else(|| {
+                    RequestError::Unavailable(
+                        "this provisioner replica is not the leader; retry".into(),
+                    )
+                })?;
+                let mut op = self.store.op(id).await?;
+                let claims = self.store.all_claims().await?;
+                let Some((state, failures)) = op.outcome(|c| claims.get(c)) else {
+                    return Err(RequestError::Precondition(format!(
+                        "operation {id} still has claims in progress"
+                    )));
+                };
+                if op.state != state {
+                    tracing::warn!(op = %id, recorded = ?op.state, settled = ?state, %why, "repair: operation state rewritten from its claims");
+                    op.state = state;
+                    op.error = failures.join("; ");
+                    op.updated_at_ms = now_ms();
+                    self.store.put_op(&leadership, &op).await?;
+                }
+                Ok(String::new())
+            }
+        }
+    }
+
+    fn leadership(&self) -> Option<Leadership> {
+        self.leader
+            .as_ref()
+            .and_then(|l| l.borrow().clone())
+            .filter(Leadership::is_held)
+    }
+
+    /// Adopts an instance Shoal created whose claim record is gone: writes the claim again
+    /// (Launched, same id, so the instance's and the Node's labels match) with a create
+    /// operation, and the leader takes it to Ready or, past the node TTL, rolls it back.
+    async fn adopt(
+        &self,
+        adopt: &pb::AdoptInstance,
+        live: &[NodeClaim],
+        why: &str,
+    ) -> Result<String, RequestError> {
+        let backend = self
+            .backend(&adopt.backend)
+            .map_err(RequestError::NotFound)?;
+        let owner: BTreeMap<String, String> =
+            [(CLUSTER_LABEL.to_string(), self.cluster.clone())].into();
+        let instance = backend
+            .list_owned(&owner)
+            .await
+            .map_err(|e| RequestError::Unavailable(format!("backend {}: {e}", adopt.backend)))?
+            .into_iter()
+            .find(|i| i.id == adopt.instance_id)
+            .ok_or_else(|| {
+                RequestError::NotFound(format!(
+                    "backend {} has no instance {} of cluster {}",
+                    adopt.backend, adopt.instance_id, self.cluster
+                ))
+            })?;
+        if instance.claim_id.is_empty() {
+            return Err(RequestError::Precondition(format!(
+                "instance {} carries no {CLAIM_LABEL} label: only instances Shoal created can be adopted",
+                instance.id
+            )));
+        }
+        let pool_name = if adopt.pool.is_empty() {
+            instance.pool.clone()
+        } else {
+            adopt.pool.clone()
+        };
+        let pool = self.pools().remove(&pool_name).ok_or_else(|| {
+            RequestError::NotFound(format!(
+                "pool {pool_name:?} of instance {} not found",
+                instance.id
+            ))
+        })?;
+        if pool.backend != adopt.backend {
+            return Err(RequestError::Precondition(format!(
+                "pool {} uses backend {}, not {}",
+                pool.name, pool.backend, adopt.backend
+            )));
+        }
+        let id = instance.claim_id.clone();
+        match self.store.claim(&id).await {
+            Ok((existing, _)) => {
+                return Err(RequestError::Precondition(format!(
+                    "claim {id} exists ({:?}): the instance is not an orphan",
+                    existing.phase
+                )));
+            }
+            Err(store::Error::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let count = live.iter().filter(|c| c.pool == pool.name).count() as u32;
+        let max = pool.bounds(std::time::SystemTime::now()).max;
+        if count >= max {
+            return Err(RequestError::Precondition(format!(
+                "pool {} is at maxNodes {max}: adopting {} would exceed it",
+                pool.name, instance.id
+            )));
+        }
+        let now = now_ms();
+        let op_id = random_id("op");
+        let reason = format!("adopted instance {}: {why}", instance.id);
+        let claim = NodeClaim {
+            version: RECORD_VERSION,
+            labels: self.ownership(&pool, &id),
+            id: id.clone(),
+            pool: pool.name.clone(),
+            phase: ClaimPhase::Launched,
+            backend: adopt.backend.clone(),
+            instance_id: instance.id.clone(),
+            node_name: if instance.node_name.is_empty() {
+                instance.id.clone()
+            } else {
+                instance.node_name.clone()
+            },
+            operation_id: op_id.clone(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            failure_reason: String::new(),
+            history: vec![shoal_core::claim::Transition {
+                phase: ClaimPhase::Launched,
+                at_ms: now,
+                reason: reason.clone(),
+            }],
+        };
+        let op = Operation {
+            version: RECORD_VERSION,
+            id: op_id,
+            kind: OperationKind::Create,
+            pool: pool.name.clone(),
+            idempotency_key: format!("adopt/{}/{}", adopt.backend, instance.id),
+            claim_ids: vec![id.clone()],
+            state: OperationState::Running,
+            reason,
+            created_at_ms: now,
+            updated_at_ms: now,
+            error: String::new(),
+            traceparent: String::new(),
+        };
+        match self.store.adopt(&op, &claim, &adopt.backend).await? {
+            Written::Created | Written::Exists(_) => {
+                tracing::warn!(claim = %id, instance = %instance.id, node = %claim.node_name, %why, "repair: orphan instance adopted");
+                Ok(id)
+            }
+            Written::Raced => Err(RequestError::Precondition(format!(
+                "name {} is reserved by another claim, or claim {id} was written meanwhile",
+                claim.node_name
+            ))),
         }
     }
 

@@ -179,6 +179,49 @@ impl ClaimStore {
         self.write_new(op, compares, success).await
     }
 
+    /// Writes an adopted claim with its create operation, all or nothing: the claim must not
+    /// exist, and its name must be free or still reserved for the same claim id.
+    pub async fn adopt(
+        &self,
+        op: &Operation,
+        claim: &NodeClaim,
+        backend: &str,
+    ) -> Result<Written, Error> {
+        let (mut compares, mut success) = new_operation(op);
+        let name_key = keys::reserved_id(backend, &claim.node_name);
+        let reserved = match self.store.get(&name_key).await? {
+            None => 0,
+            Some(kv) if kv.value == claim.id.as_bytes() => kv.mod_revision,
+            Some(_) => return Ok(Written::Raced),
+        };
+        compares.push(if reserved == 0 {
+            Compare::CreateRevision {
+                key: name_key.clone(),
+                revision: 0,
+            }
+        } else {
+            Compare::ModRevision {
+                key: name_key.clone(),
+                revision: reserved,
+            }
+        });
+        compares.push(Compare::CreateRevision {
+            key: keys::claim(&claim.id),
+            revision: 0,
+        });
+        success.push(TxnOp::Put {
+            key: name_key,
+            value: claim.id.as_bytes().to_vec(),
+            lease: None,
+        });
+        success.push(TxnOp::Put {
+            key: keys::claim(&claim.id),
+            value: encode(claim),
+            lease: None,
+        });
+        self.write_new(op, compares, success).await
+    }
+
     /// Writes a new delete operation and moves its claims to Draining, all or nothing: each
     /// claim must still be at the revision the caller read.
     pub async fn delete(

@@ -6,7 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use shoal_core::{ClaimPhase, claim::NodeClaim};
+use shoal_core::{
+    ClaimPhase,
+    claim::{NodeClaim, Operation, OperationState},
+};
 use shoal_proto::v1 as pb;
 
 /// What Kubernetes says of one Node carrying our labels.
@@ -62,6 +65,9 @@ pub struct Policy {
     pub launch_ttl: Duration,
     /// A claim in Draining/Terminating longer than this is stuck.
     pub removal_ttl: Duration,
+    /// An operation still Running this long after its last claim settled has lost its
+    /// result (the leader records it within seconds).
+    pub operation_grace: Duration,
 }
 
 impl Default for Policy {
@@ -72,6 +78,7 @@ impl Default for Policy {
             not_ready_grace: Duration::from_secs(300),
             launch_ttl: Duration::from_secs(900),
             removal_ttl: Duration::from_secs(1800),
+            operation_grace: Duration::from_secs(60),
         }
     }
 }
@@ -101,6 +108,8 @@ pub enum Repair {
     DeleteNode(String),
     /// Release a name reservation (`<backend>/<name>`).
     ReleaseId(String),
+    /// Rewrite an operation's state from its claims.
+    SettleOperation(String),
     /// Nothing now: reported only (policy) or within its grace period.
     None,
 }
@@ -134,6 +143,8 @@ pub struct Views<'a> {
     pub nodes: &'a [NodeView],
     /// Name reservations.
     pub reservations: &'a [Reservation],
+    /// Provisioner operations.
+    pub operations: &'a [Operation],
     /// Now (Unix ms).
     pub now_ms: u64,
 }
@@ -288,6 +299,16 @@ pub fn classify(views: &Views<'_>, policy: &Policy) -> Vec<Finding> {
         if live.contains_key(node.claim.as_str()) {
             continue;
         }
+        if policy.orphans == OrphanPolicy::Adopt
+            && views
+                .instances
+                .values()
+                .flatten()
+                .any(|i| i.claim_id == node.claim)
+        {
+            // Its instance is adopted with the same claim id, and the Node with it.
+            continue;
+        }
         let stale = !node.ready && age(now, node.ready_changed_ms) > policy.not_ready_grace;
         out.push(Finding {
             kind: pb::DriftType::OrphanNode,
@@ -314,7 +335,12 @@ pub fn classify(views: &Views<'_>, policy: &Policy) -> Vec<Finding> {
         let held = live
             .get(r.claim.as_str())
             .is_some_and(|c| c.node_name == r.name && c.backend == r.backend);
-        if !held {
+        let adopted = policy.orphans == OrphanPolicy::Adopt
+            && views
+                .instances
+                .get(&r.backend)
+                .is_some_and(|is| is.iter().any(|i| i.claim_id == r.claim));
+        if !held && !adopted {
             out.push(Finding {
                 kind: pb::DriftType::LeakedId,
                 subject: format!("{}/{}", r.backend, r.name),
@@ -325,6 +351,66 @@ pub fn classify(views: &Views<'_>, policy: &Policy) -> Vec<Finding> {
                     r.name, r.backend, r.claim
                 ),
                 repair: Repair::ReleaseId(format!("{}/{}", r.backend, r.name)),
+                deferred: false,
+            });
+        }
+    }
+
+    // Operations whose recorded state disagrees with their claims.
+    let by_id: HashMap<&str, &NodeClaim> =
+        views.claims.iter().map(|c| (c.id.as_str(), c)).collect();
+    let adopting = |claim: &str| {
+        policy.orphans == OrphanPolicy::Adopt
+            && views
+                .instances
+                .values()
+                .flatten()
+                .any(|i| i.claim_id == claim)
+    };
+    for op in views.operations {
+        if op
+            .claim_ids
+            .iter()
+            .any(|id| !by_id.contains_key(id.as_str()) && adopting(id))
+        {
+            // Judged once the lost claim is adopted back.
+            continue;
+        }
+        let Some((settled, failures)) = op.outcome(|id| by_id.get(id).copied()) else {
+            continue;
+        };
+        let last_settled = op
+            .claim_ids
+            .iter()
+            .filter_map(|id| by_id.get(id.as_str()))
+            .map(|c| c.updated_at_ms)
+            .max()
+            .unwrap_or(op.updated_at_ms);
+        let wrong = if op.state == OperationState::Running {
+            age(now, last_settled.max(op.updated_at_ms)) > policy.operation_grace
+        } else {
+            op.state != settled
+        };
+        if wrong {
+            out.push(Finding {
+                kind: pb::DriftType::CounterMismatch,
+                subject: op.id.clone(),
+                backend: String::new(),
+                pool: op.pool.clone(),
+                details: format!(
+                    "operation {} ({:?}, {} claims) is recorded {:?}; its claims say {:?}{}",
+                    op.id,
+                    op.kind,
+                    op.claim_ids.len(),
+                    op.state,
+                    settled,
+                    if failures.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", failures.join("; "))
+                    }
+                ),
+                repair: Repair::SettleOperation(op.id.clone()),
                 deferred: false,
             });
         }
@@ -400,6 +486,7 @@ mod tests {
                 instances: &instances,
                 nodes,
                 reservations,
+                operations: &[],
                 now_ms: NOW,
             },
             &Policy::default(),
@@ -460,6 +547,7 @@ mod tests {
                 instances: &none,
                 nodes: &[],
                 reservations: &[],
+                operations: &[],
                 now_ms: NOW,
             },
             &Policy::default(),
@@ -509,6 +597,111 @@ mod tests {
         assert_eq!(
             rogue("sim/general-9").repair,
             Repair::ReleaseId("sim/general-9".into())
+        );
+    }
+
+    fn operation(id: &str, state: OperationState, claims: &[&str]) -> Operation {
+        Operation {
+            version: 1,
+            id: id.into(),
+            kind: shoal_core::claim::OperationKind::Create,
+            pool: "general".into(),
+            idempotency_key: id.into(),
+            claim_ids: claims.iter().map(|c| c.to_string()).collect(),
+            state,
+            reason: String::new(),
+            created_at_ms: NOW - 600_000,
+            updated_at_ms: NOW - 600_000,
+            error: String::new(),
+            traceparent: String::new(),
+        }
+    }
+
+    #[test]
+    fn operations_whose_record_disagrees_with_their_claims_are_settled() {
+        let mut failed = claim("c1", "general-1", ClaimPhase::Failed, NOW - 500_000);
+        failed.failure_reason = "boot failed".into();
+        let ready = claim("c2", "general-2", ClaimPhase::Ready, NOW - 500_000);
+        let booting = claim("c3", "general-3", ClaimPhase::Launched, NOW - 1000);
+        let claims = [failed, ready, booting];
+        let ops = [
+            // Recorded Succeeded, one claim failed: wrong.
+            operation("op-a", OperationState::Succeeded, &["c1", "c2"]),
+            // Right.
+            operation("op-b", OperationState::Succeeded, &["c2"]),
+            // Running with every claim settled long ago: its result was lost.
+            operation("op-c", OperationState::Running, &["c2"]),
+            // Running with a claim still booting: fine.
+            operation("op-d", OperationState::Running, &["c3"]),
+        ];
+        let instances = BTreeMap::new();
+        let f = classify(
+            &Views {
+                claims: &claims,
+                instances: &instances,
+                nodes: &[],
+                reservations: &[],
+                operations: &ops,
+                now_ms: NOW,
+            },
+            &Policy {
+                launch_ttl: Duration::from_secs(3600),
+                ..Policy::default()
+            },
+        );
+        let mismatches: Vec<&Finding> = f
+            .iter()
+            .filter(|f| f.kind == pb::DriftType::CounterMismatch)
+            .collect();
+        let settled: Vec<&Repair> = mismatches.iter().map(|f| &f.repair).collect();
+        assert_eq!(
+            settled,
+            [
+                &Repair::SettleOperation("op-a".into()),
+                &Repair::SettleOperation("op-c".into())
+            ],
+            "{f:#?}"
+        );
+        let details = &mismatches[0].details;
+        assert!(
+            details.contains("PartiallyFailed") && details.contains("boot failed"),
+            "{details}"
+        );
+    }
+
+    #[test]
+    fn under_the_adopt_policy_an_orphan_is_adopted_with_its_node_and_name() {
+        let instances: BTreeMap<String, Vec<pb::Instance>> = [(
+            "sim".to_string(),
+            vec![instance("i-x", "c-lost", NOW - 600_000)],
+        )]
+        .into();
+        let f = classify(
+            &Views {
+                claims: &[],
+                instances: &instances,
+                nodes: &[node("n-c-lost", "c-lost", false, NOW - 600_000)],
+                reservations: &[Reservation {
+                    backend: "sim".into(),
+                    name: "n-c-lost".into(),
+                    claim: "c-lost".into(),
+                }],
+                operations: &[],
+                now_ms: NOW,
+            },
+            &Policy {
+                orphans: OrphanPolicy::Adopt,
+                ..Policy::default()
+            },
+        );
+        assert_eq!(kinds(&f), [pb::DriftType::OrphanInstance], "{f:#?}");
+        assert_eq!(
+            f[0].repair,
+            Repair::AdoptInstance {
+                backend: "sim".into(),
+                instance: "i-x".into(),
+                pool: "general".into()
+            }
         );
     }
 }

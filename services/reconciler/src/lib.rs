@@ -31,7 +31,8 @@ pub struct ReconcilerSettings {
     /// The Kubernetes API (Nodes with our labels).
     #[serde(default)]
     pub kube: shoal_kube::KubeSettings,
-    /// Orphan instances: `delete` (after `orphanGrace`), `adopt` (not supported yet) or `report-only`.
+    /// Orphan instances: `delete` (after `orphanGrace`), `adopt` (write their claim again, for
+    /// instances Shoal created whose record was lost) or `report-only`.
     #[serde(default = "default_orphans")]
     pub orphan_policy: drift::OrphanPolicy,
     /// Orphan instances younger than this are left alone (they may still be booting).
@@ -46,9 +47,22 @@ pub struct ReconcilerSettings {
     /// Claims draining or terminating longer than this are stuck.
     #[serde(with = "humantime_serde", default = "thirty_minutes")]
     pub removal_ttl: Duration,
+    /// An operation still Running this long after its claims settled is settled from them.
+    #[serde(with = "humantime_serde", default = "one_minute")]
+    pub operation_grace: Duration,
+    /// Drift records kept in the store (oldest dropped first).
+    #[serde(default = "default_drift_history")]
+    pub drift_history: usize,
     /// Report drift without repairing it.
     #[serde(default)]
     pub dry_run: bool,
+}
+
+fn one_minute() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_drift_history() -> usize {
+    1000
 }
 
 fn default_orphans() -> drift::OrphanPolicy {
@@ -73,6 +87,7 @@ impl ReconcilerSettings {
             not_ready_grace: self.not_ready_grace,
             launch_ttl: self.launch_ttl,
             removal_ttl: self.removal_ttl,
+            operation_grace: self.operation_grace,
         }
     }
 }
@@ -88,6 +103,8 @@ impl Default for ReconcilerSettings {
             not_ready_grace: five_minutes(),
             launch_ttl: fifteen_minutes(),
             removal_ttl: thirty_minutes(),
+            operation_grace: one_minute(),
+            drift_history: default_drift_history(),
             dry_run: false,
         }
     }
@@ -105,6 +122,9 @@ impl ServiceSettings for ReconcilerSettings {
             errors.add("service.interval", "must be at least 1s");
         }
         self.kube.validate("service.kube", errors);
+        if self.drift_history == 0 {
+            errors.add("service.driftHistory", "must be at least 1");
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, sync::Mutex, time::Instant};
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, api::ListParams};
 use prost::Message;
-use shoal_core::claim::{NodeClaim, now_ms};
+use shoal_core::claim::{NodeClaim, Operation, now_ms};
 use shoal_proto::v1::{
     self as pb, ListInstancesRequest, RepairRequest,
     provisioner_service_client::ProvisionerServiceClient, repair_request::Action,
@@ -96,6 +96,15 @@ impl Reconciler {
                 })
             })
             .collect();
+        let operations: Vec<Operation> = self
+            .store
+            .range(keys::OPERATIONS)
+            .await
+            .map_err(|e| unavailable("state store", e.to_string()))?
+            .kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .collect();
         let listed = self
             .provisioner
             .clone()
@@ -141,6 +150,7 @@ impl Reconciler {
                 instances: &instances,
                 nodes: &nodes,
                 reservations: &reservations,
+                operations: &operations,
                 now_ms: now_ms(),
             },
             &self.settings.policy(),
@@ -149,12 +159,7 @@ impl Reconciler {
         for f in findings {
             drifts.push(self.repair(&pass_id, f, dry_run).await);
         }
-        for d in &drifts {
-            let _ = self
-                .store
-                .put(&keys::drift(started_ms, &d.id), d.encode_to_vec(), None)
-                .await;
-        }
+        self.record(started_ms, &drifts).await;
         let duration = started.elapsed();
         self.stats.cycles.inc();
         self.stats.duration.observe(duration.as_secs_f64());
@@ -173,6 +178,30 @@ impl Reconciler {
         };
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
         Ok(report)
+    }
+
+    /// Stores the pass's drifts and drops the oldest records beyond `driftHistory`. Best
+    /// effort: the report carries them either way.
+    async fn record(&self, started_ms: u64, drifts: &[pb::Drift]) {
+        if drifts.is_empty() {
+            return;
+        }
+        for d in drifts {
+            if let Err(e) = self
+                .store
+                .put(&keys::drift(started_ms, &d.id), d.encode_to_vec(), None)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot record a drift");
+            }
+        }
+        let Ok(all) = self.store.range(keys::DRIFTS).await else {
+            return;
+        };
+        let excess = all.kvs.len().saturating_sub(self.settings.drift_history);
+        for kv in all.kvs.iter().take(excess) {
+            let _ = self.store.delete(&kv.key).await;
+        }
     }
 
     async fn repair(&self, pass_id: &str, f: Finding, dry_run: bool) -> pb::Drift {
@@ -198,6 +227,10 @@ impl Reconciler {
             Repair::FailClaim(id) => ("mark claim failed", Some(Action::FailClaim(id.clone()))),
             Repair::DeleteNode(name) => ("delete node", Some(Action::DeleteNode(name.clone()))),
             Repair::ReleaseId(id) => ("release id", Some(Action::ReleaseId(id.clone()))),
+            Repair::SettleOperation(id) => (
+                "settle operation",
+                Some(Action::SettleOperation(id.clone())),
+            ),
             Repair::None => ("none", None),
         };
         let (result, error) = match action {
