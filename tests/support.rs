@@ -35,6 +35,18 @@ impl Running {
     ) -> Running {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Running::start_at(binary, instance, (grpc, admin), etcd, extra, env)
+    }
+
+    /// As [`Running::start`], on given `(grpc, admin)` addresses (a restart on the same ports).
+    pub fn start_at(
+        binary: &str,
+        instance: &str,
+        (grpc, admin): (SocketAddr, SocketAddr),
+        etcd: Option<&EtcdServer>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Running {
         let mut args = vec![
             format!("--grpc-addr={grpc}"),
             format!("--admin-addr={admin}"),
@@ -283,12 +295,20 @@ impl EtcdReader {
 
     /// Every value under `prefix` (e.g. `claims/`), decoded as JSON.
     pub fn json_under(&self, prefix: &str) -> Vec<serde_json::Value> {
+        self.values_under(prefix)
+            .iter()
+            .map(|v| serde_json::from_slice(v).unwrap_or(serde_json::Value::Null))
+            .collect()
+    }
+
+    /// Every value under `prefix`, as stored.
+    pub fn values_under(&self, prefix: &str) -> Vec<Vec<u8>> {
         self.runtime
             .block_on(self.store.range(prefix))
             .unwrap_or_else(|e| panic!("range {prefix}: {e}"))
             .kvs
-            .iter()
-            .map(|kv| serde_json::from_slice(&kv.value).unwrap_or(serde_json::Value::Null))
+            .into_iter()
+            .map(|kv| kv.value)
             .collect()
     }
 
