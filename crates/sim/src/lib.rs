@@ -109,6 +109,10 @@ impl Sim {
             shutdown.clone(),
         ));
         let task = tokio::spawn(async move {
+            // Small responses go out at once (Nagle + delayed ACK would add ~40 ms per call).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await
