@@ -135,6 +135,12 @@ fn orphan_instances_orphan_nodes_vanished_instances_and_leaked_ids_are_repaired_
     .expect("delete");
     assert_eq!(code, 204);
     store.put_raw("ids/sim/general-9", b"c-gone");
+    // A Node with our labels whose instance and claim are long gone (no kubelet: NotReady).
+    let ghost = json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "ghost-1", "labels": { "shoal.dev/cluster": "default", "shoal.dev/pool": "general", "shoal.dev/claim": "c-ghost" } } }).to_string();
+    let (code, answer) =
+        shoal_testkit::http_request(sim.addr(), "POST", "/api/v1/nodes", Some(&ghost))
+            .expect("ghost node");
+    assert_eq!(code, 201, "{answer}");
     wait_for(Duration::from_secs(10), || {
         matches!(
             shoal_testkit::http_get(sim.addr(), "/api/v1/nodes/rogue-1"),
@@ -161,6 +167,7 @@ fn orphan_instances_orphan_nodes_vanished_instances_and_leaked_ids_are_repaired_
         "DRIFT_TYPE_ORPHAN_INSTANCE",
         "DRIFT_TYPE_MISSING_INSTANCE",
         "DRIFT_TYPE_LEAKED_ID",
+        "DRIFT_TYPE_ORPHAN_NODE",
     ] {
         assert!(
             kinds.contains(&(kind.to_string(), "REPAIR_RESULT_REPAIRED".to_string())),
