@@ -17,12 +17,30 @@ fn the_demo_scales_the_simulated_cluster_and_stops_cleanly_on_sigint() {
         format!("--admin-base-port={admin}"),
     ];
     let mut demo = ServiceProcess::start("shoal", &args, &[]);
-    let scaled = wait_for(Duration::from_secs(40), || {
+    // The live view prints each decision; within its first minute the ramp scenario makes the
+    // cluster grow past minNodes and shrink back.
+    let scaled = wait_for(Duration::from_secs(75), || {
         let logs = demo.logs();
-        (logs.contains("kubectl --kubeconfig") && logs.contains("create operation written"))
-            .then_some(())
+        (logs.contains("kubectl --kubeconfig")
+            && logs.contains("decision: scale up general +2")
+            && logs.contains("decision: scale down general"))
+        .then_some(())
     });
-    assert!(scaled.is_some(), "the demo scales up:\n{}", demo.logs());
+    assert!(
+        scaled.is_some(),
+        "the demo scales up and down:\n{}",
+        demo.logs()
+    );
+    let logs = demo.logs();
+    assert!(
+        logs.contains("(Shoal's: Ready 3)"),
+        "the live view shows nodes by phase:\n{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("| unschedulable ") && !l.ends_with("| unschedulable 0")),
+        "the live view shows pending pods:\n{logs}"
+    );
     demo.signal(Signal::SIGINT);
     let status = demo.wait_exit(Duration::from_secs(20));
     assert!(

@@ -16,6 +16,8 @@ use shoal_runtime::{
 };
 use tokio_util::sync::CancellationToken;
 
+mod view;
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -61,8 +63,11 @@ struct DemoArgs {
     /// Admin port of the metrics service; the others use the next three.
     #[arg(long, default_value_t = 9091)]
     admin_base_port: u16,
-    /// Log filter.
-    #[arg(long, default_value = "info")]
+    /// Scenario to play instead of the built-in ramp (see deploy/scenarios/).
+    #[arg(long)]
+    scenario: Option<std::path::PathBuf>,
+    /// Log filter of the services (the live view is printed whatever it is).
+    #[arg(long, default_value = "warn")]
     log_level: String,
 }
 
@@ -134,7 +139,7 @@ fn service_setting_names<S: ServiceSettings>() -> Vec<String> {
 }
 
 /// The demo's NodePool: simulated nodes of 2 CPU / 4 GiB, quick to shrink.
-const DEMO_POOL: &str = "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: general }\nspec:\n  provider: { backend: sim }\n  template:\n    capacity: { cpu: \"2\", memory: 4Gi }\n  limits: { minNodes: 1, maxNodes: 8 }\n  scaleDown: { unneededFor: 30s, cooldown: 10s, maxConcurrent: 2, drainTimeout: 30s }\n";
+const DEMO_POOL: &str = "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: general }\nspec:\n  provider: { backend: sim }\n  template:\n    capacity: { cpu: \"2\", memory: 4Gi }\n  limits: { minNodes: 1, maxNodes: 8 }\n  scaleDown: { unneededFor: 15s, cooldown: 5s, maxConcurrent: 2, drainTimeout: 30s }\n";
 
 /// The load the demo plays.
 const DEMO_SCENARIO: &str = include_str!("../../../deploy/scenarios/ramp.yaml");
@@ -151,9 +156,15 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let pool_file = dir.join("pool-general.yaml");
     std::fs::write(&pool_file, DEMO_POOL)
         .with_context(|| format!("writing {}", pool_file.display()))?;
-    let scenario =
-        shoal_sim::scenario::Scenario::parse("deploy/scenarios/ramp.yaml", DEMO_SCENARIO)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let scenario = match &args.scenario {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading scenario {}", path.display()))?;
+            shoal_sim::scenario::Scenario::parse(&path.display().to_string(), &text)
+        }
+        None => shoal_sim::scenario::Scenario::parse("deploy/scenarios/ramp.yaml", DEMO_SCENARIO),
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let kube = kubeconfig.display().to_string();
     metrics.service.kube.kubeconfig = kube.clone();
     provisioner.service.kube.kubeconfig = kube.clone();
@@ -215,9 +226,23 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         wait_until_listening(&grpc).await;
         print_banner(&grpc, &admin, args.etcd.as_deref());
         println!(
-            "  kubectl --kubeconfig {} get nodes,pods\n",
+            "  kubectl --kubeconfig {} get nodes,pods",
             kubeconfig.display()
         );
+        println!(
+            "  Prometheus: scrape {} (the simulated cluster's node-exporter/cAdvisor series) and each service's metrics URL above\n",
+            format_args!("{}/metrics", sim.url())
+        );
+        println!("Live view (nodes by phase, pending pods, every decision with its reasons):");
+        tokio::spawn(view::run(
+            view::Endpoints {
+                metrics: grpc[0],
+                decider: grpc[1],
+                provisioner: grpc[2],
+            },
+            Duration::from_secs(2),
+            shutdown.clone(),
+        ));
         let mut failed = None;
         for (name, task) in services {
             match task.await {
