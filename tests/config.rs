@@ -124,7 +124,7 @@ fn a_port_in_use_names_the_setting() {
 
 #[test]
 fn the_shipped_example_configs_load() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/config");
     for service in ["metrics", "decider", "provisioner", "reconciler"] {
         let file = dir.join(format!("{service}.yaml"));
         let output = std::process::Command::new(bin_path(&format!("shoal-{service}")))
