@@ -232,3 +232,57 @@ fn collect_rs(dir: &std::path::Path, out: &mut String) {
         }
     }
 }
+
+#[test]
+fn the_compose_setup_is_valid_and_its_shoal_files_load() {
+    let compose = root().join("deploy/compose");
+    let tool = require_tool(
+        "docker-compose",
+        "install Debian's docker-compose (or Docker's compose plugin)",
+    );
+    let out = Command::new(tool)
+        .arg("-f")
+        .arg(compose.join("docker-compose.yaml"))
+        .arg("config")
+        .env("K3S_TOKEN", "test-token")
+        .output()
+        .expect("docker-compose runs");
+    assert!(
+        out.status.success(),
+        "docker-compose config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8_lossy(&out.stdout);
+    for service in [
+        "k3s-server",
+        "etcd",
+        "metrics",
+        "decider",
+        "provisioner",
+        "reconciler",
+    ] {
+        assert!(
+            rendered.contains(&format!("  {service}:")),
+            "{service} in {rendered}"
+        );
+    }
+    let pool = std::fs::read_to_string(compose.join("pools/general.yaml")).expect("pool");
+    let (pool, _) = shoal_core::pool::Pool::from_yaml(&pool).expect("the compose pool is valid");
+    assert_eq!(pool.name, "general");
+    let out = Command::new(shoal_testkit::bin_path("shoal-provisioner"))
+        .arg(format!(
+            "--config={}",
+            compose.join("provisioner.yaml").display()
+        ))
+        // The kubeconfig is the k3s server's output, which only exists inside the project.
+        .arg("--set=service.kube.kubeconfig=")
+        .arg("--print-config")
+        .output()
+        .expect("shoal-provisioner runs");
+    assert!(
+        out.status.success(),
+        "the compose provisioner config loads: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("shoal_k3s"));
+}

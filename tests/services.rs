@@ -63,6 +63,19 @@ fn check_service(binary: &str, served: &[&str], needs_store: bool) {
         served[0]
     );
 
+    // A read method, called with nothing but what reflection tells grpcurl.
+    let (method, expect) = match binary {
+        "shoal-metrics" => ("shoal.v1.MetricsService/GetSnapshot", "\"sequence\""),
+        "shoal-decider" => ("shoal.v1.PoolService/ListPools", "{"),
+        "shoal-provisioner" => ("shoal.v1.ProvisionerService/GetBackendStatus", "{"),
+        _ => ("shoal.v1.ReconcilerService/ListDrifts", "{"),
+    };
+    let answer = grpcurl_ok(&["-plaintext", "-d", "{}", &addr, method]);
+    assert!(
+        answer.contains(expect),
+        "{binary}: {method} answers with {expect}: {answer}"
+    );
+
     // Health: overall and per service.
     assert!(
         grpcurl_ok(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]).contains("\"SERVING\"")

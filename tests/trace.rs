@@ -79,8 +79,150 @@ impl TraceService for Receiver {
 }
 
 #[test]
-fn a_call_across_three_services_is_one_trace() {
+fn a_scale_up_is_one_trace_from_the_snapshot_to_the_reconciler() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (receiver, endpoint) = receiver(&runtime);
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ];
+    let etcd = EtcdServer::start();
+    let sim = SimServer::start(&["--boot-delay=500ms"]);
+    let kube = format!(
+        "--set=service.kube.kubeconfig={}",
+        sim.kubeconfig().display()
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let pools = dir.path().join("pools.yaml");
+    std::fs::write(&pools, "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: general }\nspec:\n  provider: { backend: sim }\n  template:\n    capacity: { cpu: \"2\", memory: 4Gi }\n  limits: { minNodes: 0, maxNodes: 4 }\n").expect("pools");
+    let mut metrics = Running::start("shoal-metrics", "metrics-t", None, &[&kube], &env);
+    let config = dir.path().join("provisioner.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "service:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n",
+            sim.kubeconfig().display(),
+            sim.url()
+        ),
+    )
+    .expect("config");
+    let mut provisioner = Running::start(
+        "shoal-provisioner",
+        "provisioner-t",
+        Some(&etcd),
+        &[&format!("--config={}", config.display())],
+        &env,
+    );
+    metrics.wait_ready();
+    provisioner.wait_ready();
+    let mut decider = Running::start(
+        "shoal-decider",
+        "decider-t",
+        Some(&etcd),
+        &[
+            &format!("--set=service.metricsAddr=http://{}", metrics.grpc),
+            &format!("--set=service.provisionerAddr=http://{}", provisioner.grpc),
+            &format!("--set=service.poolFiles={}", pools.display()),
+        ],
+        &env,
+    );
+    let mut reconciler = Running::start(
+        "shoal-reconciler",
+        "reconciler-t",
+        Some(&etcd),
+        &[
+            &kube,
+            &format!("--set=service.provisionerAddr=http://{}", provisioner.grpc),
+            "--set=service.interval=2s",
+        ],
+        &env,
+    );
+    decider.wait_ready();
+    reconciler.wait_ready();
+
+    shoal_e2e::kubectl(
+        &sim.kubeconfig(),
+        &["apply", "-f", "-"],
+        &shoal_e2e::deployment_yaml("web", 4, "500m", "256Mi", None),
+    );
+    let running = wait_for(Duration::from_secs(40), || {
+        let pods = shoal_e2e::sim_get(sim.addr(), "/api/v1/namespaces/default/pods");
+        let n = pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count();
+        (n == 4).then_some(())
+    });
+    assert!(
+        running.is_some(),
+        "the pods run\n{}",
+        decider.process.logs()
+    );
+    // The reconciler's next pass (every 2 s) checks the finished operation.
+    std::thread::sleep(Duration::from_secs(5));
+    for service in [
+        &mut decider,
+        &mut metrics,
+        &mut provisioner,
+        &mut reconciler,
+    ] {
+        service.process.signal(Signal::SIGTERM);
+        let _ = service.process.wait_exit(Duration::from_secs(15));
+    }
+    let wanted = [
+        "shoal-decider",
+        "shoal-metrics",
+        "shoal-provisioner",
+        "shoal-reconciler",
+    ];
+    let found = wait_for(Duration::from_secs(5), || {
+        let spans = receiver
+            .spans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut by_trace: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for s in &spans {
+            by_trace.entry(s.2.clone()).or_default().insert(s.0.clone());
+        }
+        let trace = by_trace
+            .into_iter()
+            .find(|(_, services)| wanted.iter().all(|w| services.contains(*w)))?;
+        Some((trace.0, spans))
+    });
+    let Some((trace, spans)) = found else {
+        let spans = receiver
+            .spans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let names: std::collections::BTreeSet<(String, String)> =
+            spans.iter().map(|s| (s.0.clone(), s.5.clone())).collect();
+        panic!("no trace has spans of all four services; spans seen: {names:#?}");
+    };
+    let ours: Vec<(String, String)> = spans
+        .iter()
+        .filter(|s| s.2 == trace)
+        .map(|s| (s.0.clone(), s.5.clone()))
+        .collect();
+    println!("scale-up trace {trace}: {ours:#?}");
+    assert!(
+        ours.iter().any(
+            |(s, n)| s == "shoal-provisioner" && n == "shoal.v1.ProvisionerService/CreateNodes"
+        ),
+        "CreateNodes is in the trace"
+    );
+    assert!(
+        ours.iter()
+            .any(|(s, n)| s == "shoal-reconciler" && n == "reconciler.verify_operation"),
+        "the reconciler's check is in the trace"
+    );
+}
+
+/// An OTLP/gRPC trace receiver on a free port, run by `runtime`; returns it and its endpoint.
+fn receiver(runtime: &tokio::runtime::Runtime) -> (Receiver, String) {
     let receiver = Receiver::default();
     let otlp = SocketAddr::from(([127, 0, 0, 1], free_port()));
     runtime.spawn(
@@ -88,7 +230,13 @@ fn a_call_across_three_services_is_one_trace() {
             .add_service(TraceServiceServer::new(receiver.clone()))
             .serve(otlp),
     );
-    let endpoint = format!("http://{otlp}");
+    (receiver, format!("http://{otlp}"))
+}
+
+#[test]
+fn a_call_across_three_services_is_one_trace() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (receiver, endpoint) = receiver(&runtime);
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "200"),

@@ -139,7 +139,7 @@ fn service_setting_names<S: ServiceSettings>() -> Vec<String> {
 }
 
 /// The demo's NodePool: simulated nodes of 2 CPU / 4 GiB, quick to shrink.
-const DEMO_POOL: &str = "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: general }\nspec:\n  provider: { backend: sim }\n  template:\n    capacity: { cpu: \"2\", memory: 4Gi }\n  limits: { minNodes: 1, maxNodes: 8 }\n  scaleDown: { unneededFor: 15s, cooldown: 5s, maxConcurrent: 2, drainTimeout: 30s }\n";
+const DEMO_POOL: &str = "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: general }\nspec:\n  provider: { backend: sim }\n  template:\n    capacity: { cpu: \"2\", memory: 4Gi }\n  limits: { minNodes: 1, maxNodes: 8 }\n  scaleDown: { unneededFor: 10s, cooldown: 5s, maxConcurrent: 2, drainTimeout: 30s }\n";
 
 /// The load the demo plays.
 const DEMO_SCENARIO: &str = include_str!("../../../deploy/scenarios/ramp.yaml");

@@ -165,6 +165,7 @@ pub async fn serve(
         last: std::sync::Mutex::new(None),
         lock: tokio::sync::Mutex::new(()),
         repaired: std::sync::atomic::AtomicI64::new(0),
+        previous_pass_ms: std::sync::atomic::AtomicU64::new(0),
     });
     let tasks = shutdown.child_token();
     tokio::spawn(pass::run(reconciler.clone(), host.leader(), tasks.clone()));

@@ -33,6 +33,8 @@ pub struct Reconciler {
     pub(crate) last: Mutex<Option<pb::ReconcileReport>>,
     pub(crate) lock: tokio::sync::Mutex<()>,
     pub(crate) repaired: std::sync::atomic::AtomicI64,
+    /// When the previous pass started (Unix ms; 0 before the first).
+    pub(crate) previous_pass_ms: std::sync::atomic::AtomicU64,
 }
 
 fn timestamp(ms: u64) -> prost_types::Timestamp {
@@ -155,6 +157,7 @@ impl Reconciler {
             },
             &self.settings.policy(),
         );
+        self.verify_operations(&operations, &findings, started_ms);
         let mut drifts = Vec::new();
         for f in findings {
             drifts.push(self.repair(&pass_id, f, dry_run).await);
@@ -178,6 +181,38 @@ impl Reconciler {
         };
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
         Ok(report)
+    }
+
+    /// Joins the trace of every operation that changed since the previous pass with a
+    /// `reconciler.verify_operation` span saying whether this pass found drift on its claims,
+    /// so one scale-up reads as one trace from the snapshot to the check that it held.
+    fn verify_operations(&self, operations: &[Operation], findings: &[Finding], started_ms: u64) {
+        use std::sync::atomic::Ordering;
+        let since = self.previous_pass_ms.swap(started_ms, Ordering::Relaxed);
+        let since = if since == 0 {
+            started_ms.saturating_sub(self.settings.interval.as_millis() as u64)
+        } else {
+            since
+        };
+        for op in operations
+            .iter()
+            .filter(|o| !o.traceparent.is_empty() && o.updated_at_ms >= since)
+        {
+            let drifts = findings
+                .iter()
+                .filter(|f| op.claim_ids.contains(&f.subject))
+                .count();
+            let span = tracing::info_span!(
+                "reconciler.verify_operation",
+                op = %op.id,
+                kind = ?op.kind,
+                state = ?op.state,
+                claims = op.claim_ids.len(),
+                drifts
+            );
+            shoal_runtime::telemetry::continue_trace(&span, &op.traceparent);
+            span.in_scope(|| tracing::debug!(drifts, "operation checked by the reconciler"));
+        }
     }
 
     /// Stores the pass's drifts and drops the oldest records beyond `driftHistory`. Best
