@@ -424,6 +424,12 @@ fn run(seed: u64, secs: u64) {
                 d.repair_result().as_str_name()
             );
             *recorded.entry(kind).or_default() += 1;
+            if !d.repair_error.is_empty() {
+                println!(
+                    "  repair failed: {} {}: {}",
+                    d.subject, d.repair_action, d.repair_error
+                );
+            }
         }
     }
     println!(
