@@ -61,16 +61,12 @@ impl Chaos {
         let store = EtcdReader::new(&etcd);
         store.put_pool(&pool());
         let dir = tempfile::tempdir().expect("dir");
-        let provisioner_config = dir.path().join("provisioner.yaml");
-        std::fs::write(
-            &provisioner_config,
-            format!(
-                "election: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  resilience: {{ callTimeout: 2s, attempts: 3, retryMinDelay: 50ms, retryMaxDelay: 400ms, breakerFailures: 5, breakerRecovery: 2s }}\n  nodeTtl: 20s\n  instanceCheckInterval: 2s\n  drainPollInterval: 200ms\n",
-                sim.kubeconfig().display(),
-                sim.url()
-            ),
-        )
-        .expect("config");
+        let provisioner_config = shoal_e2e::sim_provisioner_config(
+            dir.path(),
+            &sim,
+            "election: { leaseTtl: 2s, recordInterval: 500ms }\n",
+            "  resilience: { callTimeout: 2s, attempts: 3, retryMinDelay: 50ms, retryMaxDelay: 400ms, breakerFailures: 5, breakerRecovery: 2s }\n  nodeTtl: 20s\n  instanceCheckInterval: 2s\n  drainPollInterval: 200ms\n",
+        );
         let provisioner = start_provisioner(&etcd, &provisioner_config, "prov-0", None);
         let reconciler = start_reconciler(&etcd, &sim, &provisioner, "rec-0", None);
         Chaos {

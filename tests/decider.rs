@@ -432,16 +432,8 @@ fn decisions_reach_the_provisioner_and_the_pods_run() {
     );
     metrics.wait_ready();
     let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("provisioner.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "service:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  instanceCheckInterval: 1s\n",
-            sim.kubeconfig().display(),
-            sim.url()
-        ),
-    )
-    .expect("config");
+    let config =
+        shoal_e2e::sim_provisioner_config(dir.path(), &sim, "", "  instanceCheckInterval: 1s\n");
     let mut provisioner = Running::start(
         "shoal-provisioner",
         "provisioner-l",
@@ -473,16 +465,10 @@ fn decisions_reach_the_provisioner_and_the_pods_run() {
         &deployment_yaml("batch", 6, "1", "512Mi", None),
     );
     let running = wait_for(Duration::from_secs(45), || {
-        let pods = sim_get(
+        let n = shoal_e2e::running_pods(
             sim.addr(),
             "/api/v1/namespaces/default/pods?labelSelector=app%3Dbatch",
         );
-        let n = pods["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["status"]["phase"] == "Running")
-            .count();
         (n == 6).then_some(())
     });
     assert!(

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shoal_e2e::{Running, deployment_yaml, grpcurl_ok, kubectl, sim_get};
+use shoal_e2e::{Running, deployment_yaml, kubectl, sim_get};
 use shoal_testkit::{EtcdServer, SimServer, wait_for};
 
 const LEASE_TTL: Duration = Duration::from_secs(3);
@@ -18,15 +18,7 @@ fn leads(r: &Running, service: &str) -> bool {
 }
 
 fn claims(provisioner: &Running) -> Vec<Value> {
-    let out = grpcurl_ok(&[
-        "-plaintext",
-        "-d",
-        r#"{"pool":"general"}"#,
-        &provisioner.grpc.to_string(),
-        "shoal.v1.ProvisionerService/ListNodeClaims",
-    ]);
-    let v: Value = serde_json::from_str(&out).expect("claims JSON");
-    v["claims"].as_array().cloned().unwrap_or_default()
+    shoal_e2e::node_claims(provisioner, "general")
 }
 
 #[test]
@@ -51,16 +43,8 @@ fn killing_both_leaders_mid_scale_up_neither_loses_nor_duplicates_nodes() {
         &[],
     );
     metrics.wait_ready();
-    let config = dir.path().join("provisioner.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "service:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  instanceCheckInterval: 2s\n",
-            sim.kubeconfig().display(),
-            sim.url()
-        ),
-    )
-    .expect("config");
+    let config =
+        shoal_e2e::sim_provisioner_config(dir.path(), &sim, "", "  instanceCheckInterval: 2s\n");
     let config = format!("--config={}", config.display());
     let provisioner_args = [config.as_str(), ttl.as_str()];
     let mut prov_a = Running::start(
@@ -139,16 +123,10 @@ fn killing_both_leaders_mid_scale_up_neither_loses_nor_duplicates_nodes() {
     };
 
     let running = wait_for(Duration::from_secs(60), || {
-        let pods = sim_get(
+        let n = shoal_e2e::running_pods(
             sim.addr(),
             "/api/v1/namespaces/default/pods?labelSelector=app%3Dweb",
         );
-        let n = pods["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["status"]["phase"] == "Running")
-            .count();
         (n == 12).then_some(())
     });
     assert!(

@@ -12,15 +12,7 @@ use shoal_testkit::{EtcdServer, PrometheusServer, SimServer, wait_for};
 const POOL: &str = "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: general }\nspec:\n  provider: { backend: sim }\n  template:\n    capacity: { cpu: \"2\", memory: 4Gi }\n  limits: { minNodes: 1, maxNodes: 6 }\n  scaleDown: { unneededFor: 10s, cooldown: 5s, maxConcurrent: 2, drainTimeout: 30s }\n";
 
 fn claims(provisioner: &Running) -> Vec<Value> {
-    let out = grpcurl_ok(&[
-        "-plaintext",
-        "-d",
-        r#"{"pool":"general"}"#,
-        &provisioner.grpc.to_string(),
-        "shoal.v1.ProvisionerService/ListNodeClaims",
-    ]);
-    let v: Value = serde_json::from_str(&out).expect("claims JSON");
-    v["claims"].as_array().cloned().unwrap_or_default()
+    shoal_e2e::node_claims(provisioner, "general")
 }
 
 fn ready_claims(provisioner: &Running) -> usize {
@@ -87,16 +79,12 @@ fn a_deployment_that_does_not_fit_gets_nodes_and_they_go_when_it_shrinks() {
         &[],
     );
     metrics.wait_ready();
-    let config = dir.path().join("provisioner.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "election: {{ leaseTtl: 3s }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  instanceCheckInterval: 2s\n  drainPollInterval: 200ms\n",
-            sim.kubeconfig().display(),
-            sim.url()
-        ),
-    )
-    .expect("config");
+    let config = shoal_e2e::sim_provisioner_config(
+        dir.path(),
+        &sim,
+        "election: { leaseTtl: 3s }\n",
+        "  instanceCheckInterval: 2s\n  drainPollInterval: 200ms\n",
+    );
     let mut provisioner = Running::start(
         "shoal-provisioner",
         "loop-provisioner",

@@ -337,3 +337,48 @@ impl EtcdReader {
         })
     }
 }
+
+/// Writes a provisioner config with the simulator as its cluster and `sim` backend into `dir`
+/// and returns its path. `top` is prepended (e.g. `election: { leaseTtl: 2s }\n`); `service`
+/// holds more `service:` lines, each indented by two spaces.
+pub fn sim_provisioner_config(
+    dir: &std::path::Path,
+    sim: &shoal_testkit::SimServer,
+    top: &str,
+    service: &str,
+) -> std::path::PathBuf {
+    let path = dir.join("provisioner.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "{top}service:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n{service}",
+            sim.kubeconfig().display(),
+            sim.url()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
+/// How many pods `path` (a pod list URL of the simulator) lists as Running.
+pub fn running_pods(sim: SocketAddr, path: &str) -> usize {
+    sim_get(sim, path)["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["status"]["phase"] == "Running")
+        .count()
+}
+
+/// `ProvisionerService/ListNodeClaims` of `pool`, as JSON claims.
+pub fn node_claims(provisioner: &Running, pool: &str) -> Vec<serde_json::Value> {
+    let out = grpcurl_ok(&[
+        "-plaintext",
+        "-d",
+        &serde_json::json!({ "pool": pool }).to_string(),
+        &provisioner.grpc.to_string(),
+        "shoal.v1.ProvisionerService/ListNodeClaims",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("claims JSON");
+    v["claims"].as_array().cloned().unwrap_or_default()
+}

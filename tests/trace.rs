@@ -96,16 +96,7 @@ fn a_scale_up_is_one_trace_from_the_snapshot_to_the_reconciler() {
     let pools = dir.path().join("pools.yaml");
     std::fs::write(&pools, "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: general }\nspec:\n  provider: { backend: sim }\n  template:\n    capacity: { cpu: \"2\", memory: 4Gi }\n  limits: { minNodes: 0, maxNodes: 4 }\n").expect("pools");
     let mut metrics = Running::start("shoal-metrics", "metrics-t", None, &[&kube], &env);
-    let config = dir.path().join("provisioner.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "service:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n",
-            sim.kubeconfig().display(),
-            sim.url()
-        ),
-    )
-    .expect("config");
+    let config = shoal_e2e::sim_provisioner_config(dir.path(), &sim, "", "");
     let mut provisioner = Running::start(
         "shoal-provisioner",
         "provisioner-t",
@@ -146,14 +137,7 @@ fn a_scale_up_is_one_trace_from_the_snapshot_to_the_reconciler() {
         &shoal_e2e::deployment_yaml("web", 4, "500m", "256Mi", None),
     );
     let running = wait_for(Duration::from_secs(40), || {
-        let pods = shoal_e2e::sim_get(sim.addr(), "/api/v1/namespaces/default/pods");
-        let n = pods["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["status"]["phase"] == "Running")
-            .count();
-        (n == 4).then_some(())
+        (shoal_e2e::running_pods(sim.addr(), "/api/v1/namespaces/default/pods") == 4).then_some(())
     });
     assert!(
         running.is_some(),

@@ -100,6 +100,22 @@ fn new_operation(op: &Operation) -> (Vec<Compare>, Vec<TxnOp>) {
     (compares, success)
 }
 
+/// The puts of a claim and of its name reservation (`ids/<backend>/<name>` → claim id).
+fn claim_with_name(backend: &str, claim: &NodeClaim) -> [TxnOp; 2] {
+    [
+        TxnOp::Put {
+            key: keys::reserved_id(backend, &claim.node_name),
+            value: claim.id.as_bytes().to_vec(),
+            lease: None,
+        },
+        TxnOp::Put {
+            key: keys::claim(&claim.id),
+            value: encode(claim),
+            lease: None,
+        },
+    ]
+}
+
 /// Store access for the provisioner.
 #[derive(Clone)]
 pub struct ClaimStore {
@@ -162,19 +178,10 @@ impl ClaimStore {
         for claim in claims {
             let name_key = keys::reserved_id(backend, &claim.node_name);
             compares.push(Compare::CreateRevision {
-                key: name_key.clone(),
+                key: name_key,
                 revision: 0,
             });
-            success.push(TxnOp::Put {
-                key: name_key,
-                value: claim.id.as_bytes().to_vec(),
-                lease: None,
-            });
-            success.push(TxnOp::Put {
-                key: keys::claim(&claim.id),
-                value: encode(claim),
-                lease: None,
-            });
+            success.extend(claim_with_name(backend, claim));
         }
         self.write_new(op, compares, success).await
     }
@@ -194,31 +201,16 @@ impl ClaimStore {
             Some(kv) if kv.value == claim.id.as_bytes() => kv.mod_revision,
             Some(_) => return Ok(Written::Raced),
         };
-        compares.push(if reserved == 0 {
-            Compare::CreateRevision {
-                key: name_key.clone(),
-                revision: 0,
-            }
-        } else {
-            Compare::ModRevision {
-                key: name_key.clone(),
-                revision: reserved,
-            }
+        // Revision 0: still absent.
+        compares.push(Compare::ModRevision {
+            key: name_key,
+            revision: reserved,
         });
         compares.push(Compare::CreateRevision {
             key: keys::claim(&claim.id),
             revision: 0,
         });
-        success.push(TxnOp::Put {
-            key: name_key,
-            value: claim.id.as_bytes().to_vec(),
-            lease: None,
-        });
-        success.push(TxnOp::Put {
-            key: keys::claim(&claim.id),
-            value: encode(claim),
-            lease: None,
-        });
+        success.extend(claim_with_name(backend, claim));
         self.write_new(op, compares, success).await
     }
 
