@@ -10,6 +10,7 @@ use shoal_proto::v1::{
     provisioner_service_client::ProvisionerServiceClient, scale_action::Action,
 };
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
 
 /// Addresses the view reads from.
 pub struct Endpoints {
@@ -76,12 +77,30 @@ fn phase_name(phase: i32) -> &'static str {
     }
 }
 
-async fn status_line(e: &Endpoints) -> Result<String, String> {
-    let url = |a: SocketAddr| format!("http://{a}");
-    let mut provisioner = ProvisionerServiceClient::connect(url(e.provisioner))
-        .await
-        .map_err(|e| e.to_string())?;
-    let claims = provisioner
+/// Clients of the services the status line reads, connected once (lazily, so a service that is
+/// not up yet only fails that round).
+struct Readers {
+    provisioner: ProvisionerServiceClient<Channel>,
+    metrics: MetricsServiceClient<Channel>,
+}
+
+impl Readers {
+    fn new(e: &Endpoints) -> Result<Readers, String> {
+        let channel = |a: SocketAddr| {
+            Endpoint::from_shared(format!("http://{a}"))
+                .map(|e| e.connect_lazy())
+                .map_err(|e| e.to_string())
+        };
+        Ok(Readers {
+            provisioner: ProvisionerServiceClient::new(channel(e.provisioner)?),
+            metrics: MetricsServiceClient::new(channel(e.metrics)?),
+        })
+    }
+}
+
+async fn status_line(readers: &mut Readers) -> Result<String, String> {
+    let claims = readers
+        .provisioner
         .list_node_claims(ListNodeClaimsRequest::default())
         .await
         .map_err(|s| s.message().to_string())?
@@ -94,10 +113,8 @@ async fn status_line(e: &Endpoints) -> Result<String, String> {
             *phases.entry(name).or_default() += 1;
         }
     }
-    let mut metrics = MetricsServiceClient::connect(url(e.metrics))
-        .await
-        .map_err(|e| e.to_string())?;
-    let snapshot = metrics
+    let snapshot = readers
+        .metrics
         .get_snapshot(GetSnapshotRequest::default())
         .await
         .map_err(|s| s.message().to_string())?
@@ -159,13 +176,20 @@ pub async fn run(e: Endpoints, every: Duration, shutdown: CancellationToken) {
             }
         }
     });
+    let mut readers = match Readers::new(&e) {
+        Ok(r) => r,
+        Err(err) => {
+            println!("[{}] (no status view: {err})", clock());
+            return;
+        }
+    };
     let mut last = String::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match status_line(&e).await {
+        match status_line(&mut readers).await {
             // Print when something changed (the clock aside), so the screen reads as a log.
             Ok(line) => {
                 let body = line.split_once(']').map_or("", |(_, b)| b).to_string();
