@@ -197,7 +197,10 @@ impl Chaos {
             // The sim cloud's injected errors apply to us too: a failed listing skips the step.
             let listed = shoal_testkit::http_get(
                 self.sim.addr(),
-                "/cloud/v1/instances?labelSelector=shoal.dev%2Fcluster%3Ddefault",
+                &format!(
+                    "/cloud/v1/instances?labelSelector=shoal.dev%2Fcluster%3D{}",
+                    self.store.cluster_id()
+                ),
             );
             let instances: Vec<Value> = match listed {
                 Ok((200, body)) => serde_json::from_str::<Value>(&body)
@@ -284,11 +287,11 @@ fn start_reconciler(
     )
 }
 
-/// Instances of cluster `default` in the sim cloud.
-fn instances(sim: &SimServer) -> Vec<Value> {
+/// Instances of `cluster` in the sim cloud.
+fn instances(sim: &SimServer, cluster: &str) -> Vec<Value> {
     sim_get(
         sim.addr(),
-        "/cloud/v1/instances?labelSelector=shoal.dev%2Fcluster%3Ddefault",
+        &format!("/cloud/v1/instances?labelSelector=shoal.dev%2Fcluster%3D{cluster}"),
     )["instances"]
         .as_array()
         .cloned()
@@ -365,7 +368,7 @@ fn run(seed: u64, secs: u64) {
     }
 
     // Instances = live claims = our Nodes; no duplicates; nothing orphaned.
-    let instances = instances(&chaos.sim);
+    let instances = instances(&chaos.sim, &chaos.store.cluster_id());
     let claims = chaos.claims();
     let live: Vec<&Value> = claims
         .iter()

@@ -70,11 +70,14 @@ impl Fixture {
         kubectl(&self.sim.kubeconfig(), args, stdin)
     }
 
-    /// Instances in the sim cloud owned by cluster `default`.
+    /// Instances in the sim cloud owned by this cluster.
     fn instances(&self) -> Vec<Value> {
         sim_get(
             self.sim.addr(),
-            "/cloud/v1/instances?labelSelector=shoal.dev%2Fcluster%3Ddefault",
+            &format!(
+                "/cloud/v1/instances?labelSelector=shoal.dev%2Fcluster%3D{}",
+                self.store.cluster_id()
+            ),
         )["instances"]
             .as_array()
             .cloned()

@@ -111,7 +111,8 @@ fn orphan_instances_orphan_nodes_vanished_instances_and_leaked_ids_are_repaired_
 
     // Drift, made for real: a rogue instance with our labels (it registers as a Node too);
     // an instance deleted behind the system's back; a leaked name reservation.
-    let rogue = json!({ "name": "rogue-1", "labels": { "shoal.dev/cluster": "default", "shoal.dev/pool": "general", "shoal.dev/claim": "c-nobody" }, "capacity": { "cpu": "2", "memory": "4Gi" } }).to_string();
+    let cluster = store.cluster_id();
+    let rogue = json!({ "name": "rogue-1", "labels": { "shoal.dev/cluster": cluster, "shoal.dev/pool": "general", "shoal.dev/claim": "c-nobody" }, "capacity": { "cpu": "2", "memory": "4Gi" } }).to_string();
     let (code, _) =
         shoal_testkit::http_request(sim.addr(), "POST", "/cloud/v1/instances", Some(&rogue))
             .expect("rogue");
@@ -136,7 +137,7 @@ fn orphan_instances_orphan_nodes_vanished_instances_and_leaked_ids_are_repaired_
     assert_eq!(code, 204);
     store.put_raw("ids/sim/general-9", b"c-gone");
     // A Node with our labels whose instance and claim are long gone (no kubelet: NotReady).
-    let ghost = json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "ghost-1", "labels": { "shoal.dev/cluster": "default", "shoal.dev/pool": "general", "shoal.dev/claim": "c-ghost" } } }).to_string();
+    let ghost = json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "ghost-1", "labels": { "shoal.dev/cluster": cluster, "shoal.dev/pool": "general", "shoal.dev/claim": "c-ghost" } } }).to_string();
     let (code, answer) =
         shoal_testkit::http_request(sim.addr(), "POST", "/api/v1/nodes", Some(&ghost))
             .expect("ghost node");

@@ -265,6 +265,19 @@ impl EtcdReader {
         Some(record)
     }
 
+    /// The cluster id the services settled on (`shoal.dev/cluster` of everything they create);
+    /// panics when no service has started yet.
+    pub fn cluster_id(&self) -> String {
+        let kv = self
+            .runtime
+            .block_on(self.store.get(shoal_state::keys::CLUSTER))
+            .unwrap_or_else(|e| panic!("read the cluster id: {e}"))
+            .unwrap_or_else(|| panic!("no cluster id in the store: start a service first"));
+        let record: shoal_state::records::ClusterRecord =
+            serde_json::from_slice(&kv.value).unwrap_or_else(|e| panic!("cluster record: {e}"));
+        record.id
+    }
+
     /// Validates and stores a NodePool as `PoolService/ApplyPool` would.
     pub fn put_pool(&self, yaml: &str) {
         use prost::Message;

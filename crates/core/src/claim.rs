@@ -234,6 +234,28 @@ pub struct Operation {
     /// W3C traceparent of the request, so work resumed after a restart joins its trace.
     #[serde(default)]
     pub traceparent: String,
+    /// Creates: the claims to write (id and node name). The operation is written first, in one
+    /// small transaction whatever its size; its claims follow in chunks, written by the request
+    /// and — after a crash half way — by the leader, from this list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub planned: Vec<PlannedClaim>,
+    /// Creates: the backend the claims use.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backend: String,
+    /// Creates: labels every claim carries (ownership and the pool's template labels); each
+    /// claim adds its own `shoal.dev/claim`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One claim a create operation will write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedClaim {
+    /// Claim id.
+    pub id: String,
+    /// Node name.
+    pub node_name: String,
 }
 
 impl Operation {
@@ -258,6 +280,32 @@ impl Operation {
             created_at: ts(self.created_at_ms),
             updated_at: ts(self.updated_at_ms),
             error: self.error.clone(),
+        }
+    }
+
+    /// The Pending claim record of a planned claim of this create operation: the same record
+    /// whoever writes it (the request or, after a crash, the leader), so either may.
+    pub fn planned_claim(&self, planned: &PlannedClaim) -> NodeClaim {
+        let mut labels = self.labels.clone();
+        labels.insert(crate::labels::CLAIM.to_string(), planned.id.clone());
+        NodeClaim {
+            version: RECORD_VERSION,
+            id: planned.id.clone(),
+            pool: self.pool.clone(),
+            phase: ClaimPhase::Pending,
+            backend: self.backend.clone(),
+            instance_id: String::new(),
+            node_name: planned.node_name.clone(),
+            operation_id: self.id.clone(),
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.created_at_ms,
+            failure_reason: String::new(),
+            history: vec![Transition {
+                phase: ClaimPhase::Pending,
+                at_ms: self.created_at_ms,
+                reason: self.reason.clone(),
+            }],
+            labels,
         }
     }
 
@@ -384,6 +432,9 @@ mod tests {
             updated_at_ms: 1000,
             error: String::new(),
             traceparent: String::new(),
+            planned: vec![],
+            backend: String::new(),
+            labels: BTreeMap::new(),
         };
         let mut ready = claim();
         ready.id = "c1".into();

@@ -22,14 +22,28 @@ use crate::{
 
 /// `apiVersion` of NodePool documents.
 pub const API_VERSION: &str = "shoal.dev/v1alpha1";
-/// Backends a pool may name (besides `plugin:<name>`).
-pub const BACKENDS: [&str; 4] = ["sim", "docker", "proxmox", "aws"];
+/// Backends this build has; a pool naming another is refused.
+pub const BACKENDS: [&str; 2] = ["docker", "sim"];
 /// Pod slots of a node whose template does not say.
 pub const DEFAULT_PODS: i64 = 110;
-/// Default `scaleUp.batchSize`.
-pub const DEFAULT_BATCH_SIZE: u32 = 10;
-/// Default `scaleUp.maxConcurrent`.
-pub const DEFAULT_MAX_CONCURRENT: u32 = 10;
+/// Default `scaleUp.batchSize`: the nodes one decision may add to a pool. Large, so a burst is
+/// met in one decision (backend load is bounded by `maxConcurrent`, not by this).
+pub const DEFAULT_BATCH_SIZE: u32 = 500;
+/// Default `scaleUp.maxConcurrent`: backend create calls in flight per pool (booting nodes do
+/// not hold a slot).
+pub const DEFAULT_MAX_CONCURRENT: u32 = 50;
+/// Most nodes a pool may hold (and one call may create): what a pool's records can carry.
+pub const MAX_NODES: u32 = 10_000;
+/// Most backend calls in flight a pool may ask for.
+pub const MAX_CONCURRENT: u32 = 1_000;
+/// Most pod slots a node template may declare.
+pub const MAX_PODS_PER_NODE: i64 = 10_000;
+/// Longest cooldown or stabilization window.
+pub const MAX_COOLDOWN: Duration = Duration::from_secs(24 * 3600);
+/// Longest `scaleDown.unneededFor`.
+pub const MAX_UNNEEDED_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest `scaleDown.drainTimeout`.
+pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 // ---- the YAML form ---------------------------------------------------------------------------
 
@@ -672,6 +686,30 @@ fn std_duration(
     }
 }
 
+/// A duration that must also not exceed `max` (a 10,000-year cooldown is a typo, not a policy).
+fn bounded_duration(
+    d: &Option<prost_types::Duration>,
+    path: &str,
+    max: Duration,
+    errors: &mut ValidationErrors,
+) -> Duration {
+    if let Some(v) = d
+        && v.seconds >= 0
+        && (v.seconds as u64) > max.as_secs()
+    {
+        errors.add(
+            path,
+            format!(
+                "{} is longer than the most allowed, {}",
+                humantime::format_duration(Duration::from_secs(v.seconds as u64)),
+                humantime::format_duration(max)
+            ),
+        );
+        return Duration::ZERO;
+    }
+    std_duration(d, path, errors)
+}
+
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -727,17 +765,13 @@ impl Pool {
         let default_spec = pb::NodePoolSpec::default();
         let spec = pool.spec.as_ref().unwrap_or(&default_spec);
         let provider = spec.provider.clone().unwrap_or_default();
-        let backend_ok = BACKENDS.contains(&provider.backend.as_str())
-            || provider
-                .backend
-                .strip_prefix("plugin:")
-                .is_some_and(is_dns_label);
-        if !backend_ok {
+        if !BACKENDS.contains(&provider.backend.as_str()) {
             errors.add(
                 "spec.provider.backend",
                 format!(
-                    "{:?} is not a known backend (sim, docker, proxmox, aws, plugin:<name>)",
-                    provider.backend
+                    "{:?} is not a backend this build has (it has: {})",
+                    provider.backend,
+                    BACKENDS.join(", ")
                 ),
             );
         }
@@ -765,8 +799,11 @@ impl Pool {
                 );
             }
         }
-        if capacity.pods < 0 {
-            errors.add("spec.template.capacity.pods", "must not be negative");
+        if capacity.pods < 0 || capacity.pods > MAX_PODS_PER_NODE {
+            errors.add(
+                "spec.template.capacity.pods",
+                format!("{} is not between 0 and {MAX_PODS_PER_NODE}", capacity.pods),
+            );
         }
         let overhead: Resources = template
             .overhead
@@ -805,11 +842,17 @@ impl Pool {
         labels.insert(labels::POOL.to_string(), pool.name.clone());
 
         let limits = spec.limits.clone().unwrap_or_default();
-        if limits.max_nodes < 1 {
-            errors.add("spec.limits.maxNodes", "must be set and at least 1");
+        if limits.max_nodes < 1 || limits.max_nodes as i64 > MAX_NODES as i64 {
+            errors.add(
+                "spec.limits.maxNodes",
+                format!("{} is not between 1 and {MAX_NODES}", limits.max_nodes),
+            );
         }
-        if limits.min_nodes < 0 {
-            errors.add("spec.limits.minNodes", "must not be negative");
+        if limits.min_nodes < 0 || limits.min_nodes as i64 > MAX_NODES as i64 {
+            errors.add(
+                "spec.limits.minNodes",
+                format!("{} is not between 0 and {MAX_NODES}", limits.min_nodes),
+            );
         }
         if limits.min_nodes > limits.max_nodes && limits.max_nodes >= 1 {
             errors.add(
@@ -852,6 +895,15 @@ impl Pool {
                 ),
             );
         }
+        if spec.permanent_nodes.len() > MAX_NODES as usize {
+            errors.add(
+                "spec.permanentNodes",
+                format!(
+                    "lists {} nodes; at most {MAX_NODES}",
+                    spec.permanent_nodes.len()
+                ),
+            );
+        }
         let mut permanent_nodes = BTreeSet::new();
         for (i, name) in spec.permanent_nodes.iter().enumerate() {
             if name.is_empty() || name.len() > 253 {
@@ -867,13 +919,16 @@ impl Pool {
 
         let up = spec.scale_up.unwrap_or_default();
         let or = |v: i32, default: u32| if v == 0 { default } else { v.max(0) as u32 };
-        for (field, value) in [
-            ("batchSize", up.batch_size),
-            ("maxConcurrent", up.max_concurrent),
-            ("pendingPods", up.pending_pods),
+        for (field, value, max) in [
+            ("batchSize", up.batch_size, MAX_NODES),
+            ("maxConcurrent", up.max_concurrent, MAX_CONCURRENT),
+            ("pendingPods", up.pending_pods, 1_000_000),
         ] {
-            if value < 0 {
-                errors.add(format!("spec.scaleUp.{field}"), "must not be negative");
+            if value < 0 || value as i64 > max as i64 {
+                errors.add(
+                    format!("spec.scaleUp.{field}"),
+                    format!("{value} is not between 0 (default) and {max}"),
+                );
             }
         }
         percent(up.cpu_above, "spec.scaleUp.cpuAbove", &mut errors);
@@ -881,10 +936,16 @@ impl Pool {
         let scale_up = ScaleUpPolicy {
             batch_size: or(up.batch_size, DEFAULT_BATCH_SIZE),
             max_concurrent: or(up.max_concurrent, DEFAULT_MAX_CONCURRENT),
-            cooldown: std_duration(&up.cooldown, "spec.scaleUp.cooldown", &mut errors),
-            stabilization_window: std_duration(
+            cooldown: bounded_duration(
+                &up.cooldown,
+                "spec.scaleUp.cooldown",
+                MAX_COOLDOWN,
+                &mut errors,
+            ),
+            stabilization_window: bounded_duration(
                 &up.stabilization_window,
                 "spec.scaleUp.stabilizationWindow",
+                MAX_COOLDOWN,
                 &mut errors,
             ),
             pending_pods: or(up.pending_pods, 1),
@@ -904,8 +965,14 @@ impl Pool {
         }
         percent(down.cpu_below, "spec.scaleDown.cpuBelow", &mut errors);
         percent(down.memory_below, "spec.scaleDown.memoryBelow", &mut errors);
-        if down.max_concurrent < 0 {
-            errors.add("spec.scaleDown.maxConcurrent", "must not be negative");
+        if down.max_concurrent < 0 || down.max_concurrent as i64 > MAX_CONCURRENT as i64 {
+            errors.add(
+                "spec.scaleDown.maxConcurrent",
+                format!(
+                    "{} is not between 0 (default) and {MAX_CONCURRENT}",
+                    down.max_concurrent
+                ),
+            );
         }
         let order = match pb::ScaleDownOrder::try_from(down.order) {
             Ok(pb::ScaleDownOrder::LeastUtilized) => ScaleDownOrder::LeastUtilized,
@@ -920,16 +987,23 @@ impl Pool {
             utilization_below: down.utilization_below,
             cpu_below: down.cpu_below,
             memory_below: down.memory_below,
-            unneeded_for: std_duration(
+            unneeded_for: bounded_duration(
                 &down.unneeded_for,
                 "spec.scaleDown.unneededFor",
+                MAX_UNNEEDED_FOR,
                 &mut errors,
             ),
-            cooldown: std_duration(&down.cooldown, "spec.scaleDown.cooldown", &mut errors),
+            cooldown: bounded_duration(
+                &down.cooldown,
+                "spec.scaleDown.cooldown",
+                MAX_COOLDOWN,
+                &mut errors,
+            ),
             max_concurrent: or(down.max_concurrent, 1),
-            drain_timeout: std_duration(
+            drain_timeout: bounded_duration(
                 &down.drain_timeout,
                 "spec.scaleDown.drainTimeout",
+                MAX_DRAIN_TIMEOUT,
                 &mut errors,
             ),
             order,
@@ -951,8 +1025,11 @@ impl Pool {
             }
             let bound = |v: Option<i32>, field: &str, errors: &mut ValidationErrors| {
                 v.and_then(|n| {
-                    if n < 0 {
-                        errors.add(format!("{path}.{field}"), "must not be negative");
+                    if n < 0 || n as i64 > MAX_NODES as i64 {
+                        errors.add(
+                            format!("{path}.{field}"),
+                            format!("{n} is not between 0 and {MAX_NODES}"),
+                        );
                         None
                     } else {
                         Some(n as u32)
@@ -1234,10 +1311,66 @@ spec:
         let text = errors.to_string();
         assert!(text.contains("5 is above maxNodes (3)"), "{text}");
         assert!(
-            text.contains("\"openstack\" is not a known backend"),
+            text.contains("\"openstack\" is not a backend this build has (it has: docker, sim)"),
             "{text}"
         );
         assert!(text.contains("overlaps spec.schedule[2]"), "{text}");
+    }
+
+    #[test]
+    fn counts_and_durations_are_bounded_and_unbuilt_backends_refused() {
+        let pool = |limits: &str, extra: &str, backend: &str| {
+            format!(
+                "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: big }}\nspec:\n  provider: {{ backend: {backend} }}\n  template: {{ capacity: {{ cpu: \"4\", memory: 8Gi }} }}\n  limits: {{ {limits} }}\n{extra}"
+            )
+        };
+        let paths = |yaml: &str| -> Vec<(String, String)> {
+            match Pool::from_yaml(yaml) {
+                Ok(_) => vec![],
+                Err(e) => e
+                    .errors
+                    .iter()
+                    .map(|e| (e.path.clone(), e.reason.clone()))
+                    .collect(),
+            }
+        };
+        let found = paths(&pool(
+            "maxNodes: 100000000, minNodes: 200000",
+            "  scaleUp: { cooldown: 87600000h, maxConcurrent: 5000, batchSize: 20000 }\n  scaleDown: { unneededFor: 720h, drainTimeout: 48h, cooldown: 25h }\n",
+            "proxmox",
+        ));
+        let at = |path: &str| {
+            found
+                .iter()
+                .find(|(p, _)| p == path)
+                .map(|(_, r)| r.clone())
+                .unwrap_or_else(|| panic!("{path} not reported: {found:?}"))
+        };
+        assert_eq!(
+            at("spec.limits.maxNodes"),
+            "100000000 is not between 1 and 10000"
+        );
+        assert!(at("spec.limits.minNodes").contains("200000"));
+        assert!(
+            at("spec.scaleUp.cooldown").contains("longer than the most allowed, 1day"),
+            "{found:?}"
+        );
+        assert!(at("spec.scaleUp.maxConcurrent").contains("5000"));
+        assert!(at("spec.scaleUp.batchSize").contains("20000"));
+        assert!(
+            at("spec.scaleDown.unneededFor").contains("7days"),
+            "{found:?}"
+        );
+        assert!(at("spec.scaleDown.drainTimeout").contains("1day"));
+        assert!(at("spec.scaleDown.cooldown").contains("1day"));
+        assert_eq!(
+            at("spec.provider.backend"),
+            "\"proxmox\" is not a backend this build has (it has: docker, sim)"
+        );
+        assert!(
+            paths(&pool("maxNodes: 10000, minNodes: 0", "", "sim")).is_empty(),
+            "the largest allowed pool is fine"
+        );
     }
 
     #[test]

@@ -2,12 +2,12 @@
 //! or, when none is given, what `kubectl` would use (`$KUBECONFIG`, in-cluster service account,
 //! `~/.kube/config`).
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 /// How to reach the Kubernetes API.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KubeSettings {
     /// Kubeconfig file. Empty: `$KUBECONFIG`, then the in-cluster service account, then
@@ -17,6 +17,24 @@ pub struct KubeSettings {
     /// Context in the kubeconfig. Empty: its current context.
     #[serde(default)]
     pub context: String,
+    /// Deadline of each API call (watches excepted: they are long-lived and have their own
+    /// idle timeout). An API server that accepts and never answers fails calls after this.
+    #[serde(with = "humantime_serde", default = "default_request_timeout")]
+    pub request_timeout: Duration,
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for KubeSettings {
+    fn default() -> Self {
+        KubeSettings {
+            kubeconfig: String::new(),
+            context: String::new(),
+            request_timeout: default_request_timeout(),
+        }
+    }
 }
 
 impl KubeSettings {
@@ -26,6 +44,14 @@ impl KubeSettings {
             errors.add(
                 format!("{path}.kubeconfig"),
                 format!("{:?} is not a readable file", self.kubeconfig),
+            );
+        }
+        if self.request_timeout < Duration::from_millis(100)
+            || self.request_timeout > Duration::from_secs(600)
+        {
+            errors.add(
+                format!("{path}.requestTimeout"),
+                "must be between 100ms and 10m",
             );
         }
         if !self.context.is_empty() && self.kubeconfig.is_empty() {
@@ -74,10 +100,12 @@ impl KubeError {
     }
 }
 
-/// Builds a client; it connects on first use. Calls answered 429/503/504 are retried by
-/// kube's default policy.
+/// Builds a client for calls; it connects on first use. Every response must start within
+/// `requestTimeout`; calls answered 429/503/504 are retried by kube's default policy. Not for
+/// watches ([`connect_for_watch`]).
 pub async fn connect(settings: &KubeSettings) -> Result<kube::Client, KubeError> {
-    let config = config(settings).await?;
+    let mut config = config(settings).await?;
+    with_deadline(&mut config, settings);
     kube::Client::try_from(config).map_err(KubeError::Client)
 }
 
@@ -86,8 +114,23 @@ pub async fn connect(settings: &KubeSettings) -> Result<kube::Client, KubeError>
 /// retries on its own schedule until its timeout.
 pub async fn connect_direct(settings: &KubeSettings) -> Result<kube::Client, KubeError> {
     let mut config = config(settings).await?;
+    with_deadline(&mut config, settings);
     config.default_retry = false;
     kube::Client::try_from(config).map_err(KubeError::Client)
+}
+
+/// A client for watches: no read deadline (a quiet watch is not a hung one; kube-runtime's
+/// watcher has its own idle timeout and re-lists).
+pub async fn connect_for_watch(settings: &KubeSettings) -> Result<kube::Client, KubeError> {
+    let config = config(settings).await?;
+    kube::Client::try_from(config).map_err(KubeError::Client)
+}
+
+fn with_deadline(config: &mut kube::Config, settings: &KubeSettings) {
+    config.read_timeout = Some(settings.request_timeout);
+    config.write_timeout = Some(settings.request_timeout);
+    // Count from when a request is sent, not from when its pooled connection went idle.
+    config.reset_reader_on_write = true;
 }
 
 async fn config(settings: &KubeSettings) -> Result<kube::Config, KubeError> {

@@ -9,5 +9,5 @@ pub mod convert;
 pub mod drain;
 pub mod watch;
 
-pub use client::{KubeError, KubeSettings, connect, connect_direct};
+pub use client::{KubeError, KubeSettings, connect, connect_direct, connect_for_watch};
 pub use drain::{Eviction, NodeOps};

@@ -44,6 +44,12 @@ pub trait ServiceSettings:
 pub struct GrpcConfig {
     /// Listen address (default `127.0.0.1:<service port>`; use `0.0.0.0:<port>` in a pod).
     pub addr: SocketAddr,
+    /// The address other replicas reach this one at, `http://host:port`, published in the
+    /// leader record so standbys can forward leader-only calls (in a pod:
+    /// `http://$(POD_IP):<port>`). Empty: the listen address, or the host name when listening on
+    /// all interfaces.
+    #[serde(default)]
+    pub advertise_addr: String,
 }
 
 /// Where `/metrics`, `/healthz` and `/readyz` are served.
@@ -133,7 +139,9 @@ pub struct ShutdownConfig {
 pub struct Config<S> {
     /// This replica's identity in elections and logs (default `<hostname>-<pid>`).
     pub instance_id: String,
-    /// Cluster name, written on every instance as `shoal.dev/cluster`.
+    /// Cluster id, written on every instance and Node as `shoal.dev/cluster`; Shoal touches
+    /// only instances and Nodes that carry it. Empty (default): the id kept in the store,
+    /// generated once by the first service to start. A configured id must match the store's.
     pub cluster: String,
     /// gRPC listener.
     pub grpc: GrpcConfig,
@@ -158,9 +166,10 @@ impl<S: ServiceSettings> Default for Config<S> {
             .unwrap_or_else(|_| "shoal".into());
         Config {
             instance_id: format!("{host}-{}", std::process::id()),
-            cluster: "default".into(),
+            cluster: String::new(),
             grpc: GrpcConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], S::GRPC_PORT)),
+                advertise_addr: String::new(),
             },
             admin: AdminConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], S::ADMIN_PORT)),
@@ -194,13 +203,20 @@ impl<S: ServiceSettings> Config<S> {
         if self.instance_id.is_empty() || self.instance_id.contains('/') {
             errors.add("instanceId", "must be non-empty and must not contain '/'");
         }
-        if !is_dns_label(&self.cluster) {
+        if !self.cluster.is_empty() && !is_dns_label(&self.cluster) {
             errors.add(
                 "cluster",
                 format!(
                     "{:?} is not a DNS label (lowercase letters, digits, '-', at most 63)",
                     self.cluster
                 ),
+            );
+        }
+        if !self.grpc.advertise_addr.is_empty() {
+            crate::upstream::validate_address(
+                "grpc.advertiseAddr",
+                &self.grpc.advertise_addr,
+                errors,
             );
         }
         if self.grpc.addr == self.admin.addr && self.grpc.addr.port() != 0 {

@@ -20,9 +20,11 @@ use tonic_health::{
 use crate::{
     admin::{Readiness, serve_admin},
     config::{Config, ServiceSettings, StoreBackend},
-    layers::{GrpcMetricsLayer, ServerTraceLayer},
+    layers::{GrpcMetricsLayer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, ServerTraceLayer},
     leader::{LeaderWatch, run_leader_loop},
     metrics::{MetricsError, RuntimeMetrics},
+    routing::{LeaderRouteLayer, LeaderRouter},
+    supervise::Supervisor,
 };
 
 /// Why a service could not start or serve.
@@ -59,6 +61,9 @@ pub enum HostError {
     /// The gRPC server task ended unexpectedly.
     #[error("gRPC server stopped unexpectedly: {0}")]
     Stopped(String),
+    /// The configured cluster id is not the store's.
+    #[error(transparent)]
+    Cluster(#[from] shoal_state::records::ClusterIdError),
 }
 
 /// A service process's shared machinery.
@@ -77,6 +82,10 @@ pub struct Host<S: ServiceSettings> {
     store: Option<SharedStore>,
     leader: Option<(LeaderWatch, JoinHandle<()>)>,
     election: Option<Election>,
+    cluster: String,
+    advertise: String,
+    supervisor: Supervisor,
+    leader_only: Vec<&'static str>,
 }
 
 async fn bind(
@@ -127,7 +136,15 @@ impl<S: ServiceSettings> Host<S> {
         });
         tracing::info!(service = S::SERVICE, grpc = %grpc_addr, admin = %admin_addr, instance = %config.instance_id, "listening");
 
+        let advertise = advertise_address(&config.grpc.advertise_addr, grpc_addr);
+        let supervisor = Supervisor::new(
+            S::SERVICE,
+            readiness.clone(),
+            metrics.loop_restarts.clone(),
+            shutdown.clone(),
+        );
         let mut host = Host {
+            cluster: config.cluster.clone(),
             config,
             metrics,
             readiness,
@@ -140,12 +157,22 @@ impl<S: ServiceSettings> Host<S> {
             store: None,
             leader: None,
             election: None,
+            advertise,
+            supervisor,
+            leader_only: Vec::new(),
         };
         if S::USES_STORE {
             let Some(store) = host.connect_store(shutdown).await else {
                 host.stop_admin().await;
                 return Ok(None);
             };
+            match shoal_state::records::cluster_id(&store, &host.config.cluster).await {
+                Ok(id) => host.cluster = id,
+                Err(err) => {
+                    host.stop_admin().await;
+                    return Err(err.into());
+                }
+            }
             host.store = Some(store);
         }
         if S::CAMPAIGNS
@@ -159,7 +186,8 @@ impl<S: ServiceSettings> Host<S> {
                     lease_ttl: host.config.election.lease_ttl,
                     ..ElectionConfig::default()
                 },
-            );
+            )
+            .with_address(host.advertise.clone());
             let (publish, watch) = watch::channel(None);
             host.election = Some(election.clone());
             let task = tokio::spawn(run_leader_loop(
@@ -167,6 +195,7 @@ impl<S: ServiceSettings> Host<S> {
                 host.config.election.record_interval,
                 host.metrics.clone(),
                 publish,
+                fit_to_lead(host.readiness.clone(), shutdown.clone()),
                 shutdown.clone(),
             ));
             host.leader = Some((watch, task));
@@ -208,6 +237,28 @@ impl<S: ServiceSettings> Host<S> {
     /// The state store (services with `USES_STORE`).
     pub fn store(&self) -> Option<SharedStore> {
         self.store.clone()
+    }
+
+    /// The cluster id every instance and Node is labelled with (`shoal.dev/cluster`): the
+    /// store's, settled at start (the configured one for services without a store).
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster
+    }
+
+    /// The address this replica advertises to the others (`http://host:port`).
+    pub fn advertise_address(&self) -> &str {
+        &self.advertise
+    }
+
+    /// The supervisor of this service's background loops.
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// Marks `methods` (full paths) leader-only: a call reaching a standby is forwarded to the
+    /// leader (see [`crate::routing`]).
+    pub fn leader_only(&mut self, methods: &[&'static str]) {
+        self.leader_only.extend_from_slice(methods);
     }
 
     /// This replica's leadership (campaigning services).
@@ -272,12 +323,25 @@ impl<S: ServiceSettings> Host<S> {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|e| HostError::Reflection(e.to_string()))?;
+        let router = match (&self.leader, &self.election) {
+            (Some((watch, _)), Some(election)) if !self.leader_only.is_empty() => {
+                Some(LeaderRouter::new(
+                    &self.leader_only,
+                    watch.clone(),
+                    election.clone(),
+                    &self.config.instance_id,
+                    &self.advertise,
+                ))
+            }
+            _ => None,
+        };
         let layers = tower::ServiceBuilder::new()
             .layer(ServerTraceLayer)
             .layer(GrpcMetricsLayer::new(
                 self.metrics.grpc_handled.clone(),
                 self.metrics.grpc_seconds.clone(),
             ))
+            .layer(LeaderRouteLayer::new(router))
             .into_inner();
         let stop_server = CancellationToken::new();
         let listener = self
@@ -285,6 +349,9 @@ impl<S: ServiceSettings> Host<S> {
             .take()
             .ok_or_else(|| HostError::Stopped("serve called twice".to_string()))?;
         let server = tonic::transport::Server::builder()
+            // Pings find clients that vanished without closing (a half-open watch stream).
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .layer(layers)
             .add_routes(routes)
             .add_service(HealthServer::new(HealthService::from_health_reporter(
@@ -298,14 +365,18 @@ impl<S: ServiceSettings> Host<S> {
             );
         let mut server = tokio::spawn(server);
 
-        for name in service_names.iter().copied().chain([""]) {
-            self.health
-                .set_service_status(name, ServingStatus::Serving)
-                .await;
-        }
         self.readiness.set_ready();
-        self.metrics.ready.set(1);
-        tracing::info!(service = S::SERVICE, services = ?service_names, "serving");
+        // gRPC health and `shoal_ready` follow readiness: a supervised loop that is down makes
+        // the service NOT_SERVING until it runs again.
+        let stop_health = CancellationToken::new();
+        tokio::spawn(follow_readiness(
+            self.readiness.clone(),
+            self.health.clone(),
+            service_names.iter().map(|s| s.to_string()).collect(),
+            self.metrics.ready.clone(),
+            stop_health.clone(),
+        ));
+        tracing::info!(service = S::SERVICE, services = ?service_names, advertise = %self.advertise, "serving");
 
         let early = tokio::select! {
             _ = shutdown.cancelled() => None,
@@ -313,6 +384,7 @@ impl<S: ServiceSettings> Host<S> {
         };
 
         // Drain.
+        stop_health.cancel();
         for name in service_names.iter().copied().chain([""]) {
             self.health
                 .set_service_status(name, ServingStatus::NotServing)
@@ -351,6 +423,71 @@ impl<S: ServiceSettings> Host<S> {
     }
 }
 
+/// gRPC health (overall and per service) and the `shoal_ready` gauge, kept equal to readiness.
+async fn follow_readiness(
+    readiness: Readiness,
+    health: HealthReporter,
+    names: Vec<String>,
+    ready: prometheus::IntGauge,
+    stop: CancellationToken,
+) {
+    let mut changes = readiness.changes();
+    let mut last = None;
+    loop {
+        let serving = readiness.get().is_ok();
+        if last != Some(serving) {
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for name in names.iter().map(String::as_str).chain([""]) {
+                health.set_service_status(name, status).await;
+            }
+            ready.set(i64::from(serving));
+            last = Some(serving);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            c = changes.changed() => if c.is_err() { return },
+        }
+    }
+}
+
+/// True while every supervised loop runs: the replica may campaign and lead.
+fn fit_to_lead(readiness: Readiness, shutdown: CancellationToken) -> watch::Receiver<bool> {
+    let (fit, receiver) = watch::channel(readiness.loops_up());
+    tokio::spawn(async move {
+        let mut changes = readiness.changes();
+        loop {
+            fit.send_if_modified(|f| {
+                let now = readiness.loops_up();
+                std::mem::replace(f, now) != now
+            });
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = changes.changed() => if c.is_err() { return },
+            }
+        }
+    });
+    receiver
+}
+
+/// `grpc.advertiseAddr`, or the bound address (the host name when bound to every interface).
+fn advertise_address(configured: &str, bound: SocketAddr) -> String {
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    if bound.ip().is_unspecified() {
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("http://{host}:{}", bound.port())
+    } else {
+        format!("http://{bound}")
+    }
+}
+
 /// The in-memory store of this process. Every service in one process (as in `shoal demo`)
 /// shares it, as separate processes share etcd.
 fn process_memory_store() -> SharedStore {
@@ -358,11 +495,15 @@ fn process_memory_store() -> SharedStore {
     Arc::new(STORE.get_or_init(MemoryStore::new).clone())
 }
 
-/// Maps a store error to the gRPC status a caller should see.
+/// Maps a store error to the gRPC status a caller should see — the one mapping every service
+/// uses. A fenced write means this replica lost leadership mid-call: UNAVAILABLE, retry (the
+/// new leader will take it).
 pub fn status_from_store(err: &StoreError) -> tonic::Status {
     match err {
         StoreError::Unavailable(_) => tonic::Status::unavailable(err.to_string()),
-        StoreError::Fenced { .. } => tonic::Status::failed_precondition(err.to_string()),
+        StoreError::Fenced { .. } => tonic::Status::unavailable(format!(
+            "{err}; leadership changed during the call: retry (the new leader takes it)"
+        )),
         StoreError::Compacted { .. } => tonic::Status::out_of_range(err.to_string()),
         StoreError::LeaseNotFound(_) | StoreError::Rejected(_) => {
             tonic::Status::failed_precondition(err.to_string())

@@ -252,11 +252,27 @@ pub type TracedChannel = ClientTrace<tonic::transport::Channel>;
 /// Builds a [`TracedChannel`] to `endpoint` (`http://host:port`). Connection happens on first use
 /// and is retried by the channel, so a peer that starts later is fine.
 pub fn traced_channel(endpoint: &str) -> Result<TracedChannel, tonic::transport::Error> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .timeout(std::time::Duration::from_secs(30))
-        .connect_lazy();
-    Ok(ClientTraceLayer.layer(channel))
+    Ok(ClientTraceLayer.layer(self::endpoint(endpoint)?.connect_lazy()))
+}
+
+/// HTTP/2 keepalive ping interval on every channel between services.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// A connection whose ping is not answered within this is closed (so a half-open stream, such
+/// as a silently dropped `WatchSnapshots`, fails within interval + timeout).
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The endpoint settings of every channel between services: connect and request deadlines
+/// (streams: until the response headers) and HTTP/2 keepalive, also while idle.
+pub fn endpoint(address: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(address.to_string())?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .timeout(std::time::Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true),
+    )
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Service scaffolding shared by every Shoal service: configuration (file → `SHOAL_*` env →
 //! flags, validated with field paths), telemetry (logs, OTLP traces), a gRPC server with health,
-//! reflection and tower layers for trace propagation and metrics, the admin HTTP port, the leader
-//! loop, and graceful shutdown.
+//! reflection and tower layers for trace propagation, metrics and leader routing, the admin HTTP
+//! port, the leader loop and the "while leading" helper, supervised background loops, and
+//! graceful shutdown.
 //!
 //! A service crate builds its API on top of a [`Host`] and stays free of all of this.
 
@@ -12,6 +13,8 @@ pub mod host;
 pub mod layers;
 pub mod leader;
 pub mod metrics;
+pub mod routing;
+pub mod supervise;
 pub mod telemetry;
 pub mod upstream;
 
@@ -19,6 +22,7 @@ pub use cli::{ServiceArgs, run_service};
 pub use config::{Config, ServiceSettings};
 pub use host::{Host, HostError, status_from_store};
 pub use layers::{TracedChannel, traced_channel};
-pub use leader::{LeaderWatch, describe_leadership};
+pub use leader::{LeaderWatch, current_leadership, describe_leadership, while_leading};
 pub use shoal_core::ValidationErrors;
+pub use supervise::Supervisor;
 pub use upstream::{Upstream, invalid_argument, not_yet_implemented, validate_address};

@@ -22,6 +22,8 @@ pub struct RuntimeMetrics {
     pub grpc_handled: IntCounterVec,
     /// `shoal_grpc_server_handling_seconds{service,method}`.
     pub grpc_seconds: HistogramVec,
+    /// `shoal_loop_restarts_total{service,loop}`: supervised loops restarted after they failed.
+    pub loop_restarts: IntCounterVec,
 }
 
 /// A metric could not be registered (a duplicate name is a programming error).
@@ -95,7 +97,16 @@ impl RuntimeMetrics {
             &["service", "method"],
         )?;
         registry.register(Box::new(grpc_seconds.clone()))?;
+        let loop_restarts = IntCounterVec::new(
+            Opts::new(
+                "shoal_loop_restarts_total",
+                "Supervised background loops restarted after they panicked, failed or returned",
+            ),
+            &["service", "loop"],
+        )?;
+        registry.register(Box::new(loop_restarts.clone()))?;
         Ok(RuntimeMetrics {
+            loop_restarts,
             registry,
             ready,
             leader,

@@ -50,6 +50,10 @@ pub struct LeaderRecord {
     /// The term: create revision of the election key (0 inside the stored value).
     #[serde(default)]
     pub term: Revision,
+    /// The leader's advertised gRPC address (`http://host:port`), where standbys forward
+    /// leader-only calls. Empty from replicas that advertise none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub address: String,
 }
 
 /// One service's election, campaigned for by one replica.
@@ -58,6 +62,7 @@ pub struct Election {
     store: SharedStore,
     service: String,
     candidate: String,
+    address: String,
     config: ElectionConfig,
 }
 
@@ -105,8 +110,15 @@ impl Election {
             store,
             service: service.into(),
             candidate: candidate.into(),
+            address: String::new(),
             config,
         }
+    }
+
+    /// Advertises `address` (`http://host:port`) in the leader record while this replica leads.
+    pub fn with_address(mut self, address: impl Into<String>) -> Self {
+        self.address = address.into();
+        self
     }
 
     /// The service this election is for.
@@ -166,6 +178,7 @@ impl Election {
             holder: self.candidate.clone(),
             since_unix_ms: unix_ms(),
             term: 0,
+            address: self.address.clone(),
         };
         let value = serde_json::to_vec(&record).map_err(|source| StoreError::Decode {
             key: key.clone(),

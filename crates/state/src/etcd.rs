@@ -25,6 +25,22 @@ pub struct EtcdConfig {
     pub request_timeout: Duration,
 }
 
+/// Keys per page of a prefix read.
+pub const RANGE_PAGE: i64 = 500;
+
+/// The end of the key range holding every key that starts with `prefix` (etcd's convention:
+/// the prefix with its last byte below 0xff incremented, `\0` for "to the end").
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// A namespaced etcd client; clones share the connection.
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -100,6 +116,48 @@ impl EtcdStore {
         }
     }
 
+    /// Reads a prefix in pages of [`RANGE_PAGE`] keys, every page at the revision of the first,
+    /// so a large prefix never exceeds a message size limit and still reads as one snapshot.
+    async fn range_pages(&self, prefix: &str) -> Result<Range, StoreError> {
+        self.pages(prefix, false).await
+    }
+
+    async fn pages(&self, prefix: &str, keys_only: bool) -> Result<Range, StoreError> {
+        let full = self.full(prefix).into_bytes();
+        let end = prefix_end(&full);
+        let mut start = full;
+        let mut revision = 0;
+        let mut kvs = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(RANGE_PAGE);
+            if keys_only {
+                options = options.with_keys_only();
+            }
+            if revision != 0 {
+                options = options.with_revision(revision);
+            }
+            let mut client = self.client.clone();
+            let resp = self
+                .deadline("range", client.get(start.clone(), Some(options)))
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            kvs.extend(resp.kvs().iter().map(|kv| self.kv(kv)));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    // The smallest key after the last one read.
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(Range { kvs, revision })
+    }
+
     fn txn_op(&self, op: &TxnOp) -> EtcdTxnOp {
         match op {
             TxnOp::Put { key, value, lease } => EtcdTxnOp::put(
@@ -159,18 +217,24 @@ impl StateStore for EtcdStore {
     }
 
     async fn range(&self, prefix: &str) -> Result<Range, StoreError> {
-        let mut client = self.client.clone();
-        let resp = self
-            .deadline(
-                "range",
-                client.get(self.full(prefix), Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        Ok(Range {
-            kvs: resp.kvs().iter().map(|kv| self.kv(kv)).collect(),
-            revision,
-        })
+        // A compaction between two pages invalidates the pinned revision: read again.
+        let mut attempts = 0;
+        loop {
+            match self.range_pages(prefix).await {
+                Err(StoreError::Compacted { .. }) if attempts < 3 => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut attempts = 0;
+        loop {
+            match self.pages(prefix, true).await {
+                Err(StoreError::Compacted { .. }) if attempts < 3 => attempts += 1,
+                other => return Ok(other?.kvs.into_iter().map(|kv| kv.key).collect()),
+            }
+        }
     }
 
     async fn put(
@@ -197,6 +261,7 @@ impl StateStore for EtcdStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        txn.check_size()?;
         let compares: Vec<EtcdCompare> = txn
             .compares
             .iter()

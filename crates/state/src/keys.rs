@@ -77,3 +77,33 @@ pub const DRIFTS: &str = "drifts/";
 pub fn drift(unix_ms: u64, id: &str) -> String {
     format!("drifts/{unix_ms:013}-{id}")
 }
+
+/// `ledgers/<pool>`: the pool ledger every create in the pool bumps (see `records::PoolLedger`).
+pub fn ledger(pool: &str) -> String {
+    format!("ledgers/{pool}")
+}
+
+/// `cluster`: this store's cluster identity.
+pub const CLUSTER: &str = "cluster";
+
+/// `idempotency/`: every idempotency key.
+pub const IDEMPOTENCY: &str = "idempotency/";
+
+/// The time (Unix ms) in a time-ordered history key (`decisions/…`, `drifts/…`, `audit/…`).
+pub fn history_time(key: &str) -> Option<u64> {
+    let (_, rest) = key.split_once('/')?;
+    rest.get(..13)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn history_keys_carry_their_time() {
+        assert_eq!(
+            super::history_time(&super::decision(1_700_000_000_123, "d1")),
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(super::history_time(&super::drift(42, "x")), Some(42));
+        assert_eq!(super::history_time("claims/c-1"), None);
+    }
+}

@@ -2,13 +2,16 @@
 //! and an in-memory one of the same semantics ([`MemoryStore`]), plus per-service leader
 //! election whose every write is fenced ([`election`]).
 //!
-//! Keys are relative to the store's namespace (default `/shoal/v1/`); see [`keys`].
+//! Keys are relative to the store's namespace (default `/shoal/v1/`); see [`keys`]. The
+//! records under them (claims, operations, reservations, ledgers, retention) are read and
+//! written through [`records`].
 
 pub mod cache;
 pub mod election;
 mod etcd;
 pub mod keys;
 mod memory;
+pub mod records;
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -101,6 +104,35 @@ pub struct Txn {
     pub failure: Vec<TxnOp>,
 }
 
+/// Most compares, and most writes per branch, one transaction may hold: etcd's default
+/// `--max-txn-ops`. Both stores refuse bigger transactions, so code that writes more splits
+/// its writes ([`chunks`]).
+pub const MAX_TXN_OPS: usize = 128;
+
+impl Txn {
+    /// Refuses a transaction etcd (with default limits) would refuse.
+    pub fn check_size(&self) -> Result<(), StoreError> {
+        let largest = self
+            .compares
+            .len()
+            .max(self.success.len())
+            .max(self.failure.len());
+        if largest > MAX_TXN_OPS {
+            return Err(StoreError::Rejected(format!(
+                "too many operations in txn request ({largest} > {MAX_TXN_OPS})"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Splits `items` into groups whose writes fit one transaction, when each item takes
+/// `ops_per_item` operations and the transaction has `reserved` of its own.
+pub fn chunks<T>(items: &[T], ops_per_item: usize, reserved: usize) -> std::slice::Chunks<'_, T> {
+    let per_txn = (MAX_TXN_OPS.saturating_sub(reserved) / ops_per_item.max(1)).max(1);
+    items.chunks(per_txn)
+}
+
 /// Outcome of a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TxnOutcome {
@@ -184,6 +216,17 @@ pub trait StateStore: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
     /// Reads every key starting with `prefix`, sorted by key.
     async fn range(&self, prefix: &str) -> Result<Range, StoreError>;
+    /// The keys (no values) starting with `prefix`, sorted: for trimming histories whose
+    /// values are large.
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .range(prefix)
+            .await?
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect())
+    }
     /// Writes a key; returns the new store revision.
     async fn put(
         &self,

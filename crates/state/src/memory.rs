@@ -270,6 +270,7 @@ impl StateStore for MemoryStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        txn.check_size()?;
         let mut inner = self.lock();
         let succeeded = txn.compares.iter().all(|c| inner.check(c));
         let ops = if succeeded {

@@ -61,6 +61,8 @@ conformance!(
     unknown_lease_is_rejected,
     deposed_leader_cannot_write,
     resigning_hands_over_at_once,
+    range_reads_past_one_page_as_one_snapshot,
+    txn_over_the_etcd_op_limit_is_refused,
 );
 
 async fn next_event(stream: &mut WatchStream) -> WatchEvent {
@@ -421,4 +423,66 @@ async fn memory_watch_from_compacted_revision_fails_clearly() {
         matches!(err, StoreError::Compacted { requested: 2, .. }),
         "got {err:?}"
     );
+}
+
+async fn range_reads_past_one_page_as_one_snapshot(store: SharedStore) {
+    // More keys than one etcd page (500), written in transactions etcd accepts.
+    let keys: Vec<String> = (0..1234).map(|i| format!("claims/c-{i:05}")).collect();
+    for chunk in shoal_state::chunks(&keys, 1, 0) {
+        let txn = Txn {
+            compares: vec![],
+            success: chunk
+                .iter()
+                .map(|k| TxnOp::Put {
+                    key: k.clone(),
+                    value: k.as_bytes().to_vec(),
+                    lease: None,
+                })
+                .collect(),
+            failure: vec![],
+        };
+        store.txn(txn).await.unwrap();
+    }
+    store
+        .put("claimsx", b"not ours".to_vec(), None)
+        .await
+        .unwrap();
+    let range = store.range("claims/").await.unwrap();
+    let read: Vec<&str> = range.kvs.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(read.len(), 1234, "every key, across pages");
+    assert_eq!(read, keys.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(range.kvs.iter().all(|kv| kv.mod_revision <= range.revision));
+    assert_eq!(
+        store.keys("claims/").await.unwrap(),
+        keys,
+        "keys only, across pages"
+    );
+}
+
+async fn txn_over_the_etcd_op_limit_is_refused(store: SharedStore) {
+    let put = |i: usize| TxnOp::Put {
+        key: format!("big/{i}"),
+        value: vec![1],
+        lease: None,
+    };
+    let too_big = Txn {
+        compares: vec![],
+        success: (0..129).map(put).collect(),
+        failure: vec![],
+    };
+    match store.txn(too_big).await {
+        Err(StoreError::Rejected(why)) => assert!(why.contains("too many operations"), "{why}"),
+        other => panic!("a 129-op txn must be refused, got {other:?}"),
+    }
+    assert!(
+        store.range("big/").await.unwrap().kvs.is_empty(),
+        "nothing applied"
+    );
+    let fits = Txn {
+        compares: vec![],
+        success: (0..128).map(put).collect(),
+        failure: vec![],
+    };
+    assert!(store.txn(fits).await.unwrap().succeeded);
+    assert_eq!(store.range("big/").await.unwrap().kvs.len(), 128);
 }

@@ -39,12 +39,7 @@ impl From<store::Error> for Status {
 impl From<DecideError> for Status {
     fn from(err: DecideError) -> Status {
         match err {
-            DecideError::NotLeader(_) => Status::failed_precondition(err.to_string()),
-            DecideError::Store(store::Error::Store(shoal_state::StoreError::Fenced { .. })) => {
-                Status::unavailable(
-                    "leadership changed while deciding; retry against the new leader",
-                )
-            }
+            DecideError::NotLeader(_) => Status::unavailable(err.to_string()),
             DecideError::Store(e) => e.into(),
         }
     }
@@ -407,10 +402,11 @@ impl DeciderService for DeciderApi {
             }));
         }
         if d.leadership().is_none() {
+            // Leader routing forwards this call to the leader; this is the term-change race.
             let leader = describe_leadership(d.leader.as_ref(), d.election.as_ref()).await;
-            return Err(Status::failed_precondition(format!(
-                "this replica does not lead the decider; the leader is {:?} (or ask with dry_run)",
-                leader.leader_id
+            return Err(Status::unavailable(format!(
+                "this replica does not lead the decider; the leader is {:?} at {:?}: retry (or ask with dry_run)",
+                leader.leader_id, leader.address
             )));
         }
         let outcome = d

@@ -16,7 +16,7 @@ use shoal_proto::v1::{
     metrics_service_client::MetricsServiceClient,
     provisioner_service_client::ProvisionerServiceClient,
 };
-use shoal_runtime::{LeaderWatch, TracedChannel, telemetry};
+use shoal_runtime::{LeaderWatch, TracedChannel, telemetry, while_leading};
 use shoal_state::{Election, Leadership, PrefixCache, StoreError, Txn, TxnOp, keys};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -143,10 +143,7 @@ impl Decider {
 
     /// This replica's leadership, while it holds it.
     pub fn leadership(&self) -> Option<Leadership> {
-        self.leader
-            .as_ref()
-            .and_then(|w| w.borrow().clone())
-            .filter(Leadership::is_held)
+        shoal_runtime::current_leadership(self.leader.as_ref())
     }
 
     /// Valid pools, from the cache (or the store while the cache syncs).
@@ -165,10 +162,7 @@ impl Decider {
         } else {
             self.store.raw().range(keys::CLAIMS).await?.kvs
         };
-        Ok(kvs
-            .iter()
-            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-            .collect())
+        Ok(shoal_state::records::decode_claims(&kvs))
     }
 
     /// The current snapshot from the metrics service.
@@ -219,15 +213,7 @@ impl Decider {
 
     async fn load_state(&self, leadership: &Leadership) -> Result<LeaderState, store::Error> {
         let history = self.store.history().await?;
-        let keys = self
-            .store
-            .raw()
-            .range(keys::DECISIONS)
-            .await?
-            .kvs
-            .into_iter()
-            .map(|kv| kv.key)
-            .collect();
+        let keys = self.store.raw().keys(keys::DECISIONS).await?.into();
         Ok(LeaderState {
             term: leadership.term(),
             history,
@@ -302,9 +288,9 @@ impl Decider {
                 .insert(0, "dry run: actions recorded, not carried out".into());
         }
 
-        // Record the decision and the history in one fenced transaction, trimming old ones.
+        // Record the decision and the history in one fenced transaction, then trim old ones.
         let key = keys::decision(planner::ms(now), &decision.id);
-        let mut ops = vec![
+        let ops = vec![
             TxnOp::Put {
                 key: key.clone(),
                 value: decision.encode_to_vec(),
@@ -316,10 +302,6 @@ impl Decider {
                 lease: None,
             },
         ];
-        let limit = self.settings.history_limit.max(1) as usize;
-        let excess = (state.keys.len() + 1).saturating_sub(limit);
-        let trimmed: Vec<String> = state.keys.iter().take(excess).cloned().collect();
-        ops.extend(trimmed.iter().map(|k| TxnOp::Delete { key: k.clone() }));
         leadership
             .fenced_txn(Txn {
                 compares: vec![],
@@ -327,10 +309,8 @@ impl Decider {
                 failure: vec![],
             })
             .await?;
-        for _ in 0..excess {
-            state.keys.pop_front();
-        }
         state.keys.push_back(key);
+        self.trim_history(&leadership, state, now).await;
         state.history = plan.history.clone();
 
         // Carry it out.
@@ -400,7 +380,39 @@ impl Decider {
         })
     }
 
-    /// Calls the provisioner for each action; returns whether every call was accepted.
+    /// Drops decisions beyond `historyLimit` or older than `historyMaxAge` (fenced, in chunks).
+    /// Best effort: what fails now is trimmed after the next decision.
+    async fn trim_history(
+        &self,
+        leadership: &Leadership,
+        state: &mut LeaderState,
+        now: SystemTime,
+    ) {
+        let limit = self.settings.history_limit.max(1) as usize;
+        let cutoff =
+            planner::ms(now).saturating_sub(self.settings.history_max_age.as_millis() as u64);
+        let by_count = state.keys.len().saturating_sub(limit);
+        let by_age = state
+            .keys
+            .iter()
+            .take_while(|k| keys::history_time(k).is_some_and(|t| t < cutoff))
+            .count();
+        let excess = by_count.max(by_age);
+        if excess == 0 {
+            return;
+        }
+        let trimmed: Vec<String> = state.keys.iter().take(excess).cloned().collect();
+        match shoal_state::records::delete_in_chunks(self.store.raw(), Some(leadership), &trimmed)
+            .await
+        {
+            Ok(_) => {
+                state.keys.drain(..excess);
+            }
+            Err(e) => tracing::warn!(error = %e, excess, "cannot trim the decision history yet"),
+        }
+    }
+
+    /// Waits (bounded) until the claims just created are in the claims cache.
     async fn await_claims(&self, ids: &[String], timeout: Duration) {
         if ids.is_empty() {
             return;
@@ -535,35 +547,26 @@ impl Decider {
         }
     }
 
-    /// Runs the control loop until `shutdown`: while leading, plan every snapshot.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let Some(mut leader) = self.leader.clone() else {
-            return;
+    /// The control loop (supervised): while leading, apply the pool files and plan every
+    /// snapshot; the moment leadership ends the term's work is dropped.
+    pub async fn control_loop(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), String> {
+        let Some(leader) = self.leader.clone() else {
+            return Ok(());
         };
-        loop {
-            let leadership = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                l = leader.wait_for(|l| l.as_ref().is_some_and(Leadership::is_held)) => match l {
-                    Ok(l) => l.clone(),
-                    Err(_) => return,
-                },
-            };
-            let Some(leadership) = leadership else {
-                continue;
-            };
-            tracing::info!(
-                term = leadership.term(),
-                "leading the decider: following snapshots"
-            );
-            self.apply_pool_files().await;
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = leadership.lost().cancelled() => {
-                    tracing::warn!("lost leadership: no longer deciding");
-                }
-                _ = self.follow_snapshots() => {}
+        while_leading(leader, shutdown, |leadership, _term| {
+            let me = self.clone();
+            async move {
+                tracing::info!(
+                    term = leadership.term(),
+                    "leading the decider: following snapshots"
+                );
+                shoal_runtime::supervise::panic_point("control-loop");
+                me.apply_pool_files().await;
+                me.follow_snapshots().await;
+                Ok(())
             }
-        }
+        })
+        .await
     }
 
     async fn follow_snapshots(&self) {

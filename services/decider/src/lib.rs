@@ -24,6 +24,12 @@ use tonic::service::Routes;
 
 pub use planner::Expander;
 
+/// Methods only the leader carries out; a standby forwards them to it.
+pub mod leader_only {
+    /// `RequestCapacity` plans and creates nodes as the leader.
+    pub const REQUEST_CAPACITY: &str = "/shoal.v1.DeciderService/RequestCapacity";
+}
+
 /// `service:` settings of the decider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -41,6 +47,9 @@ pub struct DeciderSettings {
     pub expanders: Vec<Expander>,
     /// Decisions kept in the store.
     pub history_limit: u32,
+    /// Decisions older than this are removed.
+    #[serde(with = "humantime_serde")]
+    pub history_max_age: std::time::Duration,
 }
 
 impl Default for DeciderSettings {
@@ -52,6 +61,7 @@ impl Default for DeciderSettings {
             pool_files: Vec::new(),
             expanders: vec![Expander::LeastWaste],
             history_limit: 500,
+            history_max_age: std::time::Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -71,6 +81,11 @@ impl ServiceSettings for DeciderSettings {
         if self.history_limit == 0 || self.history_limit > 100_000 {
             errors.add("service.historyLimit", "must be between 1 and 100000");
         }
+        if self.history_max_age < std::time::Duration::from_secs(60)
+            || self.history_max_age > std::time::Duration::from_secs(90 * 86400)
+        {
+            errors.add("service.historyMaxAge", "must be between 1m and 90d");
+        }
         for (i, file) in self.pool_files.iter().enumerate() {
             if let Err(why) = control::load_pool_file(file) {
                 errors.add(format!("service.poolFiles[{i}]"), format!("{file}: {why}"));
@@ -85,7 +100,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), HostError> {
     let settings = config.service.clone();
-    let Some(host) = Host::start(config, &shutdown).await? else {
+    let Some(mut host) = Host::start(config, &shutdown).await? else {
         return Ok(());
     };
     let store = host.store().ok_or_else(|| HostError::Dependency {
@@ -117,7 +132,11 @@ pub async fn serve(
         host.election(),
         stats,
     ));
-    tokio::spawn(decider.clone().run(tasks.clone()));
+    host.supervisor().spawn("control-loop", {
+        let decider = decider.clone();
+        move |token| decider.clone().control_loop(token)
+    });
+    host.leader_only(&[leader_only::REQUEST_CAPACITY]);
     let api = api::DeciderApi { decider, upstreams };
     let routes = Routes::new(DeciderServiceServer::new(api).max_decoding_message_size(256 << 20))
         .add_service(PoolServiceServer::new(api::PoolApi {

@@ -216,13 +216,10 @@ impl DeciderStore {
                 actual: current.mod_revision,
             });
         }
-        let live: Vec<String> = self
-            .store
-            .range(keys::CLAIMS)
+        let live: Vec<String> = shoal_state::records::Records::new(self.store.clone())
+            .claims()
             .await?
-            .kvs
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<shoal_core::claim::NodeClaim>(&kv.value).ok())
+            .into_iter()
             .filter(|c| c.pool == name && !c.phase.is_terminal())
             .map(|c| c.id)
             .collect();

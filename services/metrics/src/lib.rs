@@ -99,7 +99,8 @@ pub async fn serve(
     let Some(host) = Host::start(config, &shutdown).await? else {
         return Ok(());
     };
-    let client = shoal_kube::connect(&settings.kube)
+    // Watches only (watch-backed caches): no per-call read deadline.
+    let client = shoal_kube::connect_for_watch(&settings.kube)
         .await
         .map_err(|e| HostError::Dependency {
             what: "Kubernetes client",
@@ -122,17 +123,35 @@ pub async fn serve(
         stats.clone(),
         host.readiness(),
     );
-    tokio::spawn(usage.clone().run(tasks.clone()));
+    if usage.enabled() {
+        host.supervisor().spawn("utilization-poller", {
+            let usage = usage.clone();
+            move |token| {
+                let usage = usage.clone();
+                async move {
+                    usage.run(token).await;
+                    Ok(())
+                }
+            }
+        });
+    }
     let publisher = Arc::new(publisher::Publisher::new(state, usage, stats));
-    tokio::spawn(publisher.clone().run(
-        changes,
-        publisher::Batching {
-            idle: settings.batch_idle,
-            max: settings.batch_max,
-            scan: settings.scan_interval,
-        },
-        tasks.clone(),
-    ));
+    let batching = publisher::Batching {
+        idle: settings.batch_idle,
+        max: settings.batch_max,
+        scan: settings.scan_interval,
+    };
+    host.supervisor().spawn("publisher", {
+        let publisher = publisher.clone();
+        move |token| {
+            let (publisher, changes) = (publisher.clone(), changes.clone());
+            async move {
+                shoal_runtime::supervise::panic_point("publisher");
+                publisher.run(changes, batching, token).await;
+                Ok(())
+            }
+        }
+    });
     let api = api::MetricsApi { publisher };
     let routes = Routes::new(MetricsServiceServer::new(api).max_encoding_message_size(usize::MAX));
     let result = host

@@ -46,7 +46,6 @@ fn store_status(err: store::Error) -> Status {
         store::Error::Store(e) => status_from_store(&e),
         store::Error::NotFound(m) => Status::not_found(m),
         store::Error::Contended(m) => Status::aborted(m),
-        e @ store::Error::Corrupt { .. } => Status::data_loss(e.to_string()),
     }
 }
 

@@ -5,9 +5,13 @@
 
 mod api;
 pub mod backend;
+mod drain;
+mod driver;
 pub mod guard;
 pub mod lifecycle;
 pub mod nodes;
+mod repair;
+pub mod requests;
 pub mod stats;
 pub mod store;
 
@@ -17,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use shoal_kube::KubeSettings;
 use shoal_proto::{service_names, v1::provisioner_service_server::ProvisionerServiceServer};
 use shoal_runtime::{Config, Host, HostError, ServiceSettings, ValidationErrors, validate_address};
-use shoal_state::{PrefixCache, keys};
+use shoal_state::{PrefixCache, keys, records::Retention};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
@@ -55,6 +59,48 @@ pub struct Backends {
     pub docker: Option<DockerBackend>,
 }
 
+/// Methods only the leader carries out; a standby forwards them to it.
+pub mod leader_only {
+    /// `Repair` acts on claims as the leader.
+    pub const REPAIR: &str = "/shoal.v1.ProvisionerService/Repair";
+}
+
+/// `service.retention`: how long finished claims and operations (with their idempotency keys)
+/// are kept. A retried request whose key was removed starts a new operation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Deleted and Failed claims.
+    #[serde(default = "default_claim_retention")]
+    pub claims: Retention,
+    /// Finished operations and their idempotency keys.
+    #[serde(default = "default_claim_retention")]
+    pub operations: Retention,
+    /// Time between sweeps (leader only).
+    #[serde(with = "humantime_serde", default = "default_sweep")]
+    pub interval: Duration,
+}
+
+fn default_claim_retention() -> Retention {
+    Retention {
+        max_age: Duration::from_secs(24 * 3600),
+        max_count: 1000,
+    }
+}
+fn default_sweep() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        RetentionSettings {
+            claims: default_claim_retention(),
+            operations: default_claim_retention(),
+            interval: default_sweep(),
+        }
+    }
+}
+
 /// `service:` settings of the provisioner.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -77,6 +123,9 @@ pub struct ProvisionerSettings {
     /// Time between eviction rounds of a drain.
     #[serde(with = "humantime_serde", default = "default_poll")]
     pub drain_poll_interval: Duration,
+    /// Retention of finished records.
+    #[serde(default)]
+    pub retention: RetentionSettings,
 }
 
 fn default_ttl() -> Duration {
@@ -98,6 +147,7 @@ impl Default for ProvisionerSettings {
             node_ttl: default_ttl(),
             instance_check_interval: default_check(),
             drain_poll_interval: default_poll(),
+            retention: RetentionSettings::default(),
         }
     }
 }
@@ -128,6 +178,15 @@ impl ServiceSettings for ProvisionerSettings {
         if self.drain_poll_interval < Duration::from_millis(50) {
             errors.add("service.drainPollInterval", "must be at least 50ms");
         }
+        self.retention
+            .claims
+            .validate("service.retention.claims", errors);
+        self.retention
+            .operations
+            .validate("service.retention.operations", errors);
+        if self.retention.interval < Duration::from_secs(1) {
+            errors.add("service.retention.interval", "must be at least 1s");
+        }
     }
 }
 
@@ -137,10 +196,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), HostError> {
     let settings = config.service.clone();
-    let cluster = config.cluster.clone();
-    let Some(host) = Host::start(config, &shutdown).await? else {
+    let Some(mut host) = Host::start(config, &shutdown).await? else {
         return Ok(());
     };
+    let cluster = host.cluster_id().to_string();
     let store = host.store().ok_or_else(|| HostError::Dependency {
         what: "state store",
         message: "the provisioner needs a store".into(),
@@ -186,7 +245,13 @@ pub async fn serve(
         PrefixCache::start(store.clone(), keys::CLAIMS, tasks.clone()),
         PrefixCache::start(store.clone(), keys::OPERATIONS, tasks.clone()),
     ];
-    let nodes = nodes::NodeIndex::start(client.clone(), tasks.clone());
+    let watch_client = shoal_kube::connect_for_watch(&settings.kube)
+        .await
+        .map_err(|e| HostError::Dependency {
+            what: "Kubernetes API",
+            message: e.to_string(),
+        })?;
+    let nodes = nodes::NodeIndex::start(watch_client, tasks.clone());
     let provisioner = Arc::new(lifecycle::Provisioner::new(
         settings,
         cluster,
@@ -198,7 +263,21 @@ pub async fn serve(
         host.leader(),
         stats,
     ));
-    tokio::spawn(provisioner.clone().run(tasks.clone()));
+    host.supervisor().spawn("driver", {
+        let provisioner = provisioner.clone();
+        move |token| provisioner.clone().run(token)
+    });
+    host.supervisor().spawn("claim-gauges", {
+        let provisioner = provisioner.clone();
+        move |token| {
+            let provisioner = provisioner.clone();
+            async move {
+                provisioner.export_claim_gauges(token).await;
+                Ok(())
+            }
+        }
+    });
+    host.leader_only(&[leader_only::REPAIR]);
     let routes = Routes::new(ProvisionerServiceServer::new(api::ProvisionerApi {
         provisioner,
     }));

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use k8s_openapi::api::core::v1::Node;
@@ -31,6 +31,9 @@ pub struct NodeIndex {
     inner: Arc<RwLock<HashMap<String, NodeView>>>,
     changes: watch::Sender<u64>,
     synced: watch::Sender<bool>,
+    /// Per-claim subscriptions: a claim waiting for its node wakes only when that node changes
+    /// (thousands of claims in flight must not all wake on every node event).
+    subscribers: Arc<Mutex<HashMap<String, watch::Sender<Option<NodeView>>>>>,
 }
 
 impl Default for NodeIndex {
@@ -39,6 +42,7 @@ impl Default for NodeIndex {
             inner: Arc::default(),
             changes: watch::channel(0).0,
             synced: watch::channel(false).0,
+            subscribers: Arc::default(),
         }
     }
 }
@@ -72,6 +76,23 @@ impl Sink {
     fn bump(&self) {
         self.index.changes.send_modify(|n| *n += 1);
     }
+    /// Tells the subscriber of `claim` (if any) its node's new view.
+    fn notify(&self, claim: &str, view: Option<&NodeView>) {
+        let subscribers = self
+            .index
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = subscribers.get(claim) {
+            tx.send_if_modified(|old| {
+                let changed = old.as_ref() != view;
+                if changed {
+                    *old = view.cloned();
+                }
+                changed
+            });
+        }
+    }
 }
 
 impl WatchSink<Node> for Sink {
@@ -87,11 +108,24 @@ impl WatchSink<Node> for Sink {
         if let Some(listing) = self.listing.take() {
             *self.write() = listing;
         }
+        let claims: Vec<String> = self
+            .index
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for claim in claims {
+            let view = self.index.get(&claim);
+            self.notify(&claim, view.as_ref());
+        }
         self.index.synced.send_replace(true);
         self.bump();
     }
     fn applied(&mut self, node: Node) {
         if let Some((claim, v)) = view(&node) {
+            self.notify(&claim, Some(&v));
             self.write().insert(claim, v);
             self.bump();
         }
@@ -99,6 +133,7 @@ impl WatchSink<Node> for Sink {
     fn deleted(&mut self, node: Node) {
         if let Some((claim, _)) = view(&node) {
             self.write().remove(&claim);
+            self.notify(&claim, None);
             self.bump();
         }
     }
@@ -135,6 +170,19 @@ impl NodeIndex {
     /// Every indexed node, by claim.
     pub fn all(&self) -> HashMap<String, NodeView> {
         self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The node of `claim` as it changes (`None` while it has not registered).
+    pub fn subscribe(&self, claim: &str) -> watch::Receiver<Option<NodeView>> {
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        // Now and then, forget claims nobody waits for any more.
+        if subscribers.len() % 1024 == 1023 {
+            subscribers.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        subscribers
+            .entry(claim.to_string())
+            .or_insert_with(|| watch::channel(self.get(claim)).0)
+            .subscribe()
     }
 
     /// Ticks on every change.

@@ -25,6 +25,8 @@ pub struct Stats {
     pub operations: IntCounterVec,
     /// `shoal_provisioner_evictions_total{result}`: evicted, blocked (429), gone.
     pub evictions: IntCounterVec,
+    /// `shoal_provisioner_records_removed_total{kind}`: finished records removed by retention.
+    pub records_removed: IntCounterVec,
 }
 
 impl Stats {
@@ -107,6 +109,13 @@ impl Stats {
                 ),
                 &["result"],
             )?,
+            records_removed: IntCounterVec::new(
+                Opts::new(
+                    "shoal_provisioner_records_removed_total",
+                    "Finished records removed by retention, by kind (claim, operation)",
+                ),
+                &["kind"],
+            )?,
         };
         registry.register(Box::new(stats.claims.clone()))?;
         registry.register(Box::new(stats.node_ready.clone()))?;
@@ -118,6 +127,7 @@ impl Stats {
         registry.register(Box::new(stats.failed.clone()))?;
         registry.register(Box::new(stats.operations.clone()))?;
         registry.register(Box::new(stats.evictions.clone()))?;
+        registry.register(Box::new(stats.records_removed.clone()))?;
         Ok(stats)
     }
 }

@@ -1,28 +1,32 @@
-//! The provisioner's records in the state store: operations (`ops/<id>`), NodeClaims
-//! (`claims/<id>`), idempotency keys (`idempotency/<key>` → op id) and node-name reservations
-//! (`ids/<backend>/<name>` → claim id). A new operation, its claims, its key and its names are
-//! written in one transaction *before* any backend is called; every later claim change is a
-//! compare-and-swap on the claim's revision, fenced by the leader's term.
+//! The provisioner's transactions. Record layout and decoding live in
+//! [`shoal_state::records`]; this module decides what is written together:
+//!
+//! - a create's *intent* — operation, idempotency key and a bump of the pool ledger — is one
+//!   small transaction whatever the count; the ledger compare makes `maxNodes` hold across
+//!   replicas. Its claims (with their name reservations) follow in chunks etcd accepts
+//!   ([`ClaimStore::materialize`]), written by the request and, if it stopped half way, by the
+//!   leader from the operation's `planned` list;
+//! - a delete's intent — operation and key — likewise; its claims are moved to Draining in
+//!   chunks, each a compare-and-swap on the claim's revision;
+//! - every later claim change is a compare-and-swap fenced by the leader's term.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashSet};
 
-use shoal_core::claim::{NodeClaim, Operation};
-use shoal_state::{Compare, KeyValue, Leadership, SharedStore, StoreError, Txn, TxnOp, keys};
+use shoal_core::{
+    ClaimPhase,
+    claim::{NodeClaim, Operation},
+};
+use shoal_state::{
+    Compare, Leadership, Revision, SharedStore, StoreError, Txn, chunks, keys,
+    records::{self, LedgerRead, PoolLedger, Records},
+};
 
 /// Why a provisioner store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The store failed (or leadership was lost mid-write: fenced).
+    /// The store failed (or leadership was lost mid-write: fenced), or a record is unreadable.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A stored value could not be decoded.
-    #[error("{key} holds an unreadable value: {reason}")]
-    Corrupt {
-        /// Key.
-        key: String,
-        /// Why.
-        reason: String,
-    },
     /// The record does not exist.
     #[error("{0} not found")]
     NotFound(String),
@@ -38,219 +42,319 @@ pub enum Written {
     Created,
     /// The idempotency key names this existing operation.
     Exists(String),
-    /// Another writer took one of the names or changed a claim first: allocate again.
+    /// Another writer grew the pool (or changed a claim) first: read again and retry.
     Raced,
-}
-
-fn decode<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T, Error> {
-    serde_json::from_slice(&kv.value).map_err(|e| Error::Corrupt {
-        key: kv.key.clone(),
-        reason: e.to_string(),
-    })
-}
-
-fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
-}
-
-/// Decodes claims, skipping (and logging) unreadable ones.
-pub fn decode_claims(kvs: &[KeyValue]) -> Vec<NodeClaim> {
-    kvs.iter()
-        .filter_map(|kv| match decode::<NodeClaim>(kv) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!(error = %e, "unreadable claim ignored");
-                None
-            }
-        })
-        .collect()
-}
-
-/// Decodes operations, skipping (and logging) unreadable ones.
-pub fn decode_ops(kvs: &[KeyValue]) -> Vec<Operation> {
-    kvs.iter()
-        .filter_map(|kv| match decode::<Operation>(kv) {
-            Ok(o) => Some(o),
-            Err(e) => {
-                tracing::warn!(error = %e, "unreadable operation ignored");
-                None
-            }
-        })
-        .collect()
-}
-
-/// The writes of a new operation: its key (only if the key is unused) and the record.
-fn new_operation(op: &Operation) -> (Vec<Compare>, Vec<TxnOp>) {
-    let compares = vec![Compare::CreateRevision {
-        key: keys::idempotency(&op.idempotency_key),
-        revision: 0,
-    }];
-    let success = vec![
-        TxnOp::Put {
-            key: keys::idempotency(&op.idempotency_key),
-            value: op.id.as_bytes().to_vec(),
-            lease: None,
-        },
-        TxnOp::Put {
-            key: keys::operation(&op.id),
-            value: encode(op),
-            lease: None,
-        },
-    ];
-    (compares, success)
-}
-
-/// The puts of a claim and of its name reservation (`ids/<backend>/<name>` → claim id).
-fn claim_with_name(backend: &str, claim: &NodeClaim) -> [TxnOp; 2] {
-    [
-        TxnOp::Put {
-            key: keys::reserved_id(backend, &claim.node_name),
-            value: claim.id.as_bytes().to_vec(),
-            lease: None,
-        },
-        TxnOp::Put {
-            key: keys::claim(&claim.id),
-            value: encode(claim),
-            lease: None,
-        },
-    ]
 }
 
 /// Store access for the provisioner.
 #[derive(Clone)]
 pub struct ClaimStore {
-    store: SharedStore,
+    records: Records,
+}
+
+/// A claim a delete may take: still running and not being removed already.
+pub fn takeable(phase: ClaimPhase) -> bool {
+    matches!(
+        phase,
+        ClaimPhase::Launched | ClaimPhase::Registered | ClaimPhase::Ready
+    )
 }
 
 impl ClaimStore {
     /// Over `store`.
     pub fn new(store: SharedStore) -> ClaimStore {
-        ClaimStore { store }
+        ClaimStore {
+            records: Records::new(store),
+        }
+    }
+
+    /// Typed reads.
+    pub fn records(&self) -> &Records {
+        &self.records
+    }
+
+    fn store(&self) -> &SharedStore {
+        self.records.store()
     }
 
     /// The operation an idempotency key names, if any.
     pub async fn op_for_key(&self, key: &str) -> Result<Option<String>, Error> {
-        Ok(self
-            .store
-            .get(&keys::idempotency(key))
-            .await?
-            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+        Ok(self.records.op_for_key(key).await?)
     }
 
     /// One operation.
     pub async fn op(&self, id: &str) -> Result<Operation, Error> {
-        match self.store.get(&keys::operation(id)).await? {
-            Some(kv) => decode(&kv),
-            None => Err(Error::NotFound(format!("operation {id}"))),
-        }
+        self.records
+            .operation(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("operation {id}")))
     }
 
     /// One claim and its revision.
-    pub async fn claim(&self, id: &str) -> Result<(NodeClaim, i64), Error> {
-        match self.store.get(&keys::claim(id)).await? {
-            Some(kv) => Ok((decode(&kv)?, kv.mod_revision)),
-            None => Err(Error::NotFound(format!("claim {id}"))),
-        }
+    pub async fn claim(&self, id: &str) -> Result<(NodeClaim, Revision), Error> {
+        self.records
+            .claim(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("claim {id}")))
     }
 
-    /// Names reserved on `backend` (a name stays reserved until its claim is Deleted or Failed
-    /// and its instance is gone).
-    pub async fn reserved_names(&self, backend: &str) -> Result<BTreeSet<String>, Error> {
-        let prefix = keys::reserved_id(backend, "");
+    /// Every claim, by id (a fresh, paginated read).
+    pub async fn all_claims(&self) -> Result<BTreeMap<String, NodeClaim>, Error> {
         Ok(self
-            .store
-            .range(&prefix)
+            .records
+            .claims()
             .await?
-            .kvs
             .into_iter()
-            .map(|kv| kv.key[prefix.len()..].to_string())
+            .map(|c| (c.id.clone(), c))
             .collect())
     }
 
-    /// Writes a new create operation with its claims, key and name reservations, all or nothing.
-    pub async fn create(
+    /// Writes a create's intent: the operation and its idempotency key, and the pool ledger as
+    /// `next`, only if the key is unused and the ledger is still as read.
+    pub async fn write_create(
         &self,
         op: &Operation,
-        claims: &[NodeClaim],
-        backend: &str,
+        ledger: &LedgerRead,
+        next: &PoolLedger,
     ) -> Result<Written, Error> {
-        let (mut compares, mut success) = new_operation(op);
-        for claim in claims {
-            let name_key = keys::reserved_id(backend, &claim.node_name);
-            compares.push(Compare::CreateRevision {
-                key: name_key,
-                revision: 0,
-            });
-            success.extend(claim_with_name(backend, claim));
+        let txn = Txn {
+            compares: vec![key_unused(op), ledger.unchanged(&op.pool)],
+            success: vec![
+                records::put_idempotency(&op.idempotency_key, &op.id),
+                records::put_operation(op),
+                records::put_ledger(&op.pool, next),
+            ],
+            failure: vec![],
+        };
+        self.write_new(op, txn).await
+    }
+
+    /// Writes the planned claims of create `op` that are not written yet, with their name
+    /// reservations, in chunks; safe to run by several writers at once. Returns how many this
+    /// call wrote.
+    pub async fn materialize(&self, op: &Operation) -> Result<usize, Error> {
+        let mut written = 0;
+        // Two compares and two writes per claim.
+        for chunk in chunks(&op.planned, 2, 0) {
+            let mut todo: Vec<NodeClaim> = chunk.iter().map(|p| op.planned_claim(p)).collect();
+            for _ in 0..5 {
+                if todo.is_empty() {
+                    break;
+                }
+                let mut compares = Vec::with_capacity(todo.len() * 2);
+                let mut success = Vec::with_capacity(todo.len() * 2);
+                for claim in &todo {
+                    compares.push(Compare::CreateRevision {
+                        key: keys::claim(&claim.id),
+                        revision: 0,
+                    });
+                    compares.push(Compare::CreateRevision {
+                        key: keys::reserved_id(&claim.backend, &claim.node_name),
+                        revision: 0,
+                    });
+                    success.push(records::put_claim(claim));
+                    success.push(records::put_reservation(
+                        &claim.backend,
+                        &claim.node_name,
+                        &claim.id,
+                    ));
+                }
+                let outcome = self
+                    .store()
+                    .txn(Txn {
+                        compares,
+                        success,
+                        failure: vec![],
+                    })
+                    .await?;
+                if outcome.succeeded {
+                    written += todo.len();
+                    todo.clear();
+                    break;
+                }
+                // Someone wrote some of them (the leader resuming, or the request itself): keep
+                // only the claims still absent. A name held by another claim fails its claim.
+                let mut still = Vec::new();
+                for claim in todo {
+                    if self.records.claim(&claim.id).await?.is_some() {
+                        continue;
+                    }
+                    let name = keys::reserved_id(&claim.backend, &claim.node_name);
+                    match self.store().get(&name).await? {
+                        Some(kv) if kv.value != claim.id.as_bytes() => {
+                            let holder = String::from_utf8_lossy(&kv.value).into_owned();
+                            let mut failed = claim.clone();
+                            let _ = failed.transition(
+                                ClaimPhase::Failed,
+                                format!(
+                                    "node name {} is reserved by claim {holder}",
+                                    claim.node_name
+                                ),
+                                claim.created_at_ms,
+                            );
+                            let txn = Txn {
+                                compares: vec![Compare::CreateRevision {
+                                    key: keys::claim(&claim.id),
+                                    revision: 0,
+                                }],
+                                success: vec![records::put_claim(&failed)],
+                                failure: vec![],
+                            };
+                            self.store().txn(txn).await?;
+                        }
+                        _ => still.push(claim),
+                    }
+                }
+                todo = still;
+            }
+            if !todo.is_empty() {
+                return Err(Error::Contended(format!(
+                    "claims of operation {} ({} left)",
+                    op.id,
+                    todo.len()
+                )));
+            }
         }
-        self.write_new(op, compares, success).await
+        Ok(written)
+    }
+
+    /// Writes a delete's intent: the operation and its idempotency key.
+    pub async fn write_delete(&self, op: &Operation) -> Result<Written, Error> {
+        let txn = Txn {
+            compares: vec![key_unused(op)],
+            success: vec![
+                records::put_idempotency(&op.idempotency_key, &op.id),
+                records::put_operation(op),
+            ],
+            failure: vec![],
+        };
+        self.write_new(op, txn).await
+    }
+
+    /// Moves `claims` (as read, with their revisions) to Draining under delete `op`, in
+    /// chunks; a claim changed meanwhile is read again and taken if still takeable. Returns the
+    /// ids this call moved.
+    pub async fn take_for_delete(
+        &self,
+        op: &Operation,
+        claims: &[(NodeClaim, Revision)],
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<Vec<String>, Error> {
+        let mut taken = Vec::new();
+        for chunk in chunks(claims, 1, 0) {
+            let mut compares = Vec::with_capacity(chunk.len());
+            let mut success = Vec::with_capacity(chunk.len());
+            for (claim, revision) in chunk {
+                let mut claim = claim.clone();
+                claim.operation_id = op.id.clone();
+                let _ = claim.transition(ClaimPhase::Draining, reason, now_ms);
+                compares.push(Compare::ModRevision {
+                    key: keys::claim(&claim.id),
+                    revision: *revision,
+                });
+                success.push(records::put_claim(&claim));
+            }
+            let outcome = self
+                .store()
+                .txn(Txn {
+                    compares,
+                    success,
+                    failure: vec![],
+                })
+                .await?;
+            if outcome.succeeded {
+                taken.extend(chunk.iter().map(|(c, _)| c.id.clone()));
+                continue;
+            }
+            for (claim, _) in chunk {
+                if self.take_one(op, &claim.id, reason, now_ms).await? {
+                    taken.push(claim.id.clone());
+                }
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Moves one claim to Draining under `op` if it is still takeable (unfenced CAS: a request
+    /// may do this, as the intent is already written). True when this call moved it.
+    pub async fn take_one(
+        &self,
+        op: &Operation,
+        id: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<bool, Error> {
+        for _ in 0..20 {
+            let Some((mut claim, revision)) = self.records.claim(id).await? else {
+                return Ok(false);
+            };
+            if !takeable(claim.phase) || claim.operation_id == op.id {
+                return Ok(false);
+            }
+            claim.operation_id = op.id.clone();
+            let _ = claim.transition(ClaimPhase::Draining, reason, now_ms);
+            let outcome = self
+                .store()
+                .txn(Txn {
+                    compares: vec![Compare::ModRevision {
+                        key: keys::claim(id),
+                        revision,
+                    }],
+                    success: vec![records::put_claim(&claim)],
+                    failure: vec![],
+                })
+                .await?;
+            if outcome.succeeded {
+                return Ok(true);
+            }
+        }
+        Err(Error::Contended(format!("claim {id}")))
     }
 
     /// Writes an adopted claim with its create operation, all or nothing: the claim must not
-    /// exist, and its name must be free or still reserved for the same claim id.
+    /// exist, its name must be free or still reserved for the same claim id, and the pool
+    /// ledger must be as read (adoption grows the pool like a create).
     pub async fn adopt(
         &self,
         op: &Operation,
         claim: &NodeClaim,
-        backend: &str,
+        ledger: &LedgerRead,
     ) -> Result<Written, Error> {
-        let (mut compares, mut success) = new_operation(op);
-        let name_key = keys::reserved_id(backend, &claim.node_name);
-        let reserved = match self.store.get(&name_key).await? {
+        let name_key = keys::reserved_id(&claim.backend, &claim.node_name);
+        let reserved = match self.store().get(&name_key).await? {
             None => 0,
             Some(kv) if kv.value == claim.id.as_bytes() => kv.mod_revision,
             Some(_) => return Ok(Written::Raced),
         };
-        // Revision 0: still absent.
-        compares.push(Compare::ModRevision {
-            key: name_key,
-            revision: reserved,
-        });
-        compares.push(Compare::CreateRevision {
-            key: keys::claim(&claim.id),
-            revision: 0,
-        });
-        success.extend(claim_with_name(backend, claim));
-        self.write_new(op, compares, success).await
+        let txn = Txn {
+            compares: vec![
+                key_unused(op),
+                ledger.unchanged(&op.pool),
+                // Revision 0: still absent.
+                Compare::ModRevision {
+                    key: name_key,
+                    revision: reserved,
+                },
+                Compare::CreateRevision {
+                    key: keys::claim(&claim.id),
+                    revision: 0,
+                },
+            ],
+            success: vec![
+                records::put_idempotency(&op.idempotency_key, &op.id),
+                records::put_operation(op),
+                records::put_ledger(&op.pool, &ledger.ledger),
+                records::put_reservation(&claim.backend, &claim.node_name, &claim.id),
+                records::put_claim(claim),
+            ],
+            failure: vec![],
+        };
+        self.write_new(op, txn).await
     }
 
-    /// Writes a new delete operation and moves its claims to Draining, all or nothing: each
-    /// claim must still be at the revision the caller read.
-    pub async fn delete(
-        &self,
-        op: &Operation,
-        claims: &[(NodeClaim, i64)],
-    ) -> Result<Written, Error> {
-        let (mut compares, mut success) = new_operation(op);
-        for (claim, revision) in claims {
-            compares.push(Compare::ModRevision {
-                key: keys::claim(&claim.id),
-                revision: *revision,
-            });
-            success.push(TxnOp::Put {
-                key: keys::claim(&claim.id),
-                value: encode(claim),
-                lease: None,
-            });
-        }
-        self.write_new(op, compares, success).await
-    }
-
-    async fn write_new(
-        &self,
-        op: &Operation,
-        compares: Vec<Compare>,
-        success: Vec<TxnOp>,
-    ) -> Result<Written, Error> {
-        let outcome = self
-            .store
-            .txn(Txn {
-                compares,
-                success,
-                failure: vec![],
-            })
-            .await?;
-        if outcome.succeeded {
+    async fn write_new(&self, op: &Operation, txn: Txn) -> Result<Written, Error> {
+        if self.store().txn(txn).await?.succeeded {
             return Ok(Written::Created);
         }
         Ok(match self.op_for_key(&op.idempotency_key).await? {
@@ -260,7 +364,7 @@ impl ClaimStore {
     }
 
     /// Read-modify-write of a claim as the leader: `edit` returns false to leave it unchanged.
-    /// Returns the claim as stored afterwards. `release` also drops its name reservation.
+    /// Returns the claim as stored afterwards. A claim turning terminal releases its name.
     pub async fn update_claim(
         &self,
         leadership: &Leadership,
@@ -272,15 +376,12 @@ impl ClaimStore {
             if !edit(&mut claim) {
                 return Ok(claim);
             }
-            let mut success = vec![TxnOp::Put {
-                key: keys::claim(id),
-                value: encode(&claim),
-                lease: None,
-            }];
+            let mut success = vec![records::put_claim(&claim)];
             if claim.phase.is_terminal() {
-                success.push(TxnOp::Delete {
-                    key: keys::reserved_id(&claim.backend, &claim.node_name),
-                });
+                success.push(records::delete_reservation(
+                    &claim.backend,
+                    &claim.node_name,
+                ));
             }
             let outcome = leadership
                 .fenced_txn(Txn {
@@ -302,22 +403,39 @@ impl ClaimStore {
     /// Writes an operation as the leader.
     pub async fn put_op(&self, leadership: &Leadership, op: &Operation) -> Result<(), Error> {
         leadership
-            .fenced_put(&keys::operation(&op.id), encode(op))
+            .fenced_txn(Txn {
+                compares: vec![],
+                success: vec![records::put_operation(op)],
+                failure: vec![],
+            })
             .await?;
         Ok(())
     }
 
     /// Drops a name reservation.
     pub async fn release_name(&self, backend: &str, name: &str) -> Result<(), Error> {
-        self.store.delete(&keys::reserved_id(backend, name)).await?;
+        self.store()
+            .delete(&keys::reserved_id(backend, name))
+            .await?;
         Ok(())
     }
 
-    /// Every claim, by id.
-    pub async fn all_claims(&self) -> Result<BTreeMap<String, NodeClaim>, Error> {
-        Ok(decode_claims(&self.store.range(keys::CLAIMS).await?.kvs)
+    /// Names reserved on `backend`.
+    pub async fn reserved_names(&self, backend: &str) -> Result<HashSet<String>, Error> {
+        Ok(self
+            .records
+            .reservations()
+            .await?
             .into_iter()
-            .map(|c| (c.id.clone(), c))
+            .filter(|r| r.backend == backend)
+            .map(|r| r.id)
             .collect())
+    }
+}
+
+fn key_unused(op: &Operation) -> Compare {
+    Compare::CreateRevision {
+        key: keys::idempotency(&op.idempotency_key),
+        revision: 0,
     }
 }

@@ -196,12 +196,15 @@ async fn main() {
         provisioner_port,
         "bench-provisioner",
     );
+    // The instances the bench makes carry this cluster id.
+    provisioner.cluster = "default".into();
     provisioner.service.kube.kubeconfig = kubeconfig.display().to_string();
     provisioner.service.backends.sim = Some(shoal_provisioner::SimBackend { url: sim.url() });
     provisioner.service.instance_check_interval = Duration::from_secs(3600);
     let reconciler_port = free_port();
     let mut reconciler =
         config::<shoal_reconciler::ReconcilerSettings>(&etcd, reconciler_port, "bench-reconciler");
+    reconciler.cluster = "default".into();
     reconciler.service.kube.kubeconfig = kubeconfig.display().to_string();
     reconciler.service.provisioner_addr = format!("http://127.0.0.1:{provisioner_port}");
     reconciler.service.interval = Duration::from_secs(3600);

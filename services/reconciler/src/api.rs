@@ -29,7 +29,19 @@ impl ReconcilerService for ReconcilerApi {
         &self,
         request: Request<ReconcileRequest>,
     ) -> Result<Response<ReconcileReport>, Status> {
-        let report = self.reconciler.pass(request.into_inner().dry_run).await?;
+        // Leader routing sends this call to the leader; a term that ended meanwhile must not
+        // repair (or report as if it could).
+        if shoal_runtime::current_leadership(self.leader.as_ref()).is_none() {
+            let leader = describe_leadership(self.leader.as_ref(), self.election.as_ref()).await;
+            return Err(Status::unavailable(format!(
+                "this replica does not lead the reconciler; the leader is {:?} at {:?}: retry",
+                leader.leader_id, leader.address
+            )));
+        }
+        let report = self
+            .reconciler
+            .bounded_pass(request.into_inner().dry_run)
+            .await?;
         Ok(Response::new(report))
     }
 

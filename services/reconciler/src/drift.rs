@@ -27,16 +27,7 @@ pub struct NodeView {
     pub ready_changed_ms: u64,
 }
 
-/// A name reservation (`ids/<backend>/<name>` → claim id).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reservation {
-    /// Backend.
-    pub backend: String,
-    /// Reserved name.
-    pub name: String,
-    /// Claim that holds it.
-    pub claim: String,
-}
+pub use shoal_state::records::Reservation;
 
 /// What to do about an orphan instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -334,7 +325,7 @@ pub fn classify(views: &Views<'_>, policy: &Policy) -> Vec<Finding> {
     for r in views.reservations {
         let held = live
             .get(r.claim.as_str())
-            .is_some_and(|c| c.node_name == r.name && c.backend == r.backend);
+            .is_some_and(|c| c.node_name == r.id && c.backend == r.backend);
         let adopted = policy.orphans == OrphanPolicy::Adopt
             && views
                 .instances
@@ -343,14 +334,14 @@ pub fn classify(views: &Views<'_>, policy: &Policy) -> Vec<Finding> {
         if !held && !adopted {
             out.push(Finding {
                 kind: pb::DriftType::LeakedId,
-                subject: format!("{}/{}", r.backend, r.name),
+                subject: format!("{}/{}", r.backend, r.id),
                 backend: r.backend.clone(),
                 pool: String::new(),
                 details: format!(
                     "name {} on {} is reserved for claim {:?}, which does not hold it",
-                    r.name, r.backend, r.claim
+                    r.id, r.backend, r.claim
                 ),
-                repair: Repair::ReleaseId(format!("{}/{}", r.backend, r.name)),
+                repair: Repair::ReleaseId(format!("{}/{}", r.backend, r.id)),
                 deferred: false,
             });
         }
@@ -374,6 +365,15 @@ pub fn classify(views: &Views<'_>, policy: &Policy) -> Vec<Finding> {
             .any(|id| !by_id.contains_key(id.as_str()) && adopting(id))
         {
             // Judged once the lost claim is adopted back.
+            continue;
+        }
+        if op.is_finished()
+            && op
+                .claim_ids
+                .iter()
+                .any(|id| !by_id.contains_key(id.as_str()))
+        {
+            // A finished operation whose claims retention removed: nothing left to judge.
             continue;
         }
         let Some((settled, failures)) = op.outcome(|id| by_id.get(id).copied()) else {
@@ -506,7 +506,7 @@ mod tests {
             &[node("general-1", "c1", true, NOW - 900)],
             &[Reservation {
                 backend: "sim".into(),
-                name: "general-1".into(),
+                id: "general-1".into(),
                 claim: "c1".into(),
             }],
         );
@@ -569,7 +569,7 @@ mod tests {
             ],
             &[Reservation {
                 backend: "sim".into(),
-                name: "general-9".into(),
+                id: "general-9".into(),
                 claim: "c9".into(),
             }],
         );
@@ -614,6 +614,9 @@ mod tests {
             updated_at_ms: NOW - 600_000,
             error: String::new(),
             traceparent: String::new(),
+            planned: vec![],
+            backend: String::new(),
+            labels: Default::default(),
         }
     }
 
@@ -683,7 +686,7 @@ mod tests {
                 nodes: &[node("n-c-lost", "c-lost", false, NOW - 600_000)],
                 reservations: &[Reservation {
                     backend: "sim".into(),
-                    name: "n-c-lost".into(),
+                    id: "n-c-lost".into(),
                     claim: "c-lost".into(),
                 }],
                 operations: &[],

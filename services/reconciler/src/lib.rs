@@ -19,6 +19,12 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+/// Methods only the leader carries out; a standby forwards them to it.
+pub mod leader_only {
+    /// `Reconcile` repairs as the leader.
+    pub const RECONCILE: &str = "/shoal.v1.ReconcilerService/Reconcile";
+}
+
 /// `service:` settings of the reconciler.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -53,9 +59,16 @@ pub struct ReconcilerSettings {
     /// Drift records kept in the store (oldest dropped first).
     #[serde(default = "default_drift_history")]
     pub drift_history: usize,
+    /// Drift records older than this are dropped.
+    #[serde(with = "humantime_serde", default = "seven_days")]
+    pub drift_max_age: Duration,
     /// Report drift without repairing it.
     #[serde(default)]
     pub dry_run: bool,
+    /// A pass still running after this is given up (DEADLINE_EXCEEDED); the next starts on
+    /// schedule.
+    #[serde(with = "humantime_serde", default = "one_minute")]
+    pub pass_timeout: Duration,
 }
 
 fn one_minute() -> Duration {
@@ -63,6 +76,9 @@ fn one_minute() -> Duration {
 }
 fn default_drift_history() -> usize {
     1000
+}
+fn seven_days() -> Duration {
+    Duration::from_secs(7 * 86400)
 }
 
 fn default_orphans() -> drift::OrphanPolicy {
@@ -105,7 +121,9 @@ impl Default for ReconcilerSettings {
             removal_ttl: thirty_minutes(),
             operation_grace: one_minute(),
             drift_history: default_drift_history(),
+            drift_max_age: seven_days(),
             dry_run: false,
+            pass_timeout: one_minute(),
         }
     }
 }
@@ -122,8 +140,18 @@ impl ServiceSettings for ReconcilerSettings {
             errors.add("service.interval", "must be at least 1s");
         }
         self.kube.validate("service.kube", errors);
-        if self.drift_history == 0 {
-            errors.add("service.driftHistory", "must be at least 1");
+        if self.drift_history == 0 || self.drift_history > 1_000_000 {
+            errors.add("service.driftHistory", "must be between 1 and 1000000");
+        }
+        if self.drift_max_age < Duration::from_secs(60)
+            || self.drift_max_age > Duration::from_secs(90 * 86400)
+        {
+            errors.add("service.driftMaxAge", "must be between 1m and 90d");
+        }
+        if self.pass_timeout < Duration::from_secs(1)
+            || self.pass_timeout > Duration::from_secs(3600)
+        {
+            errors.add("service.passTimeout", "must be between 1s and 1h");
         }
     }
 }
@@ -134,10 +162,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), HostError> {
     let settings = config.service.clone();
-    let cluster = config.cluster.clone();
-    let Some(host) = Host::start(config, &shutdown).await? else {
+    let Some(mut host) = Host::start(config, &shutdown).await? else {
         return Ok(());
     };
+    let cluster = host.cluster_id().to_string();
     let store = host.store().ok_or_else(|| HostError::Dependency {
         what: "state store",
         message: "the reconciler needs a store".into(),
@@ -168,7 +196,11 @@ pub async fn serve(
         previous_pass_ms: std::sync::atomic::AtomicU64::new(0),
     });
     let tasks = shutdown.child_token();
-    tokio::spawn(pass::run(reconciler.clone(), host.leader(), tasks.clone()));
+    host.supervisor().spawn("pass-loop", {
+        let (reconciler, leader) = (reconciler.clone(), host.leader());
+        move |token| pass::run(reconciler.clone(), leader.clone(), token)
+    });
+    host.leader_only(&[leader_only::RECONCILE]);
     let api = api::ReconcilerApi {
         leader: host.leader(),
         election: host.election(),

@@ -14,7 +14,7 @@ use shoal_proto::v1::{
     provisioner_service_client::ProvisionerServiceClient, repair_request::Action,
 };
 use shoal_runtime::TracedChannel;
-use shoal_state::{SharedStore, keys};
+use shoal_state::{SharedStore, keys, records::Records};
 
 use crate::{
     ReconcilerSettings,
@@ -62,6 +62,22 @@ fn ready_of(node: &Node) -> (bool, u64) {
 }
 
 impl Reconciler {
+    /// One pass, given up (DEADLINE_EXCEEDED) after `passTimeout`: a hung backend or Kubernetes
+    /// API never holds the reconciler.
+    pub async fn bounded_pass(&self, dry_run: bool) -> Result<pb::ReconcileReport, tonic::Status> {
+        let limit = self.settings.pass_timeout;
+        match tokio::time::timeout(limit, self.pass(dry_run)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.stats.timeouts.inc();
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "reconciliation pass gave up after passTimeout ({})",
+                    humantime::format_duration(limit)
+                )))
+            }
+        }
+    }
+
     /// One pass; `dry_run` reports without repairing.
     pub async fn pass(&self, dry_run: bool) -> Result<pb::ReconcileReport, tonic::Status> {
         let _one_at_a_time = self.lock.lock().await;
@@ -71,42 +87,11 @@ impl Reconciler {
         let unavailable =
             |what: &str, e: String| tonic::Status::unavailable(format!("{what}: {e}"));
 
-        let claims: Vec<NodeClaim> = self
-            .store
-            .range(keys::CLAIMS)
-            .await
-            .map_err(|e| unavailable("state store", e.to_string()))?
-            .kvs
-            .iter()
-            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-            .collect();
-        let prefix = keys::IDS;
-        let reservations: Vec<Reservation> = self
-            .store
-            .range(prefix)
-            .await
-            .map_err(|e| unavailable("state store", e.to_string()))?
-            .kvs
-            .iter()
-            .filter_map(|kv| {
-                let rest = kv.key.strip_prefix(prefix)?;
-                let (backend, name) = rest.split_once('/')?;
-                Some(Reservation {
-                    backend: backend.into(),
-                    name: name.into(),
-                    claim: String::from_utf8_lossy(&kv.value).into_owned(),
-                })
-            })
-            .collect();
-        let operations: Vec<Operation> = self
-            .store
-            .range(keys::OPERATIONS)
-            .await
-            .map_err(|e| unavailable("state store", e.to_string()))?
-            .kvs
-            .iter()
-            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-            .collect();
+        let records = Records::new(self.store.clone());
+        let store_down = |e: shoal_state::StoreError| unavailable("state store", e.to_string());
+        let claims: Vec<NodeClaim> = records.claims().await.map_err(store_down)?;
+        let reservations: Vec<Reservation> = records.reservations().await.map_err(store_down)?;
+        let operations: Vec<Operation> = records.operations().await.map_err(store_down)?;
         let listed = self
             .provisioner
             .clone()
@@ -230,12 +215,20 @@ impl Reconciler {
                 tracing::warn!(error = %e, "cannot record a drift");
             }
         }
-        let Ok(all) = self.store.range(keys::DRIFTS).await else {
+        let Ok(all) = self.store.keys(keys::DRIFTS).await else {
             return;
         };
-        let excess = all.kvs.len().saturating_sub(self.settings.drift_history);
-        for kv in all.kvs.iter().take(excess) {
-            let _ = self.store.delete(&kv.key).await;
+        let cutoff = started_ms.saturating_sub(self.settings.drift_max_age.as_millis() as u64);
+        let by_count = all.len().saturating_sub(self.settings.drift_history);
+        let by_age = all
+            .iter()
+            .take_while(|k| keys::history_time(k).is_some_and(|t| t < cutoff))
+            .count();
+        let excess = by_count.max(by_age);
+        if let Err(e) =
+            shoal_state::records::delete_in_chunks(&self.store, None, &all[..excess]).await
+        {
+            tracing::warn!(error = %e, "cannot trim drift records yet");
         }
     }
 
@@ -323,27 +316,28 @@ impl Reconciler {
     }
 }
 
-/// Runs a pass every `interval` while this replica leads.
+/// The pass loop (supervised): while this replica leads, a pass every `interval`, each bounded
+/// by `passTimeout`; a pass in progress is dropped the moment leadership ends.
 pub async fn run(
     reconciler: std::sync::Arc<Reconciler>,
     leader: Option<shoal_runtime::LeaderWatch>,
     shutdown: tokio_util::sync::CancellationToken,
-) {
-    let Some(leader) = leader else { return };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(reconciler.settings.interval) => {}
+) -> Result<(), String> {
+    let Some(leader) = leader else { return Ok(()) };
+    shoal_runtime::while_leading(leader, shutdown, |leadership, term| {
+        let reconciler = reconciler.clone();
+        async move {
+            tracing::info!(term = leadership.term(), "leading the reconciler");
+            loop {
+                tokio::select! {
+                    _ = term.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(reconciler.settings.interval) => {}
+                }
+                if let Err(status) = reconciler.bounded_pass(false).await {
+                    tracing::warn!(code = ?status.code(), message = status.message(), "reconciliation pass failed; next pass in {:?}", reconciler.settings.interval);
+                }
+            }
         }
-        let leading = leader
-            .borrow()
-            .as_ref()
-            .is_some_and(shoal_state::Leadership::is_held);
-        if !leading {
-            continue;
-        }
-        if let Err(status) = reconciler.pass(false).await {
-            tracing::warn!(code = ?status.code(), message = status.message(), "reconciliation pass failed; next pass in {:?}", reconciler.settings.interval);
-        }
-    }
+    })
+    .await
 }

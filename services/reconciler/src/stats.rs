@@ -13,6 +13,8 @@ pub struct Stats {
     pub drifts: IntCounterVec,
     /// `shoal_reconciliation_repairs_total{type,result}`.
     pub repairs: IntCounterVec,
+    /// `shoal_reconciliation_timeouts_total`: passes given up at `passTimeout`.
+    pub timeouts: IntCounter,
 }
 
 impl Stats {
@@ -40,11 +42,16 @@ impl Stats {
                 ),
                 &["type", "result"],
             )?,
+            timeouts: IntCounter::new(
+                "shoal_reconciliation_timeouts_total",
+                "Passes given up after passTimeout (a backend or the Kubernetes API hung)",
+            )?,
         };
         registry.register(Box::new(stats.cycles.clone()))?;
         registry.register(Box::new(stats.duration.clone()))?;
         registry.register(Box::new(stats.drifts.clone()))?;
         registry.register(Box::new(stats.repairs.clone()))?;
+        registry.register(Box::new(stats.timeouts.clone()))?;
         Ok(stats)
     }
 }

@@ -27,6 +27,10 @@ use shoal_proto::v1 as pb;
 
 pub use expander::Expander;
 
+/// How long after its claim turned Ready a node the snapshot does not show usable still counts
+/// as coming (the snapshot and the scheduler catch up within seconds).
+pub const SETTLE_MS: u64 = 60_000;
+
 /// What a pool's decisions so far mean for the next one. Pure data: the planner reads one and
 /// returns the next.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,35 +259,60 @@ impl<'a> Cluster<'a> {
                 }
             })
             .collect();
-        // Claims: which nodes are going away, which are still coming.
-        let mut deleting_nodes: std::collections::HashSet<&str> = Default::default();
-        let node_names: std::collections::HashSet<&str> = input
+        // Claims: which nodes are going away, which are still coming. A node is still coming
+        // from its claim's creation until the snapshot shows it usable (Ready, startup taints
+        // gone): until then its claim counts as in flight (template capacity), so neither a
+        // stale snapshot nor a scheduler that has not bound the pods yet makes the planner ask
+        // twice. A node that stays unusable long after its claim turned Ready is a broken
+        // node, not a coming one (the reconciler deals with it).
+        let now_ms = ms(input.now);
+        let snapshot_nodes: HashMap<&str, &pb::NodeInfo> = input
             .snapshot
             .nodes
             .iter()
-            .map(|n| n.name.as_str())
+            .map(|n| (n.name.as_str(), n))
             .collect();
+        let usable = |claim: &NodeClaim, node: &pb::NodeInfo| {
+            let startup: Vec<&str> = pool_index
+                .get(claim.pool.as_str())
+                .map(|p| {
+                    input.pools[*p]
+                        .startup_taints
+                        .iter()
+                        .map(|t| t.key.as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            node.readiness == pb::NodeReadiness::Ready as i32
+                && !node
+                    .taints
+                    .iter()
+                    .any(|t| startup.contains(&t.key.as_str()))
+        };
+        let mut deleting_nodes: std::collections::HashSet<&str> = Default::default();
         let mut in_flight = vec![0u32; input.pools.len()];
-        // Nodes of claims not Ready yet: registered but NotReady, or Ready with startup taints
-        // still on. They count as in flight (template capacity), not as existing nodes.
         let mut coming_nodes: std::collections::HashSet<&str> = Default::default();
         for claim in input.claims {
-            match claim.phase {
+            let coming = match claim.phase {
                 ClaimPhase::Draining | ClaimPhase::Terminating => {
                     deleting_nodes.insert(claim.node_name.as_str());
+                    false
                 }
-                ClaimPhase::Pending | ClaimPhase::Launched | ClaimPhase::Registered => {
-                    coming_nodes.insert(claim.node_name.as_str());
-                    if let Some(p) = pool_index.get(claim.pool.as_str()) {
-                        in_flight[*p] += 1;
+                ClaimPhase::Pending | ClaimPhase::Launched | ClaimPhase::Registered => true,
+                ClaimPhase::Ready => match snapshot_nodes.get(claim.node_name.as_str()) {
+                    None => true,
+                    Some(node) => {
+                        !usable(claim, node)
+                            && now_ms.saturating_sub(claim.phase_since_ms()) < SETTLE_MS
                     }
+                },
+                _ => false,
+            };
+            if coming {
+                coming_nodes.insert(claim.node_name.as_str());
+                if let Some(p) = pool_index.get(claim.pool.as_str()) {
+                    in_flight[*p] += 1;
                 }
-                ClaimPhase::Ready if !node_names.contains(claim.node_name.as_str()) => {
-                    if let Some(p) = pool_index.get(claim.pool.as_str()) {
-                        in_flight[*p] += 1;
-                    }
-                }
-                _ => {}
             }
         }
         let mut live = vec![0u32; input.pools.len()];

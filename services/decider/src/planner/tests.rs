@@ -938,3 +938,62 @@ fn a_registered_node_that_is_not_ready_yet_counts_as_in_flight_not_as_a_reason_t
     );
     assert!(ups(&p).is_empty(), "{}", reasons(&p));
 }
+
+#[test]
+fn a_ready_claim_whose_node_the_snapshot_shows_unusable_still_counts_as_in_flight() {
+    // The claim turned Ready a moment ago, but the snapshot was taken before: its node is
+    // NotReady there (or still carries the startup taint). The pending pods wait for it: no
+    // second node for the same pods.
+    let web = class(1, "web", 1000, GI);
+    let mut with_startup = pool("general", "");
+    with_startup.startup_taints.push(shoal_core::fit::Taint {
+        key: "shoal.dev/unregistered".into(),
+        value: String::new(),
+        effect: shoal_core::fit::Effect::NoExecute,
+    });
+    let mut stale = node("general-1", "general", &[], std::slice::from_ref(&web));
+    stale.readiness = pb::NodeReadiness::NotReady as i32;
+    let mut tainted = node("general-1", "general", &[], std::slice::from_ref(&web));
+    tainted.taints.push(pb::Taint {
+        key: "shoal.dev/unregistered".into(),
+        value: String::new(),
+        effect: pb::TaintEffect::NoExecute as i32,
+    });
+    let mut ready = claim("c1", "general", "general-1", ClaimPhase::Ready);
+    let turned_ready_ms = planner_ms(epoch(8));
+    ready.history.push(shoal_core::claim::Transition {
+        phase: ClaimPhase::Ready,
+        at_ms: turned_ready_ms,
+        reason: "node Ready".into(),
+    });
+    for seen in [stale, tainted] {
+        let s = snap(vec![seen], vec![web.clone()], vec![pending(1, 4, 0)]);
+        let p = run(
+            &s,
+            std::slice::from_ref(&with_startup),
+            std::slice::from_ref(&ready),
+            &History::default(),
+            epoch(10),
+        );
+        assert!(ups(&p).is_empty(), "{}", reasons(&p));
+        // Long after it turned Ready a node that never became usable is broken, not coming:
+        // the pods get a node.
+        let later = run(
+            &s,
+            std::slice::from_ref(&with_startup),
+            std::slice::from_ref(&ready),
+            &History::default(),
+            epoch(8 + SETTLE_MS / 1000 + 1),
+        );
+        assert_eq!(
+            ups(&later),
+            [("general".to_string(), 1)],
+            "{}",
+            reasons(&later)
+        );
+    }
+}
+
+fn planner_ms(t: SystemTime) -> u64 {
+    ms(t)
+}
