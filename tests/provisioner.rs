@@ -28,14 +28,20 @@ impl Fixture {
     }
 
     fn with_ttl(ttl: &str) -> Fixture {
+        Fixture::with(ttl, &pool_yaml(""), "")
+    }
+
+    /// A fixture whose store holds `pool` and whose provisioner config has `service` (lines
+    /// indented by two spaces) besides the usual.
+    fn with(ttl: &str, pool: &str, service: &str) -> Fixture {
         let etcd = EtcdServer::start();
         let sim = SimServer::start(&["--boot-delay=300ms", "--boot-jitter=200ms"]);
         let store = EtcdReader::new(&etcd);
-        store.put_pool(&pool_yaml(""));
+        store.put_pool(pool);
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("provisioner.yaml");
         let yaml = format!(
-            "election: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  resilience: {{ callTimeout: 2s, attempts: 4, retryMinDelay: 50ms, retryMaxDelay: 400ms, breakerFailures: 5, breakerRecovery: 3s }}\n  nodeTtl: {ttl}\n  instanceCheckInterval: 1s\n  drainPollInterval: 200ms\n",
+            "election: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n  resilience: {{ callTimeout: 2s, attempts: 4, retryMinDelay: 50ms, retryMaxDelay: 400ms, breakerFailures: 5, breakerRecovery: 3s }}\n  nodeTtl: {ttl}\n  instanceCheckInterval: 1s\n  drainPollInterval: 200ms\n{service}",
             sim.kubeconfig().display(),
             sim.url()
         );
@@ -63,6 +69,20 @@ impl Fixture {
             (p.metric("shoal_leader{service=\"provisioner\"}") == Some(1.0)).then_some(())
         });
         assert!(leads.is_some(), "{instance} leads\n{}", p.process.logs());
+        p
+    }
+
+    /// A second replica; it stands by while another leads.
+    fn provisioner_standby(&self, instance: &str) -> Running {
+        let config = format!("--config={}", self.config.display());
+        let mut p = Running::start(
+            "shoal-provisioner",
+            instance,
+            Some(&self.etcd),
+            &[&config],
+            &[],
+        );
+        p.wait_ready();
         p
     }
 
@@ -697,6 +717,36 @@ fn docker_backend_runs_nodes_as_containers_that_register_with_the_simulator() {
     };
     assert_eq!(ready_nodes(), ["dock-1", "dock-2", "dock-3"]);
 
+    // A container Shoal did not make (as the k3s server's would be): Repair refuses to delete
+    // it, and it is still there.
+    let stranger = format!("stranger-{}", std::process::id());
+    let stranger_id = sh(&format!(
+        "docker create --name {stranger} {image} agent --help"
+    ));
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f", &self.0])
+                .output();
+        }
+    }
+    let _remove = Remove(stranger.clone());
+    let e = refused(
+        p.grpc,
+        "Repair",
+        json!({ "passId": "t", "reason": "test", "deleteInstance": format!("docker/{stranger_id}") }),
+    );
+    assert!(
+        e.contains("FailedPrecondition") && e.contains("not this cluster's"),
+        "{e}"
+    );
+    assert_eq!(
+        sh(&format!("docker inspect -f '{{{{.Name}}}}' {stranger}")),
+        format!("/{stranger}"),
+        "the container is still there"
+    );
+
     // 3 → 1: drained and removed; containers and Nodes match.
     let op = call(
         &p,
@@ -736,4 +786,190 @@ fn docker_backend_runs_nodes_as_containers_that_register_with_the_simulator() {
         "{failed}"
     );
     assert!(ready_nodes().is_empty(), "its Node is removed too");
+}
+
+#[test]
+fn one_call_creates_500_nodes_and_one_deletes_them_on_etcd_with_default_limits() {
+    // etcd refuses transactions of more than 128 operations; one CreateNodes of 500 and one
+    // DeleteNodes of 500 must still work, and retention then trims the finished records in
+    // chunks.
+    let f = Fixture::with(
+        "120s",
+        "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: big }\nspec:\n  provider: { backend: sim }\n  template:\n    capacity: { cpu: \"1\", memory: 1Gi }\n  limits: { minNodes: 0, maxNodes: 500 }\n  scaleDown: { drainTimeout: 30s }\n",
+        "  retention: { claims: { maxAge: 1h, maxCount: 100 }, operations: { maxAge: 1h, maxCount: 1 }, interval: 1s }\n",
+    );
+    let p = f.provisioner("prov-big", &[]);
+    let started = std::time::Instant::now();
+    let op = call(
+        &p,
+        "CreateNodes",
+        json!({ "pool": "big", "count": 500, "idempotencyKey": "big-up" }),
+    );
+    assert_eq!(op["claimIds"].as_array().map(Vec::len), Some(500), "{op}");
+    let again = call(
+        &p,
+        "CreateNodes",
+        json!({ "pool": "big", "count": 500, "idempotencyKey": "big-up" }),
+    );
+    assert_eq!(
+        again["id"], op["id"],
+        "the same key names the same operation"
+    );
+    let done = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(240));
+    assert_eq!(done["state"], "OPERATION_STATE_SUCCEEDED", "{done}");
+    println!("500 nodes Ready after {:?}", started.elapsed());
+    assert_eq!(f.instances().len(), 500);
+    assert_eq!(f.claimed_nodes().len(), 500);
+    let names: BTreeSet<String> = f
+        .live_claims()
+        .iter()
+        .filter_map(|c| c["nodeName"].as_str().map(String::from))
+        .collect();
+    assert_eq!(names.len(), 500, "500 distinct node names");
+    // The pool is full: one more is refused, atomically with the count.
+    let e = refused(p.grpc, "CreateNodes", json!({ "pool": "big", "count": 1 }));
+    assert!(
+        e.contains("FailedPrecondition") && e.contains("above its maxNodes 500"),
+        "{e}"
+    );
+
+    let started = std::time::Instant::now();
+    let all: Vec<&String> = names.iter().collect();
+    let op = call(
+        &p,
+        "DeleteNodes",
+        json!({ "nodes": all, "idempotencyKey": "big-down" }),
+    );
+    assert_eq!(op["claimIds"].as_array().map(Vec::len), Some(500), "{op}");
+    let done = wait_op(&p, op["id"].as_str().expect("id"), Duration::from_secs(240));
+    assert_eq!(done["state"], "OPERATION_STATE_SUCCEEDED", "{done}");
+    println!("500 nodes deleted after {:?}", started.elapsed());
+    let empty = wait_for(Duration::from_secs(20), || {
+        (f.instances().is_empty() && f.claimed_nodes().is_empty()).then_some(())
+    });
+    assert!(empty.is_some(), "no instance or Node is left");
+
+    // Retention: at most 100 finished claims and 1 finished operation (with its key) remain.
+    let trimmed = wait_for(Duration::from_secs(20), || {
+        let claims = f.store.values_under("claims/").len();
+        let ops = f.store.values_under("ops/").len();
+        let keys = f.store.values_under("idempotency/").len();
+        (claims <= 100 && ops == 1 && keys == 1).then_some((claims, ops, keys))
+    });
+    assert!(
+        trimmed.is_some(),
+        "retention trims: claims {}, ops {}, keys {}",
+        f.store.values_under("claims/").len(),
+        f.store.values_under("ops/").len(),
+        f.store.values_under("idempotency/").len()
+    );
+    assert!(
+        p.metric("shoal_provisioner_records_removed_total{kind=\"claim\"}")
+            .is_some_and(|n| n >= 400.0),
+        "{}",
+        p.metrics_text()
+    );
+    f.assert_consistent();
+}
+
+#[test]
+fn concurrent_creates_on_two_replicas_never_pass_max_nodes() {
+    // Room for 5 (maxNodes 5); 20 CreateNodes of one node each, at once, half to each replica.
+    let f = Fixture::new();
+    let a = f.provisioner("prov-a", &[]);
+    let b = f.provisioner_standby("prov-b");
+    let addrs = [a.grpc, b.grpc];
+    let results: Vec<Result<String, String>> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..20)
+            .map(|i| {
+                let addr = addrs[i % 2];
+                scope.spawn(move || {
+                    let out = grpcurl(&[
+                        "-plaintext",
+                        "-d",
+                        &json!({ "pool": "general", "count": 1, "idempotencyKey": format!("race-{i}") })
+                            .to_string(),
+                        &addr.to_string(),
+                        "shoal.v1.ProvisionerService/CreateNodes",
+                    ]);
+                    if out.status.success() {
+                        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+                    } else {
+                        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+                    }
+                })
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| c.join().expect("call thread"))
+            .collect()
+    });
+    let accepted = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(accepted, 5, "exactly the room: {results:#?}");
+    for refusal in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(
+            refusal.contains("FailedPrecondition") && refusal.contains("above its maxNodes 5"),
+            "{refusal}"
+        );
+    }
+    let ready = wait_for(Duration::from_secs(30), || {
+        let live = f.live_claims();
+        (live.len() == 5 && live.iter().all(|c| c["phase"] == "Ready")).then_some(())
+    });
+    assert!(ready.is_some(), "five Ready claims: {:#?}", f.live_claims());
+    assert_eq!(f.instances().len(), 5);
+    f.assert_consistent();
+}
+
+#[test]
+fn repair_refuses_instances_and_nodes_this_cluster_does_not_own() {
+    let f = Fixture::new();
+    let p = f.provisioner("prov-1", &[]);
+    // An instance in the same cloud without our cluster id (another cluster's, or a server
+    // someone runs there), and a Node nobody labelled.
+    let body = json!({ "name": "not-ours", "labels": { "shoal.dev/pool": "general" }, "capacity": { "cpu": "2", "memory": "4Gi" } }).to_string();
+    let (code, created) =
+        shoal_testkit::http_request(f.sim.addr(), "POST", "/cloud/v1/instances", Some(&body))
+            .expect("create");
+    assert_eq!(code, 201, "{created}");
+    let id = serde_json::from_str::<Value>(&created).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let bare = json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "hand-made" } })
+        .to_string();
+    let (code, answer) =
+        shoal_testkit::http_request(f.sim.addr(), "POST", "/api/v1/nodes", Some(&bare))
+            .expect("node");
+    assert_eq!(code, 201, "{answer}");
+
+    let e = refused(
+        p.grpc,
+        "Repair",
+        json!({ "passId": "t", "reason": "test", "deleteInstance": format!("sim/{id}") }),
+    );
+    assert!(
+        e.contains("FailedPrecondition") && e.contains("not this cluster's"),
+        "{e}"
+    );
+    let e = refused(
+        p.grpc,
+        "Repair",
+        json!({ "passId": "t", "reason": "test", "deleteNode": "hand-made" }),
+    );
+    assert!(
+        e.contains("FailedPrecondition") && e.contains("Shoal did not create it"),
+        "{e}"
+    );
+    assert_eq!(
+        sim_get(f.sim.addr(), &format!("/cloud/v1/instances/{id}"))["id"],
+        id.as_str(),
+        "the instance is still there"
+    );
+    assert_eq!(
+        node(&f, "hand-made")["metadata"]["name"],
+        "hand-made",
+        "the Node is still there"
+    );
 }

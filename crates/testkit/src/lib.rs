@@ -7,11 +7,13 @@
 pub mod etcd;
 pub mod process;
 pub mod prometheus;
+pub mod proxy;
 pub mod sim;
 
 pub use etcd::EtcdServer;
 pub use process::{ServiceProcess, bin_path};
 pub use prometheus::PrometheusServer;
+pub use proxy::TcpProxy;
 pub use sim::SimServer;
 
 use std::{
