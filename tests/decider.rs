@@ -85,6 +85,30 @@ fn pools_are_validated_and_evaluate_explains_a_json_snapshot() {
         "field violations as details: {stderr}"
     );
 
+    // Bounds: a 10,000-year cooldown, a hundred million nodes and a backend this build does
+    // not have are refused, each with its field path (and the backends it does have).
+    let absurd = GENERAL
+        .replace("maxNodes: 10", "maxNodes: 100000000")
+        .replace("backend: sim", "backend: proxmox")
+        + "  scaleUp: { cooldown: 87600000h }\n";
+    let body = serde_json::json!({ "yaml": absurd }).to_string();
+    let out = grpcurl(&[
+        "-plaintext",
+        "-d",
+        &body,
+        &addr,
+        "shoal.v1.PoolService/ApplyPool",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for expected in [
+        "spec.limits.maxNodes: 100000000 is not between 1 and 10000",
+        "spec.scaleUp.cooldown: 3650000d is longer than the most allowed, 1d",
+        "spec.provider.backend: \"proxmox\" is not a backend this build has (it has: docker, sim)",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} in {stderr}");
+    }
+
     let general = apply_pool(&decider, GENERAL);
     assert_eq!(general["name"], "general");
     assert!(
