@@ -1,5 +1,6 @@
 //! `shoal demo`, the README's first command: it must come up on a machine with nothing else
-//! running, scale the simulated cluster, and stop cleanly on Ctrl-C.
+//! running, scale the simulated cluster up and down — never with more nodes than the load
+//! needs — and stop cleanly on Ctrl-C.
 
 use std::time::Duration;
 
@@ -41,6 +42,35 @@ fn the_demo_scales_the_simulated_cluster_and_stops_cleanly_on_sigint() {
             .any(|l| l.contains("| unschedulable ") && !l.ends_with("| unschedulable 0")),
         "the live view shows pending pods:\n{logs}"
     );
+    // No double scale-up across two ramp cycles: the ramp peaks at 12 pods of 500m on 2-CPU
+    // nodes, so 3 nodes; each ramp-up asks for the 2 nodes its 8 pending pods need, once.
+    let second = wait_for(Duration::from_secs(120), || {
+        (demo.logs().matches("pending pod(s) (default/web").count() >= 2).then_some(())
+    });
+    assert!(second.is_some(), "a second ramp-up:\n{}", demo.logs());
+    let logs = demo.logs();
+    let most = logs
+        .lines()
+        .filter_map(|l| {
+            l.split("] nodes ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .max();
+    assert_eq!(
+        most,
+        Some(3),
+        "never more nodes than the peak needs:\n{logs}"
+    );
+    for up in logs
+        .lines()
+        .filter(|l| l.contains("decision: scale up") && l.contains("pending pod(s)"))
+    {
+        assert!(up.contains("scale up general +2:"), "{up}\n{logs}");
+    }
     demo.signal(Signal::SIGINT);
     let status = demo.wait_exit(Duration::from_secs(20));
     assert!(
