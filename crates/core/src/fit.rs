@@ -233,20 +233,29 @@ pub fn nodes_to_find(nodes: usize) -> usize {
 /// The scheduler's message for a pod that fits nowhere, e.g.
 /// `0/3 nodes are available: 1 node(s) were unschedulable, 2 Insufficient cpu.`
 pub fn unschedulable_message<'a>(per_node: impl IntoIterator<Item = &'a [Misfit]>) -> String {
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut counts: BTreeMap<&Misfit, usize> = BTreeMap::new();
     let mut nodes = 0;
     for reasons in per_node {
         nodes += 1;
         for reason in reasons {
-            *counts.entry(reason.to_string()).or_default() += 1;
+            *counts.entry(reason).or_default() += 1;
         }
     }
+    unschedulable_message_counted(nodes, counts)
+}
+
+/// [`unschedulable_message`] from `nodes` nodes and how many had each reason (for callers that
+/// count as they scan instead of keeping every node's reasons).
+pub fn unschedulable_message_counted<'a>(
+    nodes: usize,
+    counts: impl IntoIterator<Item = (&'a Misfit, usize)>,
+) -> String {
     if nodes == 0 {
         return "no nodes available to schedule pods".to_string();
     }
     // The scheduler sorts the formatted "<count> <reason>" strings.
     let mut parts: Vec<String> = counts
-        .iter()
+        .into_iter()
         .map(|(reason, n)| format!("{n} {reason}"))
         .collect();
     parts.sort();

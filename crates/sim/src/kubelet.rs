@@ -98,6 +98,23 @@ fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &
     let (Some(nodes), Some(pods)) = (by_kind("Node"), by_kind("Pod")) else {
         return;
     };
+    // Most changes concern nothing a kubelet does: decide from the indexed fields before
+    // parsing the object.
+    let interesting = match (change.plural, change.kind) {
+        ("nodes", EventType::Deleted | EventType::Added) => true,
+        ("pods", EventType::Added | EventType::Modified) => {
+            change
+                .object
+                .field("spec.nodeName")
+                .is_some_and(|n| !n.is_empty())
+                && (change.object.field("status.phase").as_deref() == Some("Pending")
+                    || change.kind == EventType::Modified)
+        }
+        _ => false,
+    };
+    if !interesting {
+        return;
+    }
     let object = change.object.value();
     match (change.plural, change.kind) {
         ("nodes", EventType::Deleted) => {

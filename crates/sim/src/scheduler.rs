@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{Value, json};
 use shoal_core::{
     Resources,
-    fit::{Misfit, NodeFacts, PodDemand, misfits, nodes_to_find, unschedulable_message},
+    fit::{Misfit, NodeFacts, PodDemand, misfits, nodes_to_find, unschedulable_message_counted},
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -29,174 +29,332 @@ fn kinds() -> Option<(&'static ResourceKind, &'static ResourceKind)> {
 
 #[derive(Default)]
 struct Cache {
-    nodes: BTreeMap<String, NodeFacts>,
+    /// Nodes (their facts carry `requested`, kept current as pods bind and go).
+    nodes: Vec<(String, NodeFacts)>,
+    index: HashMap<String, usize>,
     /// (namespace, name) → (node, requests) of pods that occupy a node.
     bound: HashMap<(String, String), (String, Resources)>,
+    /// Requests of bound pods per node, also for nodes not seen yet.
+    requested: HashMap<String, Resources>,
     /// (namespace, name) → (demand, message last written).
     pending: BTreeMap<(String, String), (PodDemand, Option<String>)>,
+    /// When each pending pod's condition was last rewritten and how often: like
+    /// kube-scheduler's per-pod backoff (1 s doubling to 10 s), a pod that stays unschedulable
+    /// is not rewritten on every pass while nodes come and go.
+    written: HashMap<(String, String), (tokio::time::Instant, u32)>,
     /// Where the next node search starts (rotates, as in kube-scheduler).
     next_start: usize,
 }
 
 impl Cache {
-    fn apply(&mut self, plural: &str, kind: EventType, object: &Stored) {
-        let key = (object.namespace.clone(), object.name.clone());
-        match plural {
-            "nodes" if kind == EventType::Deleted => {
-                self.nodes.remove(&object.name);
-            }
-            "nodes" => {
-                if let Ok(node) = serde_json::from_slice::<Node>(&object.json) {
-                    self.nodes.insert(object.name.clone(), node_facts(&node));
-                }
-            }
-            "pods" => {
-                self.bound.remove(&key);
-                self.pending.remove(&key);
-                if kind == EventType::Deleted {
-                    return;
-                }
-                let Ok(pod) = serde_json::from_slice::<Pod>(&object.json) else {
-                    return;
-                };
-                let phase = pod
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.phase.as_deref())
-                    .unwrap_or("Pending");
-                if matches!(phase, "Succeeded" | "Failed") {
-                    return;
-                }
-                let demand = pod_demand(&pod);
-                match pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.node_name.clone())
-                    .filter(|n| !n.is_empty())
-                {
-                    Some(node) => {
-                        self.bound.insert(key, (node, demand.requests));
-                    }
-                    None => {
-                        let message = pod
-                            .status
-                            .as_ref()
-                            .and_then(|s| s.conditions.as_ref())
-                            .and_then(|cs| {
-                                cs.iter()
-                                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-                            })
-                            .and_then(|c| c.message.clone());
-                        self.pending.insert(key, (demand, message));
-                    }
-                }
-            }
-            _ => {}
+    fn occupy(&mut self, node: &str, requests: &Resources, add: bool) {
+        let tally = self.requested.entry(node.to_string()).or_default();
+        *tally = if add {
+            tally.saturating_add(requests)
+        } else {
+            tally.saturating_sub(requests)
+        };
+        let tally = tally.clone();
+        if let Some(i) = self.index.get(node) {
+            self.nodes[*i].1.requested = tally;
         }
     }
 
-    /// One scheduling pass over every pending pod. Like kube-scheduler, it stops looking after
-    /// [`nodes_to_find`] feasible nodes (starting where the previous pod stopped) and scores only
-    /// those; pods identical to one that fit nowhere in this pass are not evaluated again.
-    fn schedule(&mut self, store: &Store, pods: &'static ResourceKind) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let mut nodes: Vec<(String, NodeFacts)> = self
-            .nodes
-            .iter()
-            .map(|(n, f)| (n.clone(), f.clone()))
-            .collect();
-        let index: HashMap<String, usize> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, (n, _))| (n.clone(), i))
-            .collect();
-        for (node, requests) in self.bound.values() {
-            if let Some(i) = index.get(node) {
-                nodes[*i].1.requested = nodes[*i].1.requested.saturating_add(requests);
+    fn remove_node(&mut self, name: &str) {
+        if let Some(i) = self.index.remove(name) {
+            self.nodes.swap_remove(i);
+            if let Some((moved, _)) = self.nodes.get(i) {
+                self.index.insert(moved.clone(), i);
             }
         }
-        let to_find = nodes_to_find(nodes.len());
-        let mut nowhere: HashMap<PodDemand, String> = HashMap::new();
-        let pending: Vec<_> = self
-            .pending
-            .iter()
-            .map(|(k, (d, m))| (k.clone(), d.clone(), m.clone()))
-            .collect();
-        for ((namespace, name), demand, last_message) in pending {
-            let message = match nowhere.get(&demand) {
-                Some(message) => Some(message.clone()),
-                None => {
-                    let mut best: Option<(usize, f64)> = None;
-                    let mut found = 0;
-                    let mut reasons: Vec<Vec<Misfit>> = Vec::new();
-                    let mut scanned = 0;
-                    while scanned < nodes.len() && found < to_find.max(1) {
-                        let i = (self.next_start + scanned) % nodes.len();
-                        scanned += 1;
-                        let misfit = misfits(&demand, &nodes[i].1);
-                        if misfit.is_empty() {
-                            found += 1;
-                            let score = free_fraction(&nodes[i].1);
-                            if best.is_none_or(|(_, s)| score > s) {
-                                best = Some((i, score));
-                            }
-                        } else {
-                            reasons.push(misfit);
-                        }
+    }
+
+    /// Applies a change; true when it can change where pods go (a node's facts, a pod that
+    /// needs a place, or capacity freed or taken) — not heartbeats or status updates.
+    fn apply(&mut self, plural: &str, kind: EventType, object: &Stored) -> bool {
+        let key = (object.namespace.clone(), object.name.clone());
+        match plural {
+            "nodes" if kind == EventType::Deleted => {
+                self.remove_node(&object.name);
+                true
+            }
+            "nodes" => {
+                let Ok(node) = serde_json::from_slice::<Node>(&object.json) else {
+                    return false;
+                };
+                let mut facts = node_facts(&node);
+                facts.requested = self
+                    .requested
+                    .get(&object.name)
+                    .cloned()
+                    .unwrap_or_default();
+                match self.index.get(&object.name) {
+                    Some(i) if self.nodes[*i].1 == facts => false,
+                    Some(i) => {
+                        self.nodes[*i].1 = facts;
+                        true
                     }
-                    if !nodes.is_empty() {
-                        self.next_start = (self.next_start + scanned) % nodes.len();
-                    }
-                    match best {
-                        Some((i, _)) => {
-                            let node_name = nodes[i].0.clone();
-                            let bound = store.modify(pods, &namespace, &name, false, |pod| {
-                                if pod
-                                    .pointer("/spec/nodeName")
-                                    .and_then(Value::as_str)
-                                    .is_some_and(|n| !n.is_empty())
-                                {
-                                    return false;
-                                }
-                                pod["spec"]["nodeName"] = json!(node_name);
-                                true
-                            });
-                            if matches!(bound, Ok(Some(_))) {
-                                let _ = store.modify(pods, &namespace, &name, true, |pod| {
-                                    set_scheduled(pod, "True", None, None)
-                                });
-                                nodes[i].1.requested =
-                                    nodes[i].1.requested.saturating_add(&demand.requests);
-                                self.pending.remove(&(namespace.clone(), name.clone()));
-                                self.bound.insert(
-                                    (namespace.clone(), name.clone()),
-                                    (node_name, demand.requests),
-                                );
-                            }
-                            None
-                        }
-                        None => {
-                            let message = unschedulable_message(reasons.iter().map(Vec::as_slice));
-                            nowhere.insert(demand, message.clone());
-                            Some(message)
-                        }
+                    None => {
+                        self.index.insert(object.name.clone(), self.nodes.len());
+                        self.nodes.push((object.name.clone(), facts));
+                        true
                     }
                 }
-            };
-            if let Some(message) = message
-                && last_message.as_deref() != Some(message.as_str())
-            {
+            }
+            "pods" => {
+                let was_bound = self.bound.remove(&key);
+                let was_pending = self.pending.remove(&key);
+                if kind == EventType::Deleted {
+                    self.written.remove(&key);
+                }
+                if let Some((node, requests)) = &was_bound {
+                    self.occupy(node, requests, false);
+                }
+                let now = if kind == EventType::Deleted {
+                    None
+                } else {
+                    serde_json::from_slice::<Pod>(&object.json)
+                        .ok()
+                        .and_then(|pod| placement(&pod))
+                };
+                let relevant = match &now {
+                    None => was_bound.is_some() || was_pending.is_some(),
+                    Some(Placement::Bound(node, requests)) => {
+                        was_bound.as_ref() != Some(&(node.clone(), requests.clone()))
+                    }
+                    Some(Placement::Pending(demand, _)) => {
+                        was_pending.as_ref().is_none_or(|(d, _)| d != demand)
+                    }
+                };
+                match now {
+                    Some(Placement::Bound(node, requests)) => {
+                        self.occupy(&node, &requests, true);
+                        self.bound.insert(key, (node, requests));
+                    }
+                    Some(Placement::Pending(demand, message)) => {
+                        self.pending.insert(key, (demand, message));
+                    }
+                    None => {}
+                }
+                relevant
+            }
+            _ => false,
+        }
+    }
+
+    /// One scheduling pass over every pending pod. Pods alike (same demand) share one scan of
+    /// the nodes for the ones they could fit (kube-scheduler's equivalence classes); each pod
+    /// then looks at up to [`nodes_to_find`] of those still fitting (starting where the previous
+    /// pod stopped, as kube-scheduler does) and takes the least allocated. A class that fits
+    /// nowhere gets the scheduler's message once.
+    fn schedule(&mut self, store: &Store, pods: &'static ResourceKind) {
+        if self.pending.is_empty() || self.nodes.is_empty() {
+            return;
+        }
+        let to_find = nodes_to_find(self.nodes.len()).max(1);
+        let mut classes: HashMap<PodDemand, Vec<Waiting>> = HashMap::new();
+        for (key, (demand, message)) in &self.pending {
+            classes
+                .entry(demand.clone())
+                .or_default()
+                .push((key.clone(), message.clone()));
+        }
+        for (demand, members) in classes {
+            // The nodes this class fits, in search order from where the last search stopped.
+            let start = self.next_start % self.nodes.len();
+            let mut reasons = Reasons::default();
+            let mut feasible: Vec<usize> = Vec::new();
+            for k in 0..self.nodes.len() {
+                let i = (start + k) % self.nodes.len();
+                let misfit = misfits(&demand, &self.nodes[i].1);
+                if misfit.is_empty() {
+                    feasible.push(i);
+                } else {
+                    reasons.add(misfit);
+                }
+            }
+            let mut cursor = 0;
+            let mut unplaced = Vec::new();
+            for ((namespace, name), last_message) in members {
+                match self.pick(&demand, &mut feasible, &mut cursor, to_find, &mut reasons) {
+                    Some(i) => {
+                        if !self.bind(store, pods, &namespace, &name, i, &demand) {
+                            unplaced.push(((namespace, name), last_message));
+                        }
+                    }
+                    None => unplaced.push(((namespace, name), last_message)),
+                }
+            }
+            self.next_start = (start + cursor.max(1)) % self.nodes.len();
+            if unplaced.is_empty() {
+                continue;
+            }
+            let message = unschedulable_message_counted(
+                reasons.nodes,
+                reasons.counts.iter().map(|(m, n)| (m, *n)),
+            );
+            let now = tokio::time::Instant::now();
+            for ((namespace, name), last_message) in unplaced {
+                if last_message.as_deref() == Some(message.as_str()) {
+                    continue;
+                }
+                let key = (namespace.clone(), name.clone());
+                if last_message.is_some()
+                    && let Some((at, writes)) = self.written.get(&key)
+                    && now < *at + rewrite_backoff(*writes)
+                {
+                    continue;
+                }
+                let writes = self.written.get(&key).map_or(0, |w| w.1) + 1;
+                self.written.insert(key, (now, writes));
                 let written = store.modify(pods, &namespace, &name, true, |pod| {
                     set_scheduled(pod, "False", Some("Unschedulable"), Some(&message))
                 });
                 if written.is_ok()
                     && let Some(entry) = self.pending.get_mut(&(namespace, name))
                 {
-                    entry.1 = Some(message);
+                    entry.1 = Some(message.clone());
                 }
             }
+        }
+    }
+
+    /// The least allocated of up to `to_find` nodes of `feasible` that still fit `demand`,
+    /// starting at `cursor`; nodes that stopped fitting (filled by earlier pods of the class)
+    /// are dropped, their reasons kept for the message.
+    fn pick(
+        &self,
+        demand: &PodDemand,
+        feasible: &mut Vec<usize>,
+        cursor: &mut usize,
+        to_find: usize,
+        reasons: &mut Reasons,
+    ) -> Option<usize> {
+        let mut best: Option<(usize, f64)> = None;
+        let mut found = 0;
+        let mut k = 0;
+        while k < feasible.len() && found < to_find {
+            let at = (*cursor + k) % feasible.len();
+            let i = feasible[at];
+            let misfit = misfits(demand, &self.nodes[i].1);
+            if misfit.is_empty() {
+                found += 1;
+                let score = free_fraction(&self.nodes[i].1);
+                if best.is_none_or(|(_, s)| score > s) {
+                    best = Some((i, score));
+                }
+                k += 1;
+            } else {
+                reasons.add(misfit);
+                feasible.remove(at);
+                if at < *cursor {
+                    *cursor -= 1;
+                }
+            }
+        }
+        if !feasible.is_empty() {
+            *cursor = (*cursor + k) % feasible.len();
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// Binds a pod to node `i`; false when the pod changed meanwhile.
+    fn bind(
+        &mut self,
+        store: &Store,
+        pods: &'static ResourceKind,
+        namespace: &str,
+        name: &str,
+        i: usize,
+        demand: &PodDemand,
+    ) -> bool {
+        let node_name = self.nodes[i].0.clone();
+        let bound = store.modify(pods, namespace, name, false, |pod| {
+            if pod
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .is_some_and(|n| !n.is_empty())
+            {
+                return false;
+            }
+            pod["spec"]["nodeName"] = json!(node_name);
+            true
+        });
+        if !matches!(bound, Ok(Some(_))) {
+            return false;
+        }
+        let _ = store.modify(pods, namespace, name, true, |pod| {
+            set_scheduled(pod, "True", None, None)
+        });
+        let key = (namespace.to_string(), name.to_string());
+        self.pending.remove(&key);
+        self.written.remove(&key);
+        self.occupy(&node_name, &demand.requests, true);
+        self.bound.insert(key, (node_name, demand.requests.clone()));
+        true
+    }
+}
+
+/// A pending pod of a class: its (namespace, name) and the message last written.
+type Waiting = ((String, String), Option<String>);
+
+/// Wait before rewriting the condition of a pod still unschedulable after `writes` writes.
+fn rewrite_backoff(writes: u32) -> std::time::Duration {
+    std::time::Duration::from_secs((1u64 << writes.min(4).saturating_sub(1)).min(10))
+}
+
+/// Why nodes do not fit a class, counted as the nodes are scanned.
+#[derive(Default)]
+struct Reasons {
+    nodes: usize,
+    counts: HashMap<Misfit, usize>,
+}
+
+impl Reasons {
+    fn add(&mut self, misfit: Vec<Misfit>) {
+        self.nodes += 1;
+        for m in misfit {
+            *self.counts.entry(m).or_default() += 1;
+        }
+    }
+}
+
+/// Where a pod stands for the scheduler.
+enum Placement {
+    /// On a node, taking its requests.
+    Bound(String, Resources),
+    /// Waiting for a node; the message last written.
+    Pending(PodDemand, Option<String>),
+}
+
+fn placement(pod: &Pod) -> Option<Placement> {
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending");
+    if matches!(phase, "Succeeded" | "Failed") {
+        return None;
+    }
+    let demand = pod_demand(pod);
+    match pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .filter(|n| !n.is_empty())
+    {
+        Some(node) => Some(Placement::Bound(node, demand.requests)),
+        None => {
+            let message = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| {
+                    cs.iter()
+                        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                })
+                .and_then(|c| c.message.clone());
+            Some(Placement::Pending(demand, message))
         }
     }
 }
@@ -252,6 +410,9 @@ fn set_scheduled(
     true
 }
 
+/// Shortest time between two scheduling passes.
+const MIN_PASS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Runs the scheduler until `shutdown`.
 pub async fn run(store: Arc<Store>, shutdown: CancellationToken) {
     let Some((nodes, pods)) = kinds() else { return };
@@ -277,17 +438,26 @@ pub async fn run(store: Arc<Store>, shutdown: CancellationToken) {
                 relevant |= apply_change(&mut cache, &change);
             }
             if relevant {
-                cache.schedule(&store, pods);
+                let started = tokio::time::Instant::now();
+                // A pass is CPU work: keep it off the async workers the API server needs.
+                let multi = tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::MultiThread;
+                if multi {
+                    tokio::task::block_in_place(|| cache.schedule(&store, pods));
+                } else {
+                    cache.schedule(&store, pods);
+                }
+                // At most one pass per MIN_PASS_INTERVAL: under a storm of changes (thousands
+                // of nodes arriving) passes batch them instead of running per change.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(started + MIN_PASS_INTERVAL) => {}
+                }
             }
         }
     }
 }
 
 fn apply_change(cache: &mut Cache, change: &Change) -> bool {
-    if change.plural == "nodes" || change.plural == "pods" {
-        cache.apply(change.plural, change.kind, &change.object);
-        true
-    } else {
-        false
-    }
+    cache.apply(change.plural, change.kind, &change.object)
 }

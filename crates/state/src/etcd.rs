@@ -10,8 +10,8 @@ use etcd_client::{
 use futures::StreamExt;
 
 use crate::{
-    Compare, EventKind, KeyValue, LeaseId, Range, Revision, StateStore, StoreError, Txn, TxnOp,
-    TxnOutcome, WatchEvent, WatchStream,
+    Compare, EventKind, KeyValue, LeaseId, Range, Revision, StateStore, StoreError, StoreSize, Txn,
+    TxnOp, TxnOutcome, WatchEvent, WatchStream,
 };
 
 /// How to reach etcd.
@@ -47,6 +47,7 @@ pub struct EtcdStore {
     client: Client,
     namespace: String,
     timeout: Duration,
+    endpoints: Vec<String>,
 }
 
 impl EtcdStore {
@@ -74,10 +75,23 @@ impl EtcdStore {
             client,
             namespace: config.namespace.clone(),
             timeout: config.request_timeout,
+            endpoints: config.endpoints.clone(),
         };
         // A cheap read proves the endpoint really is etcd and answers.
         store.get("").await?;
         Ok(store)
+    }
+
+    /// A client of one member (maintenance calls act on the member they reach).
+    async fn member(&self, endpoint: &str) -> Result<Client, StoreError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(self.timeout)
+            .with_timeout(self.timeout);
+        self.deadline(
+            "connect",
+            Client::connect([endpoint.to_string()], Some(options)),
+        )
+        .await
     }
 
     fn full(&self, key: &str) -> String {
@@ -362,6 +376,54 @@ impl StateStore for EtcdStore {
             futures::future::ready(keep)
         });
         Ok(Box::pin(events))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        match self
+            .deadline("compact", client.compact(revision, None))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already compacted at or past it: nothing to do.
+            Err(StoreError::Compacted { .. }) => Ok(()),
+            Err(StoreError::Rejected(why)) if why.contains("compacted") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn size(&self) -> Result<Option<StoreSize>, StoreError> {
+        let mut largest: Option<StoreSize> = None;
+        for endpoint in &self.endpoints {
+            let mut member = self.member(endpoint).await?;
+            let status = self.deadline("status", member.status()).await?;
+            let size = StoreSize {
+                file_bytes: status.db_size(),
+                in_use_bytes: status.raft_used_db_size(),
+            };
+            if largest.is_none_or(|l| l.file_bytes < size.file_bytes) {
+                largest = Some(size);
+            }
+        }
+        Ok(largest)
+    }
+
+    async fn defragment(&self) -> Result<(), StoreError> {
+        // One member at a time, as etcd's operators are told to: each pauses while it runs.
+        for endpoint in &self.endpoints {
+            let mut member = self.member(endpoint).await?;
+            match tokio::time::timeout(Duration::from_secs(60), member.defragment()).await {
+                Ok(result) => {
+                    result.map_err(map_err)?;
+                }
+                Err(_) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "defragmenting {endpoint} took over 60s"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {

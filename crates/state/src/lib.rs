@@ -246,6 +246,31 @@ pub trait StateStore: Send + Sync + 'static {
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError>;
     /// Revokes a lease, deleting its keys.
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError>;
+    /// Drops the history of every key before `revision` (watches from earlier revisions then
+    /// fail with [`StoreError::Compacted`]). Compacting an already compacted revision succeeds.
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
+    /// The store's current revision.
+    async fn revision(&self) -> Result<Revision, StoreError> {
+        Ok(self.range(keys::CLUSTER).await?.revision)
+    }
+    /// How big the store's database is (etcd: the largest member's), when it can tell.
+    async fn size(&self) -> Result<Option<StoreSize>, StoreError> {
+        Ok(None)
+    }
+    /// Rewrites the database compactly, member by member, giving back the space compactions
+    /// freed (etcd's defragmentation; each member pauses while it runs).
+    async fn defragment(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// The size of a store's database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreSize {
+    /// Bytes the database file takes.
+    pub file_bytes: i64,
+    /// Bytes of it in use (the rest is free space left by compactions).
+    pub in_use_bytes: i64,
 }
 
 /// A shared store handle.

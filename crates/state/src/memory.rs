@@ -229,6 +229,25 @@ impl Inner {
 
 #[async_trait::async_trait]
 impl StateStore for MemoryStore {
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if revision > inner.revision {
+            return Err(StoreError::Rejected(format!(
+                "cannot compact to revision {revision}: the store is at {}",
+                inner.revision
+            )));
+        }
+        while inner
+            .history
+            .front()
+            .is_some_and(|e| e.kv.mod_revision < revision)
+        {
+            inner.history.pop_front();
+        }
+        inner.compacted = inner.compacted.max(revision - 1);
+        Ok(())
+    }
+
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         Ok(self.lock().kvs.get(key).cloned())
     }

@@ -410,6 +410,52 @@ pub async fn delete_in_chunks(
     Ok(deleted)
 }
 
+/// What one compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    /// History before this revision is gone.
+    pub revision: Revision,
+    /// The database was defragmented afterwards.
+    pub defragmented: bool,
+    /// Its size after all that, when the store can tell.
+    pub size: Option<crate::StoreSize>,
+}
+
+/// Compacts the store's history to `keep` revisions before the current one (only while
+/// `leadership` holds: one replica does it), then, when the database file has grown past
+/// `defragment_above` times the bytes in use (0: never), defragments it so the file shrinks to
+/// what is kept.
+pub async fn compact_history(
+    store: &SharedStore,
+    leadership: &Leadership,
+    keep: u64,
+    defragment_above: f64,
+) -> Result<Option<Compacted>, StoreError> {
+    let current = store.revision().await?;
+    let target = current - keep as Revision;
+    if target <= 1 || !leadership.is_held() {
+        return Ok(None);
+    }
+    store.compact(target).await?;
+    let mut size = store.size().await?;
+    let mut defragmented = false;
+    if let Some(s) = size
+        && defragment_above > 0.0
+        && s.in_use_bytes > 0
+        && s.file_bytes as f64 > defragment_above * s.in_use_bytes as f64
+        && leadership.is_held()
+    {
+        store.defragment().await?;
+        defragmented = true;
+        size = store.size().await?;
+    }
+    Ok(Some(Compacted {
+        revision: target,
+        defragmented,
+        size,
+    }))
+}
+
 /// What retention removes from the provisioner's records in one sweep.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Sweep {

@@ -63,6 +63,7 @@ conformance!(
     resigning_hands_over_at_once,
     range_reads_past_one_page_as_one_snapshot,
     txn_over_the_etcd_op_limit_is_refused,
+    compaction_drops_history_but_not_keys,
 );
 
 async fn next_event(stream: &mut WatchStream) -> WatchEvent {
@@ -485,4 +486,29 @@ async fn txn_over_the_etcd_op_limit_is_refused(store: SharedStore) {
     };
     assert!(store.txn(fits).await.unwrap().succeeded);
     assert_eq!(store.range("big/").await.unwrap().kvs.len(), 128);
+}
+
+async fn compaction_drops_history_but_not_keys(store: SharedStore) {
+    let first = store.put("k/a", b"1".to_vec(), None).await.unwrap();
+    store.put("k/a", b"2".to_vec(), None).await.unwrap();
+    let last = store.put("k/b", b"3".to_vec(), None).await.unwrap();
+    assert_eq!(store.revision().await.unwrap(), last);
+    store.compact(last).await.unwrap();
+    store.compact(last).await.unwrap(); // again: nothing to do
+    assert_eq!(store.range("k/").await.unwrap().kvs.len(), 2, "keys stay");
+    // Refused at once or as the stream's first item, as each store does.
+    match store.watch("k/", Some(first)).await {
+        Err(StoreError::Compacted { .. }) => {}
+        Err(other) => panic!("a watch from before the compaction must fail: {other:?}"),
+        Ok(mut old) => match tokio::time::timeout(Duration::from_secs(10), old.next()).await {
+            Ok(Some(Err(StoreError::Compacted { .. }))) => {}
+            other => panic!("a watch from before the compaction must fail: {other:?}"),
+        },
+    }
+    let mut recent = store.watch("k/", Some(last)).await.unwrap();
+    assert_eq!(
+        next_event(&mut recent).await.kv.key,
+        "k/b",
+        "history from the kept revision"
+    );
 }

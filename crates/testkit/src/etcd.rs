@@ -16,11 +16,17 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl EtcdServer {
     /// Starts etcd and waits until it reports healthy.
     pub fn start() -> EtcdServer {
+        EtcdServer::start_with(&[])
+    }
+
+    /// As [`EtcdServer::start`], with more flags (e.g. `--auto-compaction-retention=30s`).
+    pub fn start_with(extra: &[&str]) -> EtcdServer {
         let binary = require_tool("etcd", "install Debian's etcd-server package");
         let data = tempfile::Builder::new()
             .prefix("shoal-etcd-")
@@ -32,6 +38,7 @@ impl EtcdServer {
             client_port: free_port(),
             peer_port: free_port(),
             child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         server.launch();
         server
@@ -40,6 +47,11 @@ impl EtcdServer {
     /// `http://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The data directory's size on disk (the bbolt file and the WAL).
+    pub fn data_dir(&self) -> PathBuf {
+        self.data.path().join("data")
     }
 
     fn addr(&self) -> SocketAddr {
@@ -63,6 +75,7 @@ impl EtcdServer {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=shoal-test={peer}"))
             .arg("--log-level=warn")
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -202,6 +202,8 @@ impl Provisioner {
             .filter_map(|(id, o)| o.as_ref().err().map(|why| format!("{id}: {why}")))
             .collect();
         let mut done = op;
+        // Every planned claim is written by now: the finished record need not carry the plan.
+        done.planned.clear();
         done.state = if failures.is_empty() {
             OperationState::Succeeded
         } else if failures.len() == outcomes.len() {
@@ -692,7 +694,8 @@ impl Provisioner {
         }
     }
 
-    /// Exports claims by pool and phase (every replica, from its cache).
+    /// Exports claims by pool and phase (every replica, from its cache), at most once a second:
+    /// thousands of claims changing at once must not each trigger a count of all of them.
     pub async fn export_claim_gauges(self: Arc<Self>, shutdown: CancellationToken) {
         let mut changes = self.claims.changes();
         let mut seen: HashSet<(String, String)> = HashSet::new();
@@ -721,6 +724,10 @@ impl Provisioner {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 c = changes.changed() => if c.is_err() { return },
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }

@@ -73,8 +73,9 @@ pub struct RetentionSettings {
     /// Deleted and Failed claims.
     #[serde(default = "default_claim_retention")]
     pub claims: Retention,
-    /// Finished operations and their idempotency keys.
-    #[serde(default = "default_claim_retention")]
+    /// Finished operations and their idempotency keys (fewer than claims: an operation lists
+    /// all its claims).
+    #[serde(default = "default_operation_retention")]
     pub operations: Retention,
     /// Time between sweeps (leader only).
     #[serde(with = "humantime_serde", default = "default_sweep")]
@@ -87,6 +88,12 @@ fn default_claim_retention() -> Retention {
         max_count: 1000,
     }
 }
+fn default_operation_retention() -> Retention {
+    Retention {
+        max_age: Duration::from_secs(24 * 3600),
+        max_count: 200,
+    }
+}
 fn default_sweep() -> Duration {
     Duration::from_secs(60)
 }
@@ -95,7 +102,7 @@ impl Default for RetentionSettings {
     fn default() -> Self {
         RetentionSettings {
             claims: default_claim_retention(),
-            operations: default_claim_retention(),
+            operations: default_operation_retention(),
             interval: default_sweep(),
         }
     }

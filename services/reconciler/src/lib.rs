@@ -69,6 +69,52 @@ pub struct ReconcilerSettings {
     /// schedule.
     #[serde(with = "humantime_serde", default = "one_minute")]
     pub pass_timeout: Duration,
+    /// Compaction of the store's history by the leader.
+    #[serde(default)]
+    pub compaction: Compaction,
+}
+
+/// `service.compaction`: the reconciler's leader compacts the store's history (as
+/// kube-apiserver does its etcd's), so etcd's database stops growing with every write Shoal
+/// makes. Turn it off when the etcd is shared and compacted by its own operators.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Compaction {
+    /// Compact at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Time between compactions.
+    #[serde(with = "humantime_serde", default = "five_minutes")]
+    pub interval: Duration,
+    /// Revisions of history kept (watches resume within them; older ones re-read).
+    #[serde(default = "default_keep")]
+    pub keep_revisions: u64,
+    /// After a compaction, defragment (member by member) when the database file is more than
+    /// this many times the bytes in use, so the file shrinks back; 0 never defragments.
+    #[serde(default = "default_defragment_above")]
+    pub defragment_above: f64,
+}
+
+fn default_defragment_above() -> f64 {
+    2.0
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_keep() -> u64 {
+    10_000
+}
+
+impl Default for Compaction {
+    fn default() -> Self {
+        Compaction {
+            enabled: true,
+            interval: five_minutes(),
+            keep_revisions: default_keep(),
+            defragment_above: default_defragment_above(),
+        }
+    }
 }
 
 fn one_minute() -> Duration {
@@ -124,6 +170,7 @@ impl Default for ReconcilerSettings {
             drift_max_age: seven_days(),
             dry_run: false,
             pass_timeout: one_minute(),
+            compaction: Compaction::default(),
         }
     }
 }
@@ -147,6 +194,20 @@ impl ServiceSettings for ReconcilerSettings {
             || self.drift_max_age > Duration::from_secs(90 * 86400)
         {
             errors.add("service.driftMaxAge", "must be between 1m and 90d");
+        }
+        if self.compaction.interval < Duration::from_secs(1) {
+            errors.add("service.compaction.interval", "must be at least 1s");
+        }
+        if self.compaction.defragment_above != 0.0
+            && !(1.1..=100.0).contains(&self.compaction.defragment_above)
+        {
+            errors.add(
+                "service.compaction.defragmentAbove",
+                "must be 0 (never) or between 1.1 and 100",
+            );
+        }
+        if self.compaction.keep_revisions < 100 {
+            errors.add("service.compaction.keepRevisions", "must be at least 100");
         }
         if self.pass_timeout < Duration::from_secs(1)
             || self.pass_timeout > Duration::from_secs(3600)

@@ -62,6 +62,59 @@ fn ready_of(node: &Node) -> (bool, u64) {
 }
 
 impl Reconciler {
+    /// Every `compaction.interval` while leading: compacts the store's history to the last
+    /// `compaction.keepRevisions` revisions.
+    async fn compact(
+        &self,
+        leadership: &shoal_state::Leadership,
+        term: &tokio_util::sync::CancellationToken,
+    ) {
+        let settings = self.settings.compaction;
+        if !settings.enabled {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = term.cancelled() => return,
+                _ = tokio::time::sleep(settings.interval) => {}
+            }
+            match shoal_state::records::compact_history(
+                &self.store,
+                leadership,
+                settings.keep_revisions,
+                settings.defragment_above,
+            )
+            .await
+            {
+                Ok(Some(done)) => {
+                    self.stats.compactions.inc();
+                    if done.defragmented {
+                        self.stats.defragmentations.inc();
+                    }
+                    if let Some(size) = done.size {
+                        self.stats
+                            .db_bytes
+                            .with_label_values(&["file"])
+                            .set(size.file_bytes);
+                        self.stats
+                            .db_bytes
+                            .with_label_values(&["in_use"])
+                            .set(size.in_use_bytes);
+                    }
+                    tracing::debug!(
+                        revision = done.revision,
+                        defragmented = done.defragmented,
+                        "store history compacted"
+                    );
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "store compaction failed; next interval retries")
+                }
+            }
+        }
+    }
+
     /// One pass, given up (DEADLINE_EXCEEDED) after `passTimeout`: a hung backend or Kubernetes
     /// API never holds the reconciler.
     pub async fn bounded_pass(&self, dry_run: bool) -> Result<pb::ReconcileReport, tonic::Status> {
@@ -328,15 +381,19 @@ pub async fn run(
         let reconciler = reconciler.clone();
         async move {
             tracing::info!(term = leadership.term(), "leading the reconciler");
-            loop {
-                tokio::select! {
-                    _ = term.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(reconciler.settings.interval) => {}
+            let passes = async {
+                loop {
+                    tokio::select! {
+                        _ = term.cancelled() => return,
+                        _ = tokio::time::sleep(reconciler.settings.interval) => {}
+                    }
+                    if let Err(status) = reconciler.bounded_pass(false).await {
+                        tracing::warn!(code = ?status.code(), message = status.message(), "reconciliation pass failed; next pass in {:?}", reconciler.settings.interval);
+                    }
                 }
-                if let Err(status) = reconciler.bounded_pass(false).await {
-                    tracing::warn!(code = ?status.code(), message = status.message(), "reconciliation pass failed; next pass in {:?}", reconciler.settings.interval);
-                }
-            }
+            };
+            tokio::join!(passes, reconciler.compact(&leadership, &term));
+            Ok(())
         }
     })
     .await

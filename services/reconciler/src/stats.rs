@@ -1,6 +1,8 @@
 //! The reconciler's own Prometheus metrics (`shoal_reconciliation_*`).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 /// Handles to every metric the reconciler exports.
 #[derive(Clone)]
@@ -15,6 +17,13 @@ pub struct Stats {
     pub repairs: IntCounterVec,
     /// `shoal_reconciliation_timeouts_total`: passes given up at `passTimeout`.
     pub timeouts: IntCounter,
+    /// `shoal_store_compactions_total`: compactions of the store's history.
+    pub compactions: IntCounter,
+    /// `shoal_store_defragmentations_total`.
+    pub defragmentations: IntCounter,
+    /// `shoal_store_db_bytes{kind}`: the database's size (`file`, `in_use`) after the last
+    /// compaction.
+    pub db_bytes: IntGaugeVec,
 }
 
 impl Stats {
@@ -42,6 +51,21 @@ impl Stats {
                 ),
                 &["type", "result"],
             )?,
+            defragmentations: IntCounter::new(
+                "shoal_store_defragmentations_total",
+                "Defragmentations of the store's database after a compaction",
+            )?,
+            db_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "shoal_store_db_bytes",
+                    "The store's database size after the last compaction (file, in_use)",
+                ),
+                &["kind"],
+            )?,
+            compactions: IntCounter::new(
+                "shoal_store_compactions_total",
+                "Compactions of the store's history by the reconciler's leader",
+            )?,
             timeouts: IntCounter::new(
                 "shoal_reconciliation_timeouts_total",
                 "Passes given up after passTimeout (a backend or the Kubernetes API hung)",
@@ -52,6 +76,9 @@ impl Stats {
         registry.register(Box::new(stats.drifts.clone()))?;
         registry.register(Box::new(stats.repairs.clone()))?;
         registry.register(Box::new(stats.timeouts.clone()))?;
+        registry.register(Box::new(stats.compactions.clone()))?;
+        registry.register(Box::new(stats.defragmentations.clone()))?;
+        registry.register(Box::new(stats.db_bytes.clone()))?;
         Ok(stats)
     }
 }

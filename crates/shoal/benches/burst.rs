@@ -1,0 +1,428 @@
+//! Burst bench: how fast a burst of pending pods becomes running pods, with every service its
+//! own process (`shoal run <service>`, release build) against real etcd and the simulator (in
+//! this process, so every pod's transitions are timed exactly from its change stream).
+//!
+//! Each size is a cluster of N full nodes (3 CPU, 30 pods of 100m each) plus a Deployment of M
+//! pending 1-CPU pods that fit nowhere; a pool of 4-CPU nodes (2 s simulated boot, batchSize
+//! 10,000, default maxConcurrent) takes them: M/4 new nodes. Per size it reports, per pod,
+//! Unschedulable → the `CreateNodes` that covers it (the operation's write-ahead time) as p50 /
+//! p99, the time until every burst pod runs, the nodes created against the M/4 needed, and the
+//! number of decisions. The first size is the same-run baseline.
+//!
+//! `cargo bench -p shoal --bench burst` (`BURST_BENCH_SIZES=100x100,1000x1000,10000x10000`,
+//! nodes × pending pods).
+
+use std::{
+    collections::HashMap,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use prost::Message;
+use serde_json::json;
+use shoal_sim::{Sim, SimConfig, cloud::BootTiming, kubelet::KubeletTiming, resources::by_kind};
+use shoal_state::{EtcdConfig, EtcdStore, StateStore, keys, records::Records};
+use shoal_testkit::{EtcdServer, free_port, http_get};
+use tokio_util::sync::CancellationToken;
+
+/// A service as its own process; killed on drop.
+struct Service(Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(service: &str, grpc: u16, admin: u16, etcd: &str, extra: &[String]) -> Service {
+    let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["run", service])
+        .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
+        .arg(format!("--admin-addr=127.0.0.1:{admin}"))
+        .arg(format!("--etcd-endpoints={etcd}"))
+        .arg(format!("--instance-id=bench-{service}"))
+        .arg("--log-level=warn")
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start shoal run {service}: {e}"));
+    Service(child)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn metric(admin: u16, name: &str) -> f64 {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    http_get(addr, "/metrics")
+        .map(|(_, body)| {
+            body.lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0)
+}
+
+struct Figures {
+    nodes: usize,
+    pending: usize,
+    to_request_p50: f64,
+    to_request_p99: f64,
+    all_running: f64,
+    created: usize,
+    needed: usize,
+    decisions: f64,
+    load: f64,
+}
+
+async fn run(nodes: usize, pending: usize) -> Figures {
+    let etcd = EtcdServer::start();
+    let shutdown = CancellationToken::new();
+    let sim = Sim::start(
+        SimConfig {
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            boot: BootTiming {
+                delay: Duration::from_secs(2),
+                jitter: Duration::ZERO,
+            },
+            kubelet: KubeletTiming {
+                node_ready_delay: Duration::from_millis(100),
+                pod_start_delay: Duration::from_millis(100),
+            },
+            ..SimConfig::default()
+        },
+        shutdown.clone(),
+    )
+    .await
+    .expect("sim");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    shoal_sim::kubeconfig::write(&kubeconfig, &sim.url()).expect("kubeconfig");
+
+    // The full cluster: Ready nodes with their pods bound and running.
+    let started = Instant::now();
+    let (node_kind, pod_kind) = (
+        by_kind("Node").expect("nodes"),
+        by_kind("Pod").expect("pods"),
+    );
+    for i in 0..nodes {
+        let node = json!({ "metadata": { "name": format!("base-{i:05}"), "labels": { "shoal.dev/pool": "base" } },
+            "status": { "allocatable": { "cpu": "3", "memory": "64Gi", "pods": "110" }, "capacity": { "cpu": "3", "memory": "64Gi", "pods": "110" },
+                "conditions": [ { "type": "Ready", "status": "True" } ] } });
+        sim.store.create(node_kind, "", node).expect("node");
+    }
+    for i in 0..nodes * 30 {
+        let pod = json!({ "metadata": { "name": format!("base-{i:06}"), "labels": { "app": format!("app-{}", i % 100) } },
+            "spec": { "nodeName": format!("base-{:05}", i % nodes), "containers": [ { "name": "app", "image": "x",
+                "resources": { "requests": { "cpu": "100m", "memory": "128Mi" } } } ] },
+            "status": { "phase": "Running" } });
+        sim.store.create(pod_kind, "default", pod).expect("pod");
+    }
+    let load = started.elapsed().as_secs_f64();
+
+    // The pool, then the services.
+    let store = EtcdStore::connect(&EtcdConfig {
+        endpoints: vec![etcd.endpoint()],
+        namespace: keys::DEFAULT_NAMESPACE.into(),
+        request_timeout: Duration::from_secs(5),
+    })
+    .await
+    .expect("etcd");
+    let max = pending / 4 + 10;
+    let pool = format!(
+        "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: burst }}\nspec:\n  provider: {{ backend: sim }}\n  template:\n    capacity: {{ cpu: \"4\", memory: 16Gi }}\n  limits: {{ minNodes: 0, maxNodes: {max} }}\n  scaleUp: {{ batchSize: 10000 }}\n  scaleDown: {{ enabled: false }}\n"
+    );
+    let (proto, _) = shoal_core::pool::Pool::from_yaml(&pool).expect("bench pool");
+    store
+        .put(&keys::pool("burst"), proto.encode_to_vec(), None)
+        .await
+        .expect("pool");
+    let provisioner_config = dir.path().join("provisioner.yaml");
+    std::fs::write(
+        &provisioner_config,
+        format!(
+            "service:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n",
+            kubeconfig.display(),
+            sim.url()
+        ),
+    )
+    .expect("config");
+    let ports: Vec<u16> = (0..8).map(|_| free_port()).collect();
+    let endpoint = etcd.endpoint();
+    let kube = format!("--set=service.kube.kubeconfig={}", kubeconfig.display());
+    let _metrics = start(
+        "metrics",
+        ports[0],
+        ports[1],
+        &endpoint,
+        std::slice::from_ref(&kube),
+    );
+    let _provisioner = start(
+        "provisioner",
+        ports[2],
+        ports[3],
+        &endpoint,
+        &[format!("--config={}", provisioner_config.display())],
+    );
+    let _decider = start(
+        "decider",
+        ports[4],
+        ports[5],
+        &endpoint,
+        &[
+            format!("--set=service.metricsAddr=http://127.0.0.1:{}", ports[0]),
+            format!(
+                "--set=service.provisionerAddr=http://127.0.0.1:{}",
+                ports[2]
+            ),
+        ],
+    );
+    let _reconciler = start(
+        "reconciler",
+        ports[6],
+        ports[7],
+        &endpoint,
+        &[
+            kube.clone(),
+            format!(
+                "--set=service.provisionerAddr=http://127.0.0.1:{}",
+                ports[2]
+            ),
+        ],
+    );
+    // Every service up, the decider leading and planning.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while metric(ports[5], "shoal_decider_decisions_total") < 1.0
+        || metric(ports[3], "shoal_leader{service=\"provisioner\"}") < 1.0
+    {
+        assert!(Instant::now() < deadline, "services did not come up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let decisions_before = metric(ports[5], "shoal_decider_decisions_total");
+
+    // The burst: every pod's Unschedulable and Running instants, from the store's changes.
+    let (_, mut changes) = sim.store.subscribe(&[]);
+    let deployments = by_kind("Deployment").expect("deployments");
+    let burst = json!({ "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "name": "burst", "namespace": "default" },
+        "spec": { "replicas": pending, "selector": { "matchLabels": { "app": "burst" } },
+            "template": { "metadata": { "labels": { "app": "burst" } },
+                "spec": { "containers": [ { "name": "app", "image": "x", "resources": { "requests": { "cpu": "1", "memory": "1Gi" } } } ] } } } });
+    let created = Instant::now();
+    let created_ms = unix_ms();
+    sim.store
+        .create(deployments, "default", burst)
+        .expect("deployment");
+    let mut registered: HashMap<String, u64> = HashMap::new();
+    let mut node_ready: HashMap<String, u64> = HashMap::new();
+    let mut unschedulable: HashMap<String, u64> = HashMap::new();
+    let mut running: HashMap<String, u64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut lagged = 0u64;
+    while running.len() < pending {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {pending} burst pods run after 600 s",
+            running.len()
+        );
+        let change = match tokio::time::timeout(Duration::from_secs(5), changes.recv()).await {
+            Ok(Ok(change)) => change,
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => {
+                lagged += n;
+                continue;
+            }
+            Ok(Err(_)) => break,
+            Err(_) => continue,
+        };
+        if change.plural == "nodes" && change.object.name.starts_with("burst-") {
+            let now = unix_ms();
+            registered.entry(change.object.name.clone()).or_insert(now);
+            let ready = change.object.value()["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            if ready {
+                node_ready.entry(change.object.name.clone()).or_insert(now);
+            }
+            continue;
+        }
+        if change.plural != "pods" || !change.object.name.starts_with("burst-") {
+            continue;
+        }
+        let now = unix_ms();
+        let pod = change.object.value();
+        let name = change.object.name.clone();
+        if pod["status"]["phase"] == "Running" {
+            running.entry(name.clone()).or_insert(now);
+        }
+        let refused = pod["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "PodScheduled" && c["reason"] == "Unschedulable");
+        if refused {
+            unschedulable.entry(name).or_insert(now);
+        }
+    }
+    let all_running = created.elapsed().as_secs_f64();
+    assert_eq!(
+        lagged, 0,
+        "the change stream lagged: timings would be missing"
+    );
+
+    // Unschedulable → the CreateNodes that covers the pod: the first create operation written
+    // after it turned Unschedulable.
+    let ops = Records::new(std::sync::Arc::new(store.clone()))
+        .operations()
+        .await
+        .expect("operations");
+    let mut creates: Vec<u64> = ops
+        .iter()
+        .filter(|o| o.pool == "burst" && o.kind == shoal_core::claim::OperationKind::Create)
+        .map(|o| o.created_at_ms)
+        .collect();
+    creates.sort();
+    let mut to_request: Vec<f64> = unschedulable
+        .values()
+        .filter_map(|at| {
+            creates
+                .iter()
+                .find(|c| **c >= *at)
+                .map(|c| (c - at) as f64 / 1000.0)
+        })
+        .collect();
+    to_request.sort_by(|a, b| a.total_cmp(b));
+    let claims = Records::new(std::sync::Arc::new(store.clone()))
+        .claims()
+        .await
+        .expect("claims");
+    let made = claims.iter().filter(|c| c.pool == "burst").count();
+    // Where the time went, relative to the Deployment's creation.
+    let rel = |ms: u64| ms.saturating_sub(created_ms) as f64 / 1000.0;
+    let spread = |mut v: Vec<f64>| -> String {
+        v.sort_by(|a, b| a.total_cmp(b));
+        format!(
+            "first {:.1} s, median {:.1} s, last {:.1} s",
+            percentile(&v, 0.0),
+            percentile(&v, 0.5),
+            percentile(&v, 1.0)
+        )
+    };
+    let ready: Vec<f64> = claims
+        .iter()
+        .filter(|c| c.pool == "burst")
+        .filter_map(|c| {
+            c.history
+                .iter()
+                .find(|t| t.phase == shoal_core::ClaimPhase::Ready)
+                .map(|t| rel(t.at_ms))
+        })
+        .collect();
+    let launched: Vec<f64> = claims
+        .iter()
+        .filter(|c| c.pool == "burst")
+        .filter_map(|c| {
+            c.history
+                .iter()
+                .find(|t| t.phase == shoal_core::ClaimPhase::Launched)
+                .map(|t| rel(t.at_ms))
+        })
+        .collect();
+    println!(
+        "   timeline: unschedulable {}; creates {:?}; launched {}; Node registered {}; Node Ready {}; claim Ready {}; running {}",
+        spread(unschedulable.values().map(|t| rel(*t)).collect()),
+        ops.iter()
+            .filter(|o| o.pool == "burst")
+            .map(|o| format!("{:.1} s ×{}", rel(o.created_at_ms), o.claim_ids.len()))
+            .collect::<Vec<_>>(),
+        spread(launched),
+        spread(registered.values().map(|t| rel(*t)).collect()),
+        spread(node_ready.values().map(|t| rel(*t)).collect()),
+        spread(ready),
+        spread(running.values().map(|t| rel(*t)).collect()),
+    );
+    let figures = Figures {
+        nodes,
+        pending,
+        to_request_p50: percentile(&to_request, 0.5),
+        to_request_p99: percentile(&to_request, 0.99),
+        all_running,
+        created: made,
+        needed: pending.div_ceil(4),
+        decisions: metric(ports[5], "shoal_decider_decisions_total") - decisions_before,
+        load,
+    };
+    assert_eq!(
+        to_request.len(),
+        unschedulable.len(),
+        "every unschedulable pod was covered by a CreateNodes"
+    );
+    shutdown.cancel();
+    figures
+}
+
+#[tokio::main]
+async fn main() {
+    let sizes: Vec<(usize, usize)> = std::env::var("BURST_BENCH_SIZES")
+        .unwrap_or_else(|_| "100x100,1000x1000,10000x10000".into())
+        .split(',')
+        .filter_map(|s| {
+            let (n, p) = s.split_once('x')?;
+            Some((n.trim().parse().ok()?, p.trim().parse().ok()?))
+        })
+        .collect();
+    let mut all = Vec::new();
+    for (nodes, pending) in sizes {
+        println!(
+            "== {nodes} full nodes / {} pods + {pending} pending 1-CPU pods",
+            nodes * 30
+        );
+        let f = run(nodes, pending).await;
+        println!(
+            "   loaded in {:.1} s; unschedulable → CreateNodes p50 {:.2} s, p99 {:.2} s; all {} running after {:.1} s; nodes created {} (needed {}); decisions {}",
+            f.load,
+            f.to_request_p50,
+            f.to_request_p99,
+            f.pending,
+            f.all_running,
+            f.created,
+            f.needed,
+            f.decisions
+        );
+        all.push(f);
+    }
+    if let Some(base) = all.first() {
+        println!(
+            "\n| cluster | burst | unsched → CreateNodes p50 / p99 | all Running | nodes created / needed | decisions | vs baseline (all Running) |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for f in &all {
+            println!(
+                "| {} nodes / {} pods | {} pods | {:.2} s / {:.2} s | {:.1} s | {} / {} | {} | {:.2}x |",
+                f.nodes,
+                f.nodes * 30,
+                f.pending,
+                f.to_request_p50,
+                f.to_request_p99,
+                f.all_running,
+                f.created,
+                f.needed,
+                f.decisions,
+                f.all_running / base.all_running
+            );
+        }
+    }
+}
