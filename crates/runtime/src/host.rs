@@ -4,6 +4,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use backon::{ExponentialBuilder, Retryable};
 use shoal_state::{
     Election, ElectionConfig, EtcdConfig, EtcdStore, MemoryStore, SharedStore, StoreError,
 };
@@ -212,25 +213,25 @@ impl<S: ServiceSettings> Host<S> {
             namespace: cfg.namespace.clone(),
             request_timeout: cfg.request_timeout,
         };
-        let mut delay = Duration::from_millis(200);
-        loop {
-            match EtcdStore::connect(&etcd).await {
-                Ok(store) => {
-                    tracing::info!(endpoints = ?cfg.endpoints, "connected to etcd");
-                    return Some(Arc::new(store));
-                }
-                Err(err) => {
-                    let reason = format!("cannot reach etcd at {}: {err}", cfg.endpoints.join(","));
-                    tracing::warn!(%reason, retry_in = ?delay, "waiting for the state store");
-                    self.readiness.set_not_ready(reason);
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return None,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
+        let endpoints = cfg.endpoints.join(",");
+        let connect = (|| EtcdStore::connect(&etcd))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .without_max_times(),
+            )
+            .notify(|err, retry_in| {
+                let reason = format!("cannot reach etcd at {endpoints}: {err}");
+                tracing::warn!(%reason, ?retry_in, "waiting for the state store");
+                self.readiness.set_not_ready(reason);
+            });
+        let store = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            store = connect => store.ok()?,
+        };
+        tracing::info!(endpoints = ?cfg.endpoints, "connected to etcd");
+        Some(Arc::new(store))
     }
 
     /// The state store (services with `USES_STORE`).

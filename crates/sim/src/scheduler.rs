@@ -148,7 +148,7 @@ impl Cache {
     /// pod stopped, as kube-scheduler does) and takes the least allocated. A class that fits
     /// nowhere gets the scheduler's message once.
     fn schedule(&mut self, store: &Store, pods: &'static ResourceKind) {
-        if self.pending.is_empty() || self.nodes.is_empty() {
+        if self.pending.is_empty() {
             return;
         }
         let to_find = nodes_to_find(self.nodes.len()).max(1);
@@ -161,7 +161,7 @@ impl Cache {
         }
         for (demand, members) in classes {
             // The nodes this class fits, in search order from where the last search stopped.
-            let start = self.next_start % self.nodes.len();
+            let start = self.next_start % self.nodes.len().max(1);
             let mut reasons = Reasons::default();
             let mut feasible: Vec<usize> = Vec::new();
             for k in 0..self.nodes.len() {
@@ -185,7 +185,7 @@ impl Cache {
                     None => unplaced.push(((namespace, name), last_message)),
                 }
             }
-            self.next_start = (start + cursor.max(1)) % self.nodes.len();
+            self.next_start = (start + cursor.max(1)) % self.nodes.len().max(1);
             if unplaced.is_empty() {
                 continue;
             }

@@ -175,3 +175,44 @@ async fn cloud_rejects_bad_requests_and_injects_faults() {
         .expect("faults");
     assert_eq!(invalid.status(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_nodes_at_all_pods_are_unschedulable_with_the_schedulers_message() {
+    // A cluster whose pools start at zero: the pods must still be marked, or no autoscaler
+    // would ever see them pending.
+    let (_sim, client, _shutdown) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    deployments
+        .create(&PostParams::default(), &deployment("lonely", 2, "500m"))
+        .await
+        .expect("create deployment");
+    let messages = eventually("two unschedulable pods", async || {
+        let list = pods
+            .list(&ListParams::default().labels("app=lonely"))
+            .await
+            .ok()?;
+        let stuck: Vec<String> = list
+            .items
+            .iter()
+            .filter_map(|p| {
+                let c = p
+                    .status
+                    .as_ref()?
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+                c.message.clone()
+            })
+            .collect();
+        (stuck.len() == 2).then_some(stuck)
+    })
+    .await;
+    assert!(
+        messages
+            .iter()
+            .all(|m| m == "no nodes available to schedule pods"),
+        "{messages:?}"
+    );
+}

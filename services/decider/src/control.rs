@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use backon::{ExponentialBuilder, Retryable};
 use prost::Message;
 use shoal_core::{claim::NodeClaim, pool::Pool};
 use shoal_proto::v1::{
@@ -570,29 +571,34 @@ impl Decider {
     }
 
     async fn follow_snapshots(&self) {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            let mut client = self.metrics.clone();
-            let stream = client
+        let open = || async {
+            self.metrics
+                .clone()
                 .watch_snapshots(WatchSnapshotsRequest { send_initial: true })
-                .await;
-            let mut stream = match stream {
-                Ok(s) => s.into_inner(),
-                Err(status) => {
+                .await
+        };
+        loop {
+            let opened = open
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(200))
+                        .with_max_delay(Duration::from_secs(5))
+                        .with_jitter()
+                        .without_max_times(),
+                )
+                .notify(|status: &tonic::Status, retry_in| {
                     self.stats
                         .stream_errors
                         .with_label_values(&["connect"])
                         .inc();
-                    tracing::warn!(code = ?status.code(), message = status.message(), retry_in = ?backoff, "cannot follow snapshots");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
+                    tracing::warn!(code = ?status.code(), message = status.message(), ?retry_in, "cannot follow snapshots");
+                })
+                .await;
+            let Ok(stream) = opened else { continue };
+            let mut stream = stream.into_inner();
             loop {
                 match stream.message().await {
                     Ok(Some(snapshot)) => {
-                        backoff = Duration::from_millis(200);
                         self.decide_snapshot(snapshot).await;
                     }
                     Ok(None) => {
@@ -606,7 +612,7 @@ impl Decider {
                     }
                 }
             }
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
