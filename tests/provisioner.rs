@@ -74,13 +74,17 @@ impl Fixture {
 
     /// A second replica; it stands by while another leads.
     fn provisioner_standby(&self, instance: &str) -> Running {
+        self.provisioner_standby_with(instance, &[])
+    }
+
+    fn provisioner_standby_with(&self, instance: &str, env: &[(&str, &str)]) -> Running {
         let config = format!("--config={}", self.config.display());
         let mut p = Running::start(
             "shoal-provisioner",
             instance,
             Some(&self.etcd),
             &[&config],
-            &[],
+            env,
         );
         p.wait_ready();
         p
@@ -444,8 +448,44 @@ fn kill_9_at_any_point_leaves_nothing_orphaned_or_duplicated() {
         phases.iter().all(|p| p == "Ready" || p == "Deleted"),
         "every claim is Ready or Deleted: {phases:?}"
     );
+    drop(p);
+
+    // (d) a request that wrote its operation (the intent) and died before writing its claims,
+    // on a standby replica: the leader writes them from the operation and finishes it.
+    let leader = f.provisioner("prov-d", &[]);
+    let mut standby = f.provisioner_standby_with(
+        "prov-d-standby",
+        &[("SHOAL_TEST_PAUSE_AT", "after-create-intent")],
+    );
+    let addr = standby.grpc.to_string();
+    let caller = std::thread::spawn(move || {
+        grpcurl(&[
+            "-plaintext",
+            "-d",
+            &json!({ "pool": "general", "count": 1, "idempotencyKey": "d" }).to_string(),
+            &addr,
+            "shoal.v1.ProvisionerService/CreateNodes",
+        ])
+    });
+    wait_log(&standby, "crash point after-create-intent reached");
+    standby.process.kill();
+    let _ = caller.join();
+    // The same key names the operation the dead request wrote.
+    let op = call(
+        &leader,
+        "CreateNodes",
+        json!({ "pool": "general", "count": 1, "idempotencyKey": "d" }),
+    );
+    let done = wait_op(
+        &leader,
+        op["id"].as_str().expect("id"),
+        Duration::from_secs(30),
+    );
+    assert_eq!(done["state"], "OPERATION_STATE_SUCCEEDED", "{done}");
+    f.assert_consistent();
+    assert_eq!(f.instances().len(), 3, "exactly the one node asked for");
     println!(
-        "after three kill -9s: {} instances, {} live claims, nodes {:?}",
+        "after four kill -9s: {} instances, {} live claims, nodes {:?}",
         f.instances().len(),
         f.live_claims().len(),
         f.claimed_nodes()

@@ -185,6 +185,7 @@ impl Provisioner {
             match self.store.write_create(&op, &room.ledger, &next).await? {
                 Written::Created => {
                     tracing::info!(op = %op.id, pool = %pool.name, count, %reason, "create operation written");
+                    shoal_runtime::supervise::pause_point("after-create-intent").await;
                     // The leader writes whatever this does not (it drives the op as soon as it
                     // sees it), so a failure here loses nothing.
                     if let Err(e) = self.store.materialize(&op).await {
