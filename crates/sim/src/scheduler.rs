@@ -44,6 +44,9 @@ struct Cache {
     written: HashMap<(String, String), (tokio::time::Instant, u32)>,
     /// Where the next node search starts (rotates, as in kube-scheduler).
     next_start: usize,
+    /// When a rewrite held back by the backoff is due: a pass then writes the current message
+    /// even if nothing else changes (kube-scheduler retries a pod once its backoff ends).
+    retry_at: Option<tokio::time::Instant>,
 }
 
 impl Cache {
@@ -148,6 +151,7 @@ impl Cache {
     /// pod stopped, as kube-scheduler does) and takes the least allocated. A class that fits
     /// nowhere gets the scheduler's message once.
     fn schedule(&mut self, store: &Store, pods: &'static ResourceKind) {
+        self.retry_at = None;
         if self.pending.is_empty() {
             return;
         }
@@ -203,6 +207,8 @@ impl Cache {
                     && let Some((at, writes)) = self.written.get(&key)
                     && now < *at + rewrite_backoff(*writes)
                 {
+                    let due = *at + rewrite_backoff(*writes);
+                    self.retry_at = Some(self.retry_at.map_or(due, |r| r.min(due)));
                     continue;
                 }
                 let writes = self.written.get(&key).map_or(0, |w| w.1) + 1;
@@ -424,15 +430,19 @@ pub async fn run(store: Arc<Store>, shutdown: CancellationToken) {
         }
         cache.schedule(&store, pods);
         loop {
-            let change: Change = tokio::select! {
+            let retry_at = cache.retry_at;
+            let change: Option<Change> = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 change = live.recv() => match change {
-                    Ok(change) => change,
+                    Ok(change) => Some(change),
                     Err(RecvError::Lagged(_)) => break, // resync from a fresh snapshot
                     Err(RecvError::Closed) => return,
                 },
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if retry_at.is_some() => None,
             };
-            let mut relevant = apply_change(&mut cache, &change);
+            // A held-back rewrite coming due counts as a change.
+            let mut relevant = change.is_none_or(|change| apply_change(&mut cache, &change));
             // Take everything already queued before scheduling once.
             while let Ok(change) = live.try_recv() {
                 relevant |= apply_change(&mut cache, &change);

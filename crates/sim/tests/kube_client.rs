@@ -230,22 +230,25 @@ async fn a_reflector_stays_consistent_through_10k_changes_and_a_forced_relist() 
         }
     }
 
-    // The reflector converges on exactly the server's state (names and resourceVersions).
-    let truth: BTreeMap<String, String> = pods
-        .list(&ListParams::default())
-        .await
-        .expect("list")
-        .items
-        .into_iter()
-        .map(|p| {
-            (
-                p.metadata.name.unwrap_or_default(),
-                p.metadata.resource_version.unwrap_or_default(),
-            )
-        })
-        .collect();
+    // The reflector converges on exactly the server's state (names and resourceVersions). The
+    // server's state is read again each time: the scheduler still marks the newest pods
+    // Unschedulable after the writes stop, and each mark is a new resourceVersion.
     let mut converged = false;
+    let mut truth = BTreeMap::new();
     for _ in 0..100 {
+        truth = pods
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .into_iter()
+            .map(|p| {
+                (
+                    p.metadata.name.unwrap_or_default(),
+                    p.metadata.resource_version.unwrap_or_default(),
+                )
+            })
+            .collect::<BTreeMap<String, String>>();
         let seen: BTreeMap<String, String> = reader
             .state()
             .iter()

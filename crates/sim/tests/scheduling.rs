@@ -216,3 +216,65 @@ async fn with_no_nodes_at_all_pods_are_unschedulable_with_the_schedulers_message
         "{messages:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_held_back_by_the_backoff_is_written_when_the_backoff_ends() {
+    // Pods marked while the cluster is empty, then again while a new node is not yet ready: the
+    // node turning Ready changes why they do not fit while their rewrite is backing off. With
+    // nothing else changing, the condition must still come to say the real reason, as
+    // kube-scheduler's retry after the backoff does (an autoscaler reads it).
+    let (sim, client, _shutdown) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    deployments
+        .create(&PostParams::default(), &deployment("wide", 2, "3"))
+        .await
+        .expect("create deployment");
+    let messages = async || -> Option<Vec<String>> {
+        let list = pods
+            .list(&ListParams::default().labels("app=wide"))
+            .await
+            .ok()?;
+        let stuck: Vec<String> = list
+            .items
+            .iter()
+            .filter_map(|p| {
+                let c = p
+                    .status
+                    .as_ref()?
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+                c.message.clone()
+            })
+            .collect();
+        (stuck.len() == 2).then_some(stuck)
+    };
+    eventually("two pods marked on an empty cluster", async || {
+        messages()
+            .await
+            .filter(|m| m.iter().all(|m| m.starts_with("no nodes available")))
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    add_node(
+        &sim,
+        "small-1",
+        "2",
+        json!({ "pool": "general" }),
+        json!([]),
+    )
+    .await;
+    let mut last = Vec::new();
+    for _ in 0..100 {
+        if let Some(now) = messages().await {
+            if now.iter().all(|m| m.contains("Insufficient cpu")) {
+                return;
+            }
+            last = now;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("10 s after a 2-CPU node became Ready the 3-CPU pods still say {last:?}");
+}

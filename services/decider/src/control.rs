@@ -87,6 +87,10 @@ pub struct Decider {
     pub(crate) election: Option<Election>,
     pub(crate) stats: Stats,
     state: tokio::sync::Mutex<Option<LeaderState>>,
+    /// The leader's planner history as of its last decision, with its term: readers
+    /// (`Evaluate`, status, cooldown gauges) take it from here instead of waiting for a decision
+    /// in progress, which may be waiting for the provisioner.
+    published: std::sync::Mutex<Option<(i64, History)>>,
     pub(crate) last_decision_at: std::sync::Mutex<Option<SystemTime>>,
 }
 
@@ -138,6 +142,7 @@ impl Decider {
             election,
             stats,
             state: tokio::sync::Mutex::new(None),
+            published: std::sync::Mutex::new(None),
             last_decision_at: std::sync::Mutex::new(None),
         }
     }
@@ -179,12 +184,21 @@ impl Decider {
 
     /// The planner history: the leader's in memory, else the stored one.
     pub async fn history_now(&self) -> Result<History, store::Error> {
-        if let Some(state) = self.state.lock().await.as_ref()
-            && self.leadership().is_some_and(|l| l.term() == state.term)
+        let published = self
+            .published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some((term, history)) = published
+            && self.leadership().is_some_and(|l| l.term() == term)
         {
-            return Ok(state.history.clone());
+            return Ok(history);
         }
         self.store.history().await
+    }
+
+    fn publish_history(&self, term: i64, history: &History) {
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = Some((term, history.clone()));
     }
 
     /// Plans without acting or recording (what-if).
@@ -313,6 +327,7 @@ impl Decider {
         state.keys.push_back(key);
         self.trim_history(&leadership, state, now).await;
         state.history = plan.history.clone();
+        self.publish_history(state.term, &state.history);
 
         // Carry it out.
         let mut operations = Vec::new();
@@ -326,6 +341,7 @@ impl Decider {
             self.await_claims(&claim_ids, Duration::from_secs(5)).await;
             if executed {
                 state.history.record_executed(&decision, now);
+                self.publish_history(state.term, &state.history);
                 let value = serde_json::to_vec(&state.history).unwrap_or_default();
                 leadership.fenced_put(keys::DECIDER_HISTORY, value).await?;
             }
@@ -497,7 +513,13 @@ impl Decider {
     }
 
     async fn record_cooldowns(&self, pools: &[Pool], now: SystemTime) {
-        let Some(state) = self.state.lock().await.as_ref().map(|s| s.history.clone()) else {
+        let Some(state) = self
+            .published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, h)| h.clone())
+        else {
             return;
         };
         for pool in pools {
