@@ -2,7 +2,8 @@
 # The distributed setup on one machine: etcd, the simulated cluster (playing a scenario), Prometheus
 # scraping the simulator and every service, the metrics service, two deciders, two provisioners
 # and the reconciler, each its own process on loopback. State, logs and pids under .dev/
-# (override with SHOAL_DEV_DIR). Stop everything with scripts/dev-down.sh.
+# (override with SHOAL_DEV_DIR). Stop everything with scripts/dev-down.sh. The services speak mTLS
+# with certificates from scripts/dev-certs.sh (in .dev/certs); etcd stays plaintext on loopback.
 #
 #   scripts/dev-up.sh [scenario.yaml]      # default deploy/scenarios/ramp.yaml
 set -euo pipefail
@@ -70,10 +71,17 @@ start prometheus prometheus --config.file="$dev/prometheus.yml" --storage.tsdb.p
   --web.listen-address=127.0.0.1:29090
 wait_port 29090 prometheus
 
+bash scripts/dev-certs.sh "$dev/certs" >/dev/null
+certs="$dev/certs"
+tls() { # service: its certificate (mTLS), roles for the operator certificate
+  echo "--set=grpc.tls.certFile=$certs/$1.crt --set=grpc.tls.keyFile=$certs/$1.key" \
+    "--set=grpc.tls.caFile=$certs/ca.crt --set=grpc.auth.identities.shoal-operator=admin"
+}
 common=(--etcd-endpoints=http://127.0.0.1:22379 --set=telemetry.logLevel=info)
 kube="--set=service.kube.kubeconfig=$dev/kubeconfig"
+# shellcheck disable=SC2046 # tls prints flags to split
 start metrics "$bin/shoal-metrics" --grpc-addr=127.0.0.1:25051 --admin-addr=127.0.0.1:29091 "${common[@]}" "$kube" \
-  --set=service.prometheus.url=http://127.0.0.1:29090
+  --set=service.prometheus.url=http://127.0.0.1:29090 $(tls metrics) --set=grpc.auth.identities.shoal-decider=viewer
 cat > "$dev/provisioner.yaml" <<PROV
 service:
   kube: { kubeconfig: $dev/kubeconfig }
@@ -82,16 +90,18 @@ PROV
 for i in 1 2; do
   start "provisioner-$i" "$bin/shoal-provisioner" --grpc-addr=127.0.0.1:2$((5 + (i - 1)))053 \
     --admin-addr=127.0.0.1:29$((0 + i - 1))93 --instance-id="provisioner-$i" "${common[@]}" \
-    --config="$dev/provisioner.yaml"
+    --config="$dev/provisioner.yaml" $(tls provisioner) \
+    --set=grpc.auth.identities.shoal-decider=admin --set=grpc.auth.identities.shoal-reconciler=admin
 done
 for i in 1 2; do
   start "decider-$i" "$bin/shoal-decider" --grpc-addr=127.0.0.1:2$((5 + (i - 1)))052 \
     --admin-addr=127.0.0.1:29$((0 + i - 1))92 --instance-id="decider-$i" "${common[@]}" \
-    --set=service.metricsAddr=http://127.0.0.1:25051 --set=service.provisionerAddr=http://127.0.0.1:25053 \
-    --set=service.poolFiles="$dev/pool-general.yaml"
+    --set=service.metricsAddr=https://127.0.0.1:25051 --set=service.provisionerAddr=https://127.0.0.1:25053 \
+    --set=service.poolFiles="$dev/pool-general.yaml" $(tls decider)
 done
 start reconciler "$bin/shoal-reconciler" --grpc-addr=127.0.0.1:25054 --admin-addr=127.0.0.1:29094 \
-  --instance-id=reconciler-1 "${common[@]}" "$kube" --set=service.provisionerAddr=http://127.0.0.1:25053
+  --instance-id=reconciler-1 "${common[@]}" "$kube" --set=service.provisionerAddr=https://127.0.0.1:25053 \
+  $(tls reconciler)
 for port in 25051 25052 26052 25053 26053 25054; do wait_port "$port" "a service"; done
 
 cat <<INFO
@@ -102,5 +112,6 @@ Shoal is up (logs: $dev/logs/, stop: scripts/dev-down.sh)
   reconciler   grpc 127.0.0.1:25054
   Prometheus   http://127.0.0.1:29090   etcd http://127.0.0.1:22379
   kubectl --kubeconfig $dev/kubeconfig get nodes,pods
-  grpcurl -plaintext 127.0.0.1:25052 shoal.v1.DeciderService/ListDecisions
+  grpcurl -cacert $certs/ca.crt -cert $certs/operator.crt -key $certs/operator.key \
+    127.0.0.1:25052 shoal.v1.DeciderService/ListDecisions
 INFO

@@ -41,13 +41,15 @@ fn bad_config_file_exits_nonzero_listing_every_bad_field() {
         "service.colour",
         "shutdown.grace",
         "cluster",
+        // No TLS and no explicit plaintext: refused.
+        "grpc.tls",
     ] {
         assert!(
             stderr.contains(&format!("  - {path}: ")),
             "{path} missing from:\n{stderr}"
         );
     }
-    assert!(stderr.contains("10 invalid field(s)"), "{stderr}");
+    assert!(stderr.contains("11 invalid field(s)"), "{stderr}");
 }
 
 #[test]
@@ -88,6 +90,7 @@ fn print_config_shows_the_effective_layered_config() {
         .arg(&file)
         .args(["--print-config", "--grpc-addr", "0.0.0.0:6000"])
         .env("SHOAL_ELECTION__LEASE_TTL", "9s")
+        .env("SHOAL_GRPC__PLAINTEXT", "true")
         .output()
         .expect("run");
     assert!(
@@ -120,6 +123,8 @@ fn a_port_in_use_names_the_setting() {
         "{}",
         process.logs()
     );
+    // Plaintext (said explicitly by the harness) is warned about at start.
+    assert!(process.logs().contains("without TLS"), "{}", process.logs());
 }
 
 #[test]

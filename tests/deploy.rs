@@ -14,18 +14,22 @@ fn root() -> PathBuf {
 }
 
 fn rendered() -> Vec<Value> {
+    render("deploy/k8s")
+}
+
+fn render(dir: &str) -> Vec<Value> {
     let kubectl = require_tool(
         "kubectl",
         "install kubectl (https://kubernetes.io/docs/tasks/tools/)",
     );
     let out = Command::new(kubectl)
         .arg("kustomize")
-        .arg(root().join("deploy/k8s"))
+        .arg(root().join(dir))
         .output()
         .expect("kubectl kustomize runs");
     assert!(
         out.status.success(),
-        "kubectl kustomize deploy/k8s: {}",
+        "kubectl kustomize {dir}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
@@ -164,6 +168,134 @@ fn the_kustomization_renders_hardened_least_privilege_manifests() {
     assert_eq!(etcd["spec"]["replicas"], 3);
 }
 
+/// The secure deployment: cert-manager issues every certificate the services mount, each
+/// certificate's identity is the one the other services' roles name, etcd takes only clients
+/// with a certificate from that CA, and NetworkPolicies let only callers in.
+#[test]
+fn with_cert_manager_every_service_speaks_mtls_and_only_callers_get_in() {
+    let objects = render("deploy/overlays/cert-manager");
+    let config = |service: &str| -> serde_yaml_ng::Value {
+        let text =
+            std::fs::read_to_string(root().join(format!("deploy/k8s/config/{service}.yaml")))
+                .expect("config");
+        serde_yaml_ng::from_str(&text).expect("config YAML")
+    };
+    for service in ["metrics", "decider", "provisioner", "reconciler"] {
+        let name = format!("shoal-{service}");
+        let certificate = find(&objects, "Certificate", &name);
+        assert_eq!(certificate["metadata"]["namespace"], "shoal");
+        let spec = &certificate["spec"];
+        assert_eq!(
+            spec["dnsNames"][0],
+            name.as_str(),
+            "the identity comes first"
+        );
+        let usages: Vec<&str> = spec["usages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(usages.contains(&"server auth") && usages.contains(&"client auth"));
+        let secret = spec["secretName"].as_str().expect("secretName");
+        let pod = &find(&objects, "Deployment", &name)["spec"]["template"]["spec"];
+        assert!(
+            pod["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|v| v["secret"]["secretName"] == secret),
+            "{name} mounts {secret}"
+        );
+        let advertise = pod["containers"][0]["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == "SHOAL_GRPC__ADVERTISE_ADDR")
+            .expect("advertise address");
+        assert!(
+            advertise["value"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("https://"))
+        );
+        let c = config(service);
+        assert!(
+            c["grpc"]["tls"]["certFile"].is_string(),
+            "{service}: grpc.tls"
+        );
+        assert_ne!(c["grpc"]["plaintext"], serde_yaml_ng::Value::Bool(true));
+        find(&objects, "NetworkPolicy", &name);
+    }
+    // Who may call whom, by certificate identity.
+    let role = |service: &str, identity: &str| {
+        config(service)["grpc"]["auth"]["identities"][identity]
+            .as_str()
+            .map(str::to_string)
+    };
+    assert_eq!(
+        role("provisioner", "shoal-decider").as_deref(),
+        Some("admin")
+    );
+    assert_eq!(
+        role("provisioner", "shoal-reconciler").as_deref(),
+        Some("admin")
+    );
+    assert_eq!(role("metrics", "shoal-decider").as_deref(), Some("viewer"));
+    assert_eq!(role("metrics", "shoal-reconciler"), None);
+    for service in ["decider", "provisioner", "reconciler"] {
+        let store = &config(service)["store"];
+        assert!(
+            store["endpoints"][0]
+                .as_str()
+                .is_some_and(|e| e.starts_with("https://")),
+            "{service} reaches etcd over TLS"
+        );
+        assert!(
+            store["tls"]["certFile"].is_string(),
+            "{service}: etcd client cert"
+        );
+    }
+    let etcd = find(&objects, "StatefulSet", "shoal-etcd");
+    let args: Vec<&str> = etcd["spec"]["template"]["spec"]["containers"][0]["command"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    for flag in ["--client-cert-auth", "--peer-client-cert-auth"] {
+        assert!(args.contains(&flag), "etcd {flag}: {args:?}");
+    }
+    assert!(
+        args.iter()
+            .any(|a| a.starts_with("--listen-client-urls=https://"))
+    );
+    let etcd_cert = find(&objects, "Certificate", "shoal-etcd");
+    assert!(
+        etcd_cert["spec"]["dnsNames"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|d| d == "shoal-etcd"),
+        "the name services dial"
+    );
+    let deny = find(&objects, "NetworkPolicy", "shoal-default-deny");
+    assert_eq!(deny["spec"]["podSelector"], serde_json::json!({}));
+    // The provisioner takes calls from the decider and the reconciler, not from metrics.
+    let from = find(&objects, "NetworkPolicy", "shoal-provisioner")["spec"]["ingress"][0]["from"]
+        .to_string();
+    assert!(from.contains("shoal-decider") && from.contains("shoal-reconciler"));
+    assert!(!from.contains("shoal-metrics"));
+    // No credential in a ConfigMap.
+    for o in objects.iter().filter(|o| o["kind"] == "ConfigMap") {
+        let text = o["data"].to_string().to_lowercase();
+        assert!(
+            !text.contains("password: \"") && !text.contains("-----begin"),
+            "{}: no secret material in ConfigMaps",
+            o["metadata"]["name"]
+        );
+    }
+}
+
 #[test]
 fn alert_rules_pass_promtool_and_every_metric_they_and_the_dashboard_use_exists() {
     let rules = root().join("deploy/k8s/prometheus/rules.yaml");
@@ -277,6 +409,8 @@ fn the_compose_setup_is_valid_and_its_shoal_files_load() {
         // The kubeconfig is the k3s server's output, which only exists inside the project.
         .arg("--set=service.kube.kubeconfig=")
         .arg("--print-config")
+        // As compose passes it (from the environment, as the file says).
+        .env("K3S_TOKEN", "compose-join-token-7f3a")
         .output()
         .expect("shoal-provisioner runs");
     assert!(
@@ -285,4 +419,8 @@ fn the_compose_setup_is_valid_and_its_shoal_files_load() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("shoal_k3s"));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("compose-join-token-7f3a"),
+        "the join token is redacted"
+    );
 }

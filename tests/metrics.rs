@@ -550,3 +550,73 @@ fn survives_prometheus_and_api_server_outages() {
         "pods were re-listed"
     );
 }
+
+#[test]
+fn prometheus_behind_tls_and_basic_auth_is_read_with_the_configured_credentials() {
+    const PASSWORD: &str = "prom-pass-Vw7Kc2";
+    let sim = SimServer::start(&[]);
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = shoal_testkit::TestCa::new(dir.path(), "prom");
+    let cert = ca.issue("prometheus", "prometheus");
+    let hash = bcrypt::hash(PASSWORD, 4).expect("bcrypt");
+    let prometheus = PrometheusServer::start_secured(&[sim.addr()], &cert, "shoal", &hash);
+    let password_file = dir.path().join("prometheus-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
+    let query = |metrics: &Running| {
+        grpcurl(&[
+            "-plaintext",
+            "-d",
+            r#"{"query":"up"}"#,
+            &metrics.grpc.to_string(),
+            "shoal.v1.MetricsService/QueryPromQL",
+        ])
+    };
+
+    // The right credentials, the CA of Prometheus' certificate, the password from a file.
+    let config = dir.path().join("metrics.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "service:\n  kube: {{ kubeconfig: {} }}\n  prometheus:\n    url: {}\n    basicAuth: {{ username: shoal, password: {{ fromFile: {} }} }}\n    tls: {{ caFile: {} }}\n",
+            sim.kubeconfig().display(),
+            prometheus.url(),
+            password_file.display(),
+            ca.ca_file().display()
+        ),
+    )
+    .expect("config");
+    let metrics = start_metrics(&sim, None, &[&format!("--config={}", config.display())]);
+    let answered = wait_for(Duration::from_secs(20), || {
+        let out = query(&metrics);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    assert!(
+        answered.is_some_and(|a| a.contains("\"resultType\": \"vector\"")),
+        "PromQL through TLS and basic auth\n{}",
+        metrics.process.logs()
+    );
+
+    // A wrong password: the error says the credentials were refused, and no password leaks.
+    let wrong = dir.path().join("metrics-wrong.yaml");
+    std::fs::write(
+        &wrong,
+        std::fs::read_to_string(&config).expect("config").replace(
+            &format!("{{ fromFile: {} }}", password_file.display()),
+            "not-the-password",
+        ),
+    )
+    .expect("config");
+    let refused = start_metrics(&sim, None, &[&format!("--config={}", wrong.display())]);
+    let out = query(&refused);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("refused the credentials"),
+        "{stderr}"
+    );
+    for logs in [metrics.process.logs(), refused.process.logs()] {
+        assert!(!logs.contains(PASSWORD) && !logs.contains("not-the-password"));
+    }
+    assert!(!stderr.contains("not-the-password"));
+}

@@ -50,6 +50,8 @@ fn check_service(binary: &str, served: &[&str], needs_store: bool) {
     ]
     .iter()
     .chain(served)
+    // Every service with a store also serves its audit log.
+    .chain(needs_store.then_some(&"shoal.v1.AuditService"))
     .map(|s| s.to_string())
     .collect();
     expected.sort();

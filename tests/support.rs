@@ -247,6 +247,7 @@ impl EtcdReader {
             endpoints: vec![etcd.endpoint()],
             namespace: shoal_state::keys::DEFAULT_NAMESPACE.to_string(),
             request_timeout: Duration::from_secs(2),
+            ..EtcdConfig::default()
         };
         let store = runtime
             .block_on(EtcdStore::connect(&config))

@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "provisioner",
         "reconciler",
         "provider",
+        "audit",
     ]
     .map(|name| proto_root.join(format!("shoal/v1/{name}.proto")));
     for file in &files {

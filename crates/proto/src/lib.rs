@@ -24,4 +24,6 @@ pub mod service_names {
     pub const RECONCILER: &str = "shoal.v1.ReconcilerService";
     /// `shoal.v1.NodeProvider`
     pub const NODE_PROVIDER: &str = "shoal.v1.NodeProvider";
+    /// `shoal.v1.AuditService`
+    pub const AUDIT: &str = "shoal.v1.AuditService";
 }

@@ -50,6 +50,24 @@ pub struct GrpcConfig {
     /// all interfaces.
     #[serde(default)]
     pub advertise_addr: String,
+    /// TLS for this server and for calls to other services at `https://` addresses (this
+    /// service's certificate is its client identity: mTLS).
+    #[serde(default)]
+    pub tls: crate::tls::TlsConfig,
+    /// Serve, and call `http://` addresses, without TLS. Never the default: say it explicitly
+    /// (the demo on loopback does); a warning is logged at start.
+    #[serde(default)]
+    pub plaintext: bool,
+    /// Identities, roles and per-identity limits.
+    #[serde(default)]
+    pub auth: crate::auth::AuthConfig,
+}
+
+impl GrpcConfig {
+    /// Whether identities and roles are enforced: `auth.enabled`, else whenever TLS is on.
+    pub fn auth_enabled(&self) -> bool {
+        self.auth.enabled.unwrap_or(self.tls.is_set())
+    }
 }
 
 /// Where `/metrics`, `/healthz` and `/readyz` are served.
@@ -106,6 +124,61 @@ pub struct StoreConfig {
     /// Deadline of each store request.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// TLS to etcd (`https://` endpoints): the CA that signs etcd's certificate and, for
+    /// etcd's `--client-cert-auth`, a client certificate and key.
+    #[serde(default)]
+    pub tls: EtcdTlsConfig,
+    /// etcd user (etcd's own auth), with `password`.
+    #[serde(default)]
+    pub username: String,
+    /// Password of `username` (inline, `{ fromFile: … }` or `{ fromEnv: … }`).
+    #[serde(default)]
+    pub password: crate::secret::Secret,
+}
+
+/// `store.tls`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct EtcdTlsConfig {
+    /// PEM CA bundle.
+    pub ca_file: PathBuf,
+    /// PEM client certificate (optional).
+    pub cert_file: PathBuf,
+    /// PEM key of the client certificate.
+    pub key_file: PathBuf,
+}
+
+impl StoreConfig {
+    /// The etcd client settings, reading the TLS files.
+    pub fn etcd(&self) -> Result<shoal_state::EtcdConfig, String> {
+        let read = |field: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| format!("store.tls.{field}: {}: {e}", path.display()))
+        };
+        let tls = if self.tls.ca_file.as_os_str().is_empty() {
+            None
+        } else {
+            let identity = if self.tls.cert_file.as_os_str().is_empty() {
+                None
+            } else {
+                Some((
+                    read("certFile", &self.tls.cert_file)?,
+                    read("keyFile", &self.tls.key_file)?,
+                ))
+            };
+            Some(shoal_state::EtcdTls {
+                ca_pem: read("caFile", &self.tls.ca_file)?,
+                identity,
+            })
+        };
+        Ok(shoal_state::EtcdConfig {
+            endpoints: self.endpoints.clone(),
+            namespace: self.namespace.clone(),
+            request_timeout: self.request_timeout,
+            tls,
+            user: (!self.username.is_empty())
+                .then(|| (self.username.clone(), self.password.expose().to_string())),
+        })
+    }
 }
 
 /// Leader election (decider, provisioner, reconciler).
@@ -155,6 +228,9 @@ pub struct Config<S> {
     pub election: ElectionSettings,
     /// Shutdown.
     pub shutdown: ShutdownConfig,
+    /// Audit log retention (services with a store).
+    #[serde(default)]
+    pub audit: crate::audit::AuditConfig,
     /// Service-specific settings.
     pub service: S,
 }
@@ -170,6 +246,9 @@ impl<S: ServiceSettings> Default for Config<S> {
             grpc: GrpcConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], S::GRPC_PORT)),
                 advertise_addr: String::new(),
+                tls: crate::tls::TlsConfig::default(),
+                plaintext: false,
+                auth: crate::auth::AuthConfig::default(),
             },
             admin: AdminConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], S::ADMIN_PORT)),
@@ -184,6 +263,9 @@ impl<S: ServiceSettings> Default for Config<S> {
                 endpoints: vec!["http://127.0.0.1:2379".into()],
                 namespace: shoal_state::keys::DEFAULT_NAMESPACE.into(),
                 request_timeout: Duration::from_secs(3),
+                tls: EtcdTlsConfig::default(),
+                username: String::new(),
+                password: crate::secret::Secret::default(),
             },
             election: ElectionSettings {
                 lease_ttl: Duration::from_secs(5),
@@ -192,6 +274,7 @@ impl<S: ServiceSettings> Default for Config<S> {
             shutdown: ShutdownConfig {
                 grace: Duration::from_secs(10),
             },
+            audit: crate::audit::AuditConfig::default(),
             service: S::default(),
         }
     }
@@ -219,6 +302,16 @@ impl<S: ServiceSettings> Config<S> {
                 errors,
             );
         }
+        if self.grpc.tls.is_set() {
+            self.grpc.tls.validate("grpc.tls", errors);
+        } else if !self.grpc.plaintext {
+            errors.add(
+                "grpc.tls",
+                "is required: set grpc.tls (certFile, keyFile, caFile; scripts/dev-certs.sh makes a local set), or grpc.plaintext: true to serve without TLS (loopback and development only)",
+            );
+        }
+        self.grpc.auth.validate("grpc.auth", errors);
+        self.audit.validate("audit", errors);
         if self.grpc.addr == self.admin.addr && self.grpc.addr.port() != 0 {
             errors.add(
                 "admin.addr",
@@ -244,7 +337,29 @@ impl<S: ServiceSettings> Config<S> {
                     "at least one etcd endpoint is required when store.backend is etcd",
                 );
             }
+            let tls = !self.store.tls.ca_file.as_os_str().is_empty();
+            if self.store.tls.cert_file.as_os_str().is_empty()
+                != self.store.tls.key_file.as_os_str().is_empty()
+            {
+                errors.add("store.tls", "certFile and keyFile go together");
+            }
+            if !tls && !self.store.tls.cert_file.as_os_str().is_empty() {
+                errors.add("store.tls.caFile", "is required with a client certificate");
+            }
+            if !self.store.username.is_empty() && self.store.password.is_empty() {
+                errors.add("store.password", "is required with store.username");
+            }
             for (i, endpoint) in self.store.endpoints.iter().enumerate() {
+                if tls != endpoint.starts_with("https://") {
+                    errors.add(
+                        format!("store.endpoints[{i}]"),
+                        if tls {
+                            format!("{endpoint:?} must be https:// when store.tls is set")
+                        } else {
+                            format!("{endpoint:?} is https:// but store.tls.caFile is not set")
+                        },
+                    );
+                }
                 let ok = endpoint
                     .strip_prefix("http://")
                     .or_else(|| endpoint.strip_prefix("https://"))
@@ -511,10 +626,14 @@ fn snake_to_camel(segment: &str) -> String {
 /// Sets a string from env or flags at `path`, typed like the default there.
 fn set_path(tree: &mut Value, defaults: &Value, path: &[String], raw: &str) -> Result<(), String> {
     let mut default = defaults;
-    for segment in path {
-        default = default
-            .get(segment)
-            .ok_or_else(|| "unknown setting".to_string())?;
+    let empty = Value::String(String::new());
+    for (i, segment) in path.iter().enumerate() {
+        default = match default.get(segment) {
+            Some(d) => d,
+            // A map whose entries are the user's (e.g. `grpc.auth.identities.<name>`).
+            None if i + 1 == path.len() && default.as_object().is_some_and(Map::is_empty) => &empty,
+            None => return Err("unknown setting".to_string()),
+        };
     }
     if default.is_object() {
         return Err("is a section; set one of its fields".into());
@@ -676,8 +795,18 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_valid() {
-        let loaded = load::<TestSettings>(&Sources::default()).expect("defaults load");
+    fn defaults_need_tls_or_an_explicit_plaintext() {
+        let paths = errors_of(load::<TestSettings>(&Sources::default()));
+        assert_eq!(paths, ["grpc.tls"]);
+        let loaded = load::<TestSettings>(&Sources {
+            overrides: vec![("grpc.plaintext".into(), "true".into())],
+            ..Default::default()
+        })
+        .expect("defaults load");
+        assert!(
+            !loaded.config.grpc.auth_enabled(),
+            "no TLS: auth off by default"
+        );
         assert_eq!(loaded.config.grpc.addr.port(), 50999);
         assert_eq!(loaded.config.election.lease_ttl, Duration::from_secs(5));
         assert_eq!(loaded.config.telemetry.service_name, "shoal-test");
@@ -686,7 +815,7 @@ mod tests {
     #[test]
     fn file_then_env_then_flags() {
         let f = file(
-            "grpc: { addr: 127.0.0.1:7000 }\nelection: { leaseTtl: 7s }\nservice: { batch: 2 }\n",
+            "grpc: { addr: 127.0.0.1:7000, plaintext: true }\nelection: { leaseTtl: 7s }\nservice: { batch: 2 }\n",
         );
         let sources = Sources {
             file: Some(f.path().into()),
@@ -739,6 +868,7 @@ mod tests {
                 "election.leaseTtl",
                 "grpc.addr",
                 "grpc.adr",
+                "grpc.tls",
                 "service.batch",
                 "service.colour",
                 "store.endpoints[0]",
@@ -808,6 +938,7 @@ mod tests {
                 "admin.addr",
                 "cluster",
                 "election.recordInterval",
+                "grpc.tls",
                 "telemetry.logLevel"
             ]
         );
@@ -816,7 +947,10 @@ mod tests {
     #[test]
     fn unknown_flag_path_is_an_error() {
         let sources = Sources {
-            overrides: vec![("grpc.port".into(), "1".into())],
+            overrides: vec![
+                ("grpc.port".into(), "1".into()),
+                ("grpc.plaintext".into(), "true".into()),
+            ],
             ..Default::default()
         };
         assert_eq!(errors_of(load::<TestSettings>(&sources)), ["grpc.port"]);

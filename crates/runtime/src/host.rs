@@ -5,9 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
-use shoal_state::{
-    Election, ElectionConfig, EtcdConfig, EtcdStore, MemoryStore, SharedStore, StoreError,
-};
+use shoal_state::{Election, ElectionConfig, EtcdStore, MemoryStore, SharedStore, StoreError};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -19,12 +17,15 @@ use tonic_health::{
 
 use crate::{
     admin::{Readiness, serve_admin},
+    audit::{AuditLayer, AuditLog},
+    auth::{AuthLayer, Authenticator},
     config::{Config, ServiceSettings, StoreBackend},
     layers::{GrpcMetricsLayer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, ServerTraceLayer},
     leader::{LeaderWatch, run_leader_loop},
     metrics::{MetricsError, RuntimeMetrics},
     routing::{LeaderRouteLayer, LeaderRouter},
     supervise::Supervisor,
+    tls::Tls,
 };
 
 /// Why a service could not start or serve.
@@ -64,6 +65,12 @@ pub enum HostError {
     /// The configured cluster id is not the store's.
     #[error(transparent)]
     Cluster(#[from] shoal_state::records::ClusterIdError),
+    /// TLS material could not be loaded.
+    #[error("grpc.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// A channel to another service could not be built.
+    #[error(transparent)]
+    Channel(#[from] crate::layers::ChannelError),
 }
 
 /// A service process's shared machinery.
@@ -86,6 +93,8 @@ pub struct Host<S: ServiceSettings> {
     advertise: String,
     supervisor: Supervisor,
     leader_only: Vec<&'static str>,
+    tls: Option<Tls>,
+    audit: Option<AuditLog>,
 }
 
 async fn bind(
@@ -116,6 +125,25 @@ impl<S: ServiceSettings> Host<S> {
         shutdown: &CancellationToken,
     ) -> Result<Option<Host<S>>, HostError> {
         let metrics = RuntimeMetrics::new(S::SERVICE)?;
+        let tls = if config.grpc.tls.is_set() {
+            Some(Tls::load(&config.grpc.tls)?)
+        } else {
+            None
+        };
+        if tls.is_none() {
+            tracing::warn!(addr = %config.grpc.addr, "grpc.plaintext: serving and calling other services without TLS; anyone who can reach this port can call it (set grpc.tls outside development)");
+        }
+        config
+            .grpc
+            .auth
+            .check_tokens()
+            .map_err(|message| HostError::Dependency {
+                what: "tokens",
+                message,
+            })?;
+        if !config.grpc.auth_enabled() {
+            tracing::warn!("grpc.auth is off: every caller may make every call");
+        }
         let readiness = Readiness::new("starting");
         let health = HealthReporter::new();
         health
@@ -160,8 +188,19 @@ impl<S: ServiceSettings> Host<S> {
             advertise,
             supervisor,
             leader_only: Vec::new(),
+            tls,
+            audit: None,
         };
         if S::USES_STORE {
+            if host.config.store.backend == StoreBackend::Etcd
+                && let Err(message) = host.config.store.etcd()
+            {
+                host.stop_admin().await;
+                return Err(HostError::Dependency {
+                    what: "state store",
+                    message,
+                });
+            }
             let Some(store) = host.connect_store(shutdown).await else {
                 host.stop_admin().await;
                 return Ok(None);
@@ -173,6 +212,21 @@ impl<S: ServiceSettings> Host<S> {
                     return Err(err.into());
                 }
             }
+            let audit = AuditLog::new(
+                store.clone(),
+                S::SERVICE,
+                &host.config.instance_id,
+                host.metrics.audit_failures.clone(),
+            );
+            tokio::spawn({
+                let (audit, config, stop) = (
+                    audit.clone(),
+                    host.config.audit.clone(),
+                    shutdown.child_token(),
+                );
+                async move { audit.retain(config, stop).await }
+            });
+            host.audit = Some(audit);
             host.store = Some(store);
         }
         if S::CAMPAIGNS
@@ -208,10 +262,10 @@ impl<S: ServiceSettings> Host<S> {
         if cfg.backend == StoreBackend::Memory {
             return Some(process_memory_store());
         }
-        let etcd = EtcdConfig {
-            endpoints: cfg.endpoints.clone(),
-            namespace: cfg.namespace.clone(),
-            request_timeout: cfg.request_timeout,
+        let etcd = match cfg.etcd() {
+            Ok(etcd) => etcd,
+            // Checked in `start` before we get here.
+            Err(_) => return None,
         };
         let endpoints = cfg.endpoints.join(",");
         let connect = (|| EtcdStore::connect(&etcd))
@@ -248,6 +302,39 @@ impl<S: ServiceSettings> Host<S> {
     /// The address this replica advertises to the others (`http://host:port`).
     pub fn advertise_address(&self) -> &str {
         &self.advertise
+    }
+
+    /// A client of another service at `address` (`https://` over this service's TLS).
+    pub fn upstream(
+        &self,
+        name: &'static str,
+        address: &str,
+        service: &'static str,
+    ) -> Result<crate::upstream::Upstream, HostError> {
+        if address.starts_with("http://") && !self.config.grpc.plaintext {
+            return Err(HostError::Dependency {
+                what: name,
+                message: format!(
+                    "{address} is plaintext (http://) but grpc.plaintext is not set: use https:// or set grpc.plaintext: true"
+                ),
+            });
+        }
+        Ok(crate::upstream::Upstream::new(
+            name,
+            address,
+            service,
+            self.tls.as_ref(),
+        )?)
+    }
+
+    /// TLS material for calls to other services (when `grpc.tls` is set).
+    pub fn tls(&self) -> Option<Tls> {
+        self.tls.clone()
+    }
+
+    /// The audit log (services with a store), for actions the service takes on its own.
+    pub fn audit_log(&self) -> Option<AuditLog> {
+        self.audit.clone()
     }
 
     /// The supervisor of this service's background loops.
@@ -299,6 +386,14 @@ impl<S: ServiceSettings> Host<S> {
         service_names: &[&str],
         shutdown: CancellationToken,
     ) -> Result<(), HostError> {
+        // Every service with a store serves the audit log.
+        let mut names: Vec<&str> = service_names.to_vec();
+        let mut routes = routes;
+        if let Some(store) = self.store.clone() {
+            routes = routes.add_service(crate::audit::service(store));
+            names.push(shoal_proto::service_names::AUDIT);
+        }
+        let service_names = names.as_slice();
         // Advertise only what this port serves: health, reflection itself, and our services.
         let reflection = || {
             service_names.iter().fold(
@@ -331,41 +426,65 @@ impl<S: ServiceSettings> Host<S> {
                     election.clone(),
                     &self.config.instance_id,
                     &self.advertise,
+                    self.tls.clone(),
                 ))
             }
             _ => None,
         };
+        let auth = &self.config.grpc.auth;
+        let own_identity = self.tls.as_ref().and_then(Tls::own_identity);
+        let authenticator = Arc::new(Authenticator::new(
+            auth,
+            self.config.grpc.auth_enabled(),
+            own_identity,
+            self.metrics.refused.clone(),
+            self.audit.clone(),
+        ));
+        // Who calls and may they (auth, limits) → the leader runs leader-only calls (routing)
+        // → what changed is recorded where it runs (audit).
         let layers = tower::ServiceBuilder::new()
             .layer(ServerTraceLayer)
             .layer(GrpcMetricsLayer::new(
                 self.metrics.grpc_handled.clone(),
                 self.metrics.grpc_seconds.clone(),
             ))
+            .layer(AuthLayer::new(authenticator))
             .layer(LeaderRouteLayer::new(router))
+            .layer(AuditLayer::new(
+                self.audit.clone(),
+                auth.limits.max_request_bytes,
+            ))
             .into_inner();
         let stop_server = CancellationToken::new();
         let listener = self
             .grpc_listener
             .take()
             .ok_or_else(|| HostError::Stopped("serve called twice".to_string()))?;
-        let server = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             // Pings find clients that vanished without closing (a half-open watch stream).
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(Some(auth.limits.max_concurrent_streams))
             .layer(layers)
             .add_routes(routes)
             .add_service(HealthServer::new(HealthService::from_health_reporter(
                 self.health.clone(),
             )))
             .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(
+            .add_service(reflection_v1alpha);
+        let stopped = stop_server.clone().cancelled_owned();
+        let mut server = match &self.tls {
+            // Handshakes with the certificate as the files hold it now (rotation).
+            Some(tls) => {
+                tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), stopped))
+            }
+            None => tokio::spawn(router.serve_with_incoming_shutdown(
                 // Our own listener (bound up front), so tonic's default TCP_NODELAY must be set
                 // here: without it a response's frames wait for delayed ACKs (~40 ms a call).
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                stop_server.clone().cancelled_owned(),
-            );
-        let mut server = tokio::spawn(server);
+                stopped,
+            )),
+        };
 
         self.readiness.set_ready();
         // gRPC health and `shoal_ready` follow readiness: a supervised loop that is down makes

@@ -249,10 +249,65 @@ where
 /// A lazily connecting channel whose calls carry the caller's trace context.
 pub type TracedChannel = ClientTrace<tonic::transport::Channel>;
 
-/// Builds a [`TracedChannel`] to `endpoint` (`http://host:port`). Connection happens on first use
-/// and is retried by the channel, so a peer that starts later is fine.
-pub fn traced_channel(endpoint: &str) -> Result<TracedChannel, tonic::transport::Error> {
-    Ok(ClientTraceLayer.layer(self::endpoint(endpoint)?.connect_lazy()))
+/// Builds a [`TracedChannel`] to `address` (see [`channel`]).
+pub fn traced_channel(
+    address: &str,
+    tls: Option<&crate::tls::Tls>,
+) -> Result<TracedChannel, ChannelError> {
+    Ok(ClientTraceLayer.layer(channel(address, tls)?))
+}
+
+/// Why a channel to another service cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The address does not parse.
+    #[error("{address:?}: {reason}")]
+    Address {
+        /// The address.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+    /// `https://` without TLS material to call with.
+    #[error("{0:?} is https:// but this service has no grpc.tls to call it with")]
+    NoTls(String),
+}
+
+/// A lazily connecting channel to `address`: `https://host:port` over TLS with this service's
+/// certificate (`tls`, re-read as it rotates), `http://host:port` in plaintext. Connection
+/// happens on first use and is retried by the channel, so a peer that starts later is fine.
+pub fn channel(
+    address: &str,
+    tls: Option<&crate::tls::Tls>,
+) -> Result<tonic::transport::Channel, ChannelError> {
+    channel_verifying(address, tls, None)
+}
+
+/// As [`channel`]; over TLS the peer's certificate must name `server_name` when given (a
+/// replica of this service at its pod IP) instead of the address's host.
+pub fn channel_verifying(
+    address: &str,
+    tls: Option<&crate::tls::Tls>,
+    server_name: Option<&str>,
+) -> Result<tonic::transport::Channel, ChannelError> {
+    let invalid = |e: tonic::transport::Error| ChannelError::Address {
+        address: address.to_string(),
+        reason: e.to_string(),
+    };
+    match address.strip_prefix("https://") {
+        Some(rest) => {
+            let tls = tls.ok_or_else(|| ChannelError::NoTls(address.to_string()))?;
+            // The connector does TLS itself (so the certificate can rotate); tonic sees http.
+            let connector = match server_name {
+                Some(name) => tls.connector_for(name),
+                None => tls.connector(),
+            };
+            Ok(endpoint(&format!("http://{rest}"))
+                .map_err(invalid)?
+                .connect_with_connector_lazy(connector))
+        }
+        None => Ok(endpoint(address).map_err(invalid)?.connect_lazy()),
+    }
 }
 
 /// HTTP/2 keepalive ping interval on every channel between services.

@@ -7,6 +7,8 @@
 //! A service crate builds its API on top of a [`Host`] and stays free of all of this.
 
 pub mod admin;
+pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod host;
@@ -14,8 +16,10 @@ pub mod layers;
 pub mod leader;
 pub mod metrics;
 pub mod routing;
+pub mod secret;
 pub mod supervise;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 pub use cli::{ServiceArgs, run_service};

@@ -24,6 +24,11 @@ pub struct RuntimeMetrics {
     pub grpc_seconds: HistogramVec,
     /// `shoal_loop_restarts_total{service,loop}`: supervised loops restarted after they failed.
     pub loop_restarts: IntCounterVec,
+    /// `shoal_grpc_refused_total{service,code}`: calls refused before a handler (no or unknown
+    /// credentials, too small a role, limits).
+    pub refused: IntCounterVec,
+    /// `shoal_audit_write_failures_total{service}`: audit records that could not be written.
+    pub audit_failures: prometheus::IntCounter,
 }
 
 /// A metric could not be registered (a duplicate name is a programming error).
@@ -105,8 +110,27 @@ impl RuntimeMetrics {
             &["service", "loop"],
         )?;
         registry.register(Box::new(loop_restarts.clone()))?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "shoal_grpc_refused_total",
+                "gRPC calls refused before reaching a handler (credentials, role, limits), by code",
+            )
+            .const_label("service", service),
+            &["code"],
+        )?;
+        registry.register(Box::new(refused.clone()))?;
+        let audit_failures = prometheus::IntCounter::with_opts(
+            Opts::new(
+                "shoal_audit_write_failures_total",
+                "Audit records that could not be written to the store",
+            )
+            .const_label("service", service),
+        )?;
+        registry.register(Box::new(audit_failures.clone()))?;
         Ok(RuntimeMetrics {
             loop_restarts,
+            refused,
+            audit_failures,
             registry,
             ready,
             leader,

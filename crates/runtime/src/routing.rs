@@ -32,6 +32,7 @@ pub struct LeaderRouter {
     election: Election,
     instance: String,
     own_address: String,
+    tls: Option<crate::tls::Tls>,
     channels: Mutex<HashMap<String, tonic::transport::Channel>>,
 }
 
@@ -43,6 +44,7 @@ impl LeaderRouter {
         election: Election,
         instance: &str,
         own_address: &str,
+        tls: Option<crate::tls::Tls>,
     ) -> LeaderRouter {
         LeaderRouter {
             methods: methods.iter().map(|m| m.to_string()).collect(),
@@ -50,6 +52,7 @@ impl LeaderRouter {
             election,
             instance: instance.to_string(),
             own_address: own_address.to_string(),
+            tls,
             channels: Mutex::default(),
         }
     }
@@ -59,9 +62,12 @@ impl LeaderRouter {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = crate::layers::endpoint(address)
-            .map_err(|e| format!("leader address {address:?}: {e}"))?
-            .connect_lazy();
+        // The leader is a replica of this service: over TLS its certificate is this one's
+        // (same identity), whatever address it advertises.
+        let identity = self.tls.as_ref().and_then(crate::tls::Tls::own_identity);
+        let channel =
+            crate::layers::channel_verifying(address, self.tls.as_ref(), identity.as_deref())
+                .map_err(|e| format!("leader address: {e}"))?;
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }
@@ -108,6 +114,12 @@ impl LeaderRouter {
         };
         if let Ok(me) = HeaderValue::from_str(&self.instance) {
             req.headers_mut().insert(FORWARDED_HEADER, me);
+        }
+        // The leader sees this replica's certificate; tell it whom this replica checked.
+        if let Some(caller) = req.extensions().get::<crate::auth::Caller>().cloned() {
+            for (name, value) in crate::auth::forwarding_headers(&caller) {
+                req.headers_mut().insert(name, value);
+            }
         }
         tracing::debug!(%path, leader = %record.holder, address = %record.address, "forwarding a leader-only call");
         if let Err(e) = std::future::poll_fn(|cx| channel.poll_ready(cx)).await {

@@ -21,17 +21,18 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A client of `service` at `address` (connects on first use).
+    /// A client of `service` at `address` (connects on first use; `https://` over `tls`).
     pub fn new(
         name: &'static str,
         address: &str,
         service: &'static str,
-    ) -> Result<Upstream, tonic::transport::Error> {
+        tls: Option<&crate::tls::Tls>,
+    ) -> Result<Upstream, crate::layers::ChannelError> {
         Ok(Upstream {
             name,
             address: address.to_string(),
             service,
-            channel: traced_channel(address)?,
+            channel: traced_channel(address, tls)?,
         })
     }
 
@@ -72,7 +73,7 @@ pub fn validate_address(path: &str, value: &str, errors: &mut shoal_core::Valida
     if !ok {
         errors.add(
             path,
-            format!("{value:?} is not of the form http://host:port"),
+            format!("{value:?} is not of the form http(s)://host:port"),
         );
     }
 }

@@ -11,6 +11,11 @@
 //!
 //! `cargo bench -p shoal --bench burst` (`BURST_BENCH_SIZES=100x100,1000x1000,10000x10000`,
 //! nodes × pending pods).
+//!
+//! `BURST_BENCH_MTLS=1` runs each size twice, plaintext then mTLS between every pair of services
+//! (certificates from scripts/dev-certs.sh, roles enforced), and also times `GetSnapshot` (median
+//! of 21, a client with a certificate in mTLS) before the burst: the mTLS overhead as a ratio to
+//! plaintext in the same run.
 
 use std::{
     collections::HashMap,
@@ -35,9 +40,79 @@ impl Drop for Service {
     }
 }
 
+/// Certificates (scripts/dev-certs.sh) when the services speak mTLS.
+#[derive(Clone)]
+struct Mtls {
+    dir: std::path::PathBuf,
+}
+
+impl Mtls {
+    fn new(dir: &std::path::Path) -> Mtls {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/dev-certs.sh");
+        let status = Command::new("bash")
+            .arg(script)
+            .arg(dir)
+            .stdout(Stdio::null())
+            .status()
+            .expect("dev-certs.sh runs");
+        assert!(status.success(), "dev-certs.sh");
+        Mtls {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Flags giving `service` its certificate and the roles of its callers.
+    fn flags(&self, service: &str) -> Vec<String> {
+        let d = self.dir.display();
+        let mut flags = vec![
+            format!("--set=grpc.tls.certFile={d}/{service}.crt"),
+            format!("--set=grpc.tls.keyFile={d}/{service}.key"),
+            format!("--set=grpc.tls.caFile={d}/ca.crt"),
+            "--set=grpc.auth.identities.shoal-operator=admin".to_string(),
+        ];
+        let callers: &[(&str, &str)] = match service {
+            "metrics" => &[("shoal-decider", "viewer")],
+            "provisioner" => &[("shoal-decider", "admin"), ("shoal-reconciler", "admin")],
+            _ => &[],
+        };
+        for (identity, role) in callers {
+            flags.push(format!("--set=grpc.auth.identities.{identity}={role}"));
+        }
+        flags
+    }
+}
+
+/// `http(s)://127.0.0.1:port`.
+fn address(mtls: Option<&Mtls>, port: u16) -> String {
+    let scheme = if mtls.is_some() { "https" } else { "http" };
+    format!("{scheme}://127.0.0.1:{port}")
+}
+
+/// A client channel to `port`, with the operator certificate in mTLS.
+async fn client(mtls: Option<&Mtls>, port: u16) -> tonic::transport::Channel {
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(address(mtls, port)).expect("endpoint");
+    if let Some(m) = mtls {
+        let read = |f: &str| std::fs::read(m.dir.join(f)).expect("certificate file");
+        endpoint = endpoint
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.crt")))
+                    .identity(tonic::transport::Identity::from_pem(
+                        read("operator.crt"),
+                        read("operator.key"),
+                    ))
+                    .domain_name("localhost"),
+            )
+            .expect("tls");
+    }
+    endpoint.connect().await.expect("connect")
+}
+
 fn start(service: &str, grpc: u16, admin: u16, etcd: &str, extra: &[String]) -> Service {
     let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
         .args(["run", service])
+        .env("SHOAL_GRPC__PLAINTEXT", "true")
         .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
         .arg(format!("--admin-addr=127.0.0.1:{admin}"))
         .arg(format!("--etcd-endpoints={etcd}"))
@@ -86,9 +161,11 @@ struct Figures {
     needed: usize,
     decisions: f64,
     load: f64,
+    /// GetSnapshot, median of 21 (ms).
+    snapshot_ms: f64,
 }
 
-async fn run(nodes: usize, pending: usize) -> Figures {
+async fn run(nodes: usize, pending: usize, mtls: Option<&Mtls>) -> Figures {
     let etcd = EtcdServer::start();
     let shutdown = CancellationToken::new();
     let sim = Sim::start(
@@ -138,6 +215,7 @@ async fn run(nodes: usize, pending: usize) -> Figures {
         endpoints: vec![etcd.endpoint()],
         namespace: keys::DEFAULT_NAMESPACE.into(),
         request_timeout: Duration::from_secs(5),
+        ..EtcdConfig::default()
     })
     .await
     .expect("etcd");
@@ -163,19 +241,24 @@ async fn run(nodes: usize, pending: usize) -> Figures {
     let ports: Vec<u16> = (0..8).map(|_| free_port()).collect();
     let endpoint = etcd.endpoint();
     let kube = format!("--set=service.kube.kubeconfig={}", kubeconfig.display());
+    let tls = |service: &str| mtls.map(|m| m.flags(service)).unwrap_or_default();
     let _metrics = start(
         "metrics",
         ports[0],
         ports[1],
         &endpoint,
-        std::slice::from_ref(&kube),
+        &[vec![kube.clone()], tls("metrics")].concat(),
     );
     let _provisioner = start(
         "provisioner",
         ports[2],
         ports[3],
         &endpoint,
-        &[format!("--config={}", provisioner_config.display())],
+        &[
+            vec![format!("--config={}", provisioner_config.display())],
+            tls("provisioner"),
+        ]
+        .concat(),
     );
     let _decider = start(
         "decider",
@@ -183,12 +266,13 @@ async fn run(nodes: usize, pending: usize) -> Figures {
         ports[5],
         &endpoint,
         &[
-            format!("--set=service.metricsAddr=http://127.0.0.1:{}", ports[0]),
-            format!(
-                "--set=service.provisionerAddr=http://127.0.0.1:{}",
-                ports[2]
-            ),
-        ],
+            vec![
+                format!("--set=service.metricsAddr={}", address(mtls, ports[0])),
+                format!("--set=service.provisionerAddr={}", address(mtls, ports[2])),
+            ],
+            tls("decider"),
+        ]
+        .concat(),
     );
     let _reconciler = start(
         "reconciler",
@@ -196,12 +280,13 @@ async fn run(nodes: usize, pending: usize) -> Figures {
         ports[7],
         &endpoint,
         &[
-            kube.clone(),
-            format!(
-                "--set=service.provisionerAddr=http://127.0.0.1:{}",
-                ports[2]
-            ),
-        ],
+            vec![
+                kube.clone(),
+                format!("--set=service.provisionerAddr={}", address(mtls, ports[2])),
+            ],
+            tls("reconciler"),
+        ]
+        .concat(),
     );
     // Every service up, the decider leading and planning.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -212,6 +297,25 @@ async fn run(nodes: usize, pending: usize) -> Figures {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let decisions_before = metric(ports[5], "shoal_decider_decisions_total");
+
+    // GetSnapshot of the whole cluster, as the decider calls it (a fresh client, warmed up).
+    let mut snapshots = shoal_proto::v1::metrics_service_client::MetricsServiceClient::new(
+        client(mtls, ports[0]).await,
+    )
+    .max_decoding_message_size(256 << 20);
+    let mut samples = Vec::new();
+    for i in 0..23 {
+        let t = Instant::now();
+        snapshots
+            .get_snapshot(shoal_proto::v1::GetSnapshotRequest::default())
+            .await
+            .expect("GetSnapshot");
+        if i >= 2 {
+            samples.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let snapshot_ms = percentile(&samples, 0.5);
 
     // The burst: every pod's Unschedulable and Running instants, from the store's changes.
     let (_, mut changes) = sim.store.subscribe(&[]);
@@ -364,6 +468,7 @@ async fn run(nodes: usize, pending: usize) -> Figures {
         needed: pending.div_ceil(4),
         decisions: metric(ports[5], "shoal_decider_decisions_total") - decisions_before,
         load,
+        snapshot_ms,
     };
     assert_eq!(
         to_request.len(),
@@ -384,25 +489,63 @@ async fn main() {
             Some((n.trim().parse().ok()?, p.trim().parse().ok()?))
         })
         .collect();
+    let compare_mtls = std::env::var("BURST_BENCH_MTLS").is_ok_and(|v| v == "1");
+    let certs = tempfile::tempdir().expect("certs dir");
+    let mtls = compare_mtls.then(|| Mtls::new(certs.path()));
     let mut all = Vec::new();
+    let mut pairs = Vec::new();
     for (nodes, pending) in sizes {
+        let mut modes = vec![None];
+        if let Some(m) = &mtls {
+            modes.push(Some(m));
+        }
+        let mut pair = Vec::new();
+        for mode in modes {
+            println!(
+                "== {nodes} full nodes / {} pods + {pending} pending 1-CPU pods ({})",
+                nodes * 30,
+                if mode.is_some() { "mTLS" } else { "plaintext" }
+            );
+            let f = run(nodes, pending, mode).await;
+            println!(
+                "   loaded in {:.1} s; GetSnapshot {:.1} ms; unschedulable → CreateNodes p50 {:.2} s, p99 {:.2} s; all {} running after {:.1} s; nodes created {} (needed {}); decisions {}",
+                f.load,
+                f.snapshot_ms,
+                f.to_request_p50,
+                f.to_request_p99,
+                f.pending,
+                f.all_running,
+                f.created,
+                f.needed,
+                f.decisions
+            );
+            pair.push((f.snapshot_ms, f.to_request_p50, f.to_request_p99));
+            if mode.is_none() {
+                all.push(f);
+            }
+        }
+        if pair.len() == 2 {
+            pairs.push((nodes, pending, pair[0], pair[1]));
+        }
+    }
+    if !pairs.is_empty() {
         println!(
-            "== {nodes} full nodes / {} pods + {pending} pending 1-CPU pods",
-            nodes * 30
+            "\n| cluster | GetSnapshot plaintext / mTLS | ratio | unsched → CreateNodes p50 plaintext / mTLS | ratio | p99 plaintext / mTLS |"
         );
-        let f = run(nodes, pending).await;
-        println!(
-            "   loaded in {:.1} s; unschedulable → CreateNodes p50 {:.2} s, p99 {:.2} s; all {} running after {:.1} s; nodes created {} (needed {}); decisions {}",
-            f.load,
-            f.to_request_p50,
-            f.to_request_p99,
-            f.pending,
-            f.all_running,
-            f.created,
-            f.needed,
-            f.decisions
-        );
-        all.push(f);
+        println!("|---|---|---|---|---|---|");
+        for (nodes, pending, plain, tls) in &pairs {
+            println!(
+                "| {nodes} nodes + {pending} pending | {:.1} ms / {:.1} ms | {:.2}x | {:.2} s / {:.2} s | {:.2}x | {:.2} s / {:.2} s |",
+                plain.0,
+                tls.0,
+                tls.0 / plain.0,
+                plain.1,
+                tls.1,
+                tls.1 / plain.1,
+                plain.2,
+                tls.2
+            );
+        }
     }
     if let Some(base) = all.first() {
         println!(

@@ -6,7 +6,7 @@
 //! and 4 finished operations — so that both bounds are reached, and
 //! records are being removed, within the first 1,000 lifetimes: the baseline is the steady
 //! state, not an empty store filling up) and the reconciler's leader compacts
-//! etcd's history (every 5 s here, keeping 500 revisions) and defragments it when the file
+//! etcd's history (every 5 s here, keeping 100 revisions) and defragments it when the file
 //! has grown past twice the bytes in use (the default).
 //!
 //! After the first 1,000 lifetimes (the same-run baseline), half way and at the end it records:
@@ -49,6 +49,7 @@ impl Drop for Service {
 fn start(service: &str, grpc: u16, admin: u16, etcd: &str, extra: &[String]) -> Service {
     let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
         .args(["run", service])
+        .env("SHOAL_GRPC__PLAINTEXT", "true")
         .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
         .arg(format!("--admin-addr=127.0.0.1:{admin}"))
         .arg(format!("--etcd-endpoints={etcd}"))
@@ -208,6 +209,7 @@ async fn main() {
         endpoints: vec![etcd.endpoint()],
         namespace: keys::DEFAULT_NAMESPACE.into(),
         request_timeout: Duration::from_secs(10),
+        ..EtcdConfig::default()
     })
     .await
     .expect("etcd");

@@ -105,6 +105,8 @@ fn demo_config<S: ServiceSettings>(args: &DemoArgs, index: u16) -> anyhow::Resul
         ),
         ("telemetry.logLevel".to_string(), args.log_level.clone()),
         ("instanceId".to_string(), format!("demo-{}", S::SERVICE)),
+        // The all-in-one demo listens on loopback only.
+        ("grpc.plaintext".to_string(), "true".to_string()),
     ];
     match &args.etcd {
         Some(url) => {

@@ -15,14 +15,54 @@ use crate::{
 };
 
 /// How to reach etcd.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct EtcdConfig {
-    /// `http://host:port` endpoints.
+    /// `http://host:port` (or `https://`, with `tls`) endpoints.
     pub endpoints: Vec<String>,
     /// Prefix of every key (e.g. `/shoal/v1/`).
     pub namespace: String,
     /// Deadline of each request.
     pub request_timeout: Duration,
+    /// TLS to etcd (`https://` endpoints).
+    pub tls: Option<EtcdTls>,
+    /// etcd user and password (etcd's own auth), if enabled.
+    pub user: Option<(String, String)>,
+}
+
+/// TLS material for etcd, as PEM bytes.
+#[derive(Clone, Default)]
+pub struct EtcdTls {
+    /// CA bundle that signs etcd's server certificate.
+    pub ca_pem: Vec<u8>,
+    /// Client certificate and key, for etcd's `--client-cert-auth`.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connect options every client of ours uses: deadlines, TLS, user.
+fn connect_options(config: &EtcdConfig) -> ConnectOptions {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(config.request_timeout)
+        .with_timeout(config.request_timeout);
+    if let Some(tls) = &config.tls {
+        let mut t = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+        if let Some((cert, key)) = &tls.identity {
+            t = t.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(t);
+    }
+    if let Some((name, password)) = &config.user {
+        options = options.with_user(name.clone(), password.clone());
+    }
+    options
 }
 
 /// Keys per page of a prefix read.
@@ -48,14 +88,13 @@ pub struct EtcdStore {
     namespace: String,
     timeout: Duration,
     endpoints: Vec<String>,
+    config: EtcdConfig,
 }
 
 impl EtcdStore {
     /// Connects and checks that etcd answers.
     pub async fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(config.request_timeout)
-            .with_timeout(config.request_timeout)
+        let options = connect_options(config)
             .with_keep_alive(Duration::from_secs(5), config.request_timeout)
             .with_keep_alive_while_idle(true);
         let client = tokio::time::timeout(
@@ -76,6 +115,7 @@ impl EtcdStore {
             namespace: config.namespace.clone(),
             timeout: config.request_timeout,
             endpoints: config.endpoints.clone(),
+            config: config.clone(),
         };
         // A cheap read proves the endpoint really is etcd and answers.
         store.get("").await?;
@@ -84,9 +124,7 @@ impl EtcdStore {
 
     /// A client of one member (maintenance calls act on the member they reach).
     async fn member(&self, endpoint: &str) -> Result<Client, StoreError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(self.timeout)
-            .with_timeout(self.timeout);
+        let options = connect_options(&self.config);
         self.deadline(
             "connect",
             Client::connect([endpoint.to_string()], Some(options)),

@@ -19,7 +19,7 @@ use futures::Stream;
 
 pub use cache::PrefixCache;
 pub use election::{Election, ElectionConfig, Leadership};
-pub use etcd::{EtcdConfig, EtcdStore};
+pub use etcd::{EtcdConfig, EtcdStore, EtcdTls};
 pub use memory::MemoryStore;
 
 /// An etcd-style revision: a store-wide counter bumped by every write.

@@ -31,6 +31,7 @@ where
         endpoints: vec![etcd.endpoint()],
         namespace: "/shoal-conformance/".to_string(),
         request_timeout: Duration::from_secs(5),
+        ..EtcdConfig::default()
     })
     .await
     .expect("connect to the test etcd");

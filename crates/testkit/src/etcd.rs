@@ -17,6 +17,9 @@ pub struct EtcdServer {
     peer_port: u16,
     child: Option<Child>,
     extra: Vec<String>,
+    /// Serving TLS with client-certificate auth (see [`EtcdServer::start_tls`]).
+    tls: Option<crate::CertFiles>,
+    metrics_port: u16,
 }
 
 impl EtcdServer {
@@ -27,6 +30,16 @@ impl EtcdServer {
 
     /// As [`EtcdServer::start`], with more flags (e.g. `--auto-compaction-retention=30s`).
     pub fn start_with(extra: &[&str]) -> EtcdServer {
+        EtcdServer::start_inner(extra, None)
+    }
+
+    /// etcd over TLS with its server certificate `server` (signed by `server.ca`) that accepts
+    /// only clients presenting a certificate from that CA (`--client-cert-auth`).
+    pub fn start_tls(server: &crate::CertFiles) -> EtcdServer {
+        EtcdServer::start_inner(&[], Some(server.clone()))
+    }
+
+    fn start_inner(extra: &[&str], tls: Option<crate::CertFiles>) -> EtcdServer {
         let binary = require_tool("etcd", "install Debian's etcd-server package");
         let data = tempfile::Builder::new()
             .prefix("shoal-etcd-")
@@ -39,14 +52,17 @@ impl EtcdServer {
             peer_port: free_port(),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls,
+            metrics_port: free_port(),
         };
         server.launch();
         server
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The data directory's size on disk (the bbolt file and the WAL).
@@ -54,8 +70,14 @@ impl EtcdServer {
         self.data.path().join("data")
     }
 
+    /// Where `/health` answers in plain HTTP (the client port, or with TLS the metrics port).
     fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.client_port))
+        let port = if self.tls.is_some() {
+            self.metrics_port
+        } else {
+            self.client_port
+        };
+        SocketAddr::from(([127, 0, 0, 1], port))
     }
 
     fn launch(&mut self) {
@@ -75,6 +97,18 @@ impl EtcdServer {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=shoal-test={peer}"))
             .arg("--log-level=warn")
+            .args(self.tls.iter().flat_map(|tls| {
+                [
+                    format!("--cert-file={}", tls.cert.display()),
+                    format!("--key-file={}", tls.key.display()),
+                    format!("--trusted-ca-file={}", tls.ca.display()),
+                    "--client-cert-auth".to_string(),
+                    format!(
+                        "--listen-metrics-urls=http://127.0.0.1:{}",
+                        self.metrics_port
+                    ),
+                ]
+            }))
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)

@@ -4,12 +4,14 @@
 //! A missing fixture binary fails the test with a message saying how to install it; nothing here
 //! falls back to a fake.
 
+pub mod certs;
 pub mod etcd;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
 pub mod sim;
 
+pub use certs::{CertFiles, TestCa};
 pub use etcd::EtcdServer;
 pub use process::{ServiceProcess, bin_path};
 pub use prometheus::PrometheusServer;
@@ -24,11 +26,20 @@ use std::{
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     // Binding to port 0 lets the kernel pick; the tiny window before the caller binds it again is
-    // acceptable for tests.
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+    // acceptable for tests. The kernel may hand the same free port out twice in a row (e.g. a
+    // grpc and an admin port for one service): never give a port twice in one test process.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free loopback port: {e}"));
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `check` every 50 ms until it returns `Some` or `timeout` passes.

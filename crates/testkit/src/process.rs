@@ -65,6 +65,11 @@ impl ServiceProcess {
                 command.env_remove(&key);
             }
         }
+        // Shoal's services refuse to serve without TLS unless told; tests that do not set up
+        // TLS say plaintext (a test that does sets grpc.tls, which then wins for serving).
+        if binary != "shoal-sim" && !env.iter().any(|(k, _)| k == "SHOAL_GRPC__PLAINTEXT") {
+            command.env("SHOAL_GRPC__PLAINTEXT", "true");
+        }
         for (key, value) in env {
             command.env(key, value);
         }

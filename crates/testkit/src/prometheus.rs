@@ -16,11 +16,33 @@ pub struct PrometheusServer {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    /// Serving HTTPS with basic auth (see [`PrometheusServer::start_secured`]).
+    secured: bool,
 }
 
 impl PrometheusServer {
     /// Starts Prometheus scraping `targets` (`host:port`, path `/metrics`) as job `shoal`.
     pub fn start(targets: &[SocketAddr]) -> PrometheusServer {
+        PrometheusServer::start_inner(targets, None)
+    }
+
+    /// As [`PrometheusServer::start`], serving HTTPS with `cert` and requiring HTTP basic auth
+    /// of `user` whose password's bcrypt hash is `bcrypt_hash` (its `--web.config.file`).
+    pub fn start_secured(
+        targets: &[SocketAddr],
+        cert: &crate::CertFiles,
+        user: &str,
+        bcrypt_hash: &str,
+    ) -> PrometheusServer {
+        let web = format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  {user}: '{bcrypt_hash}'\n",
+            cert.cert.display(),
+            cert.key.display()
+        );
+        PrometheusServer::start_inner(targets, Some(web))
+    }
+
+    fn start_inner(targets: &[SocketAddr], web: Option<String>) -> PrometheusServer {
         let binary = require_tool("prometheus", "install Debian's prometheus package");
         let dir = tempfile::Builder::new()
             .prefix("shoal-prom-")
@@ -33,11 +55,16 @@ impl PrometheusServer {
         );
         std::fs::write(dir.path().join("prometheus.yml"), config)
             .unwrap_or_else(|e| panic!("write config: {e}"));
+        if let Some(web) = &web {
+            std::fs::write(dir.path().join("web.yml"), web)
+                .unwrap_or_else(|e| panic!("write web config: {e}"));
+        }
         let mut server = PrometheusServer {
             binary,
             dir,
             port: free_port(),
             child: None,
+            secured: web.is_some(),
         };
         server.launch();
         server
@@ -48,9 +75,10 @@ impl PrometheusServer {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` when secured).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr())
+        let scheme = if self.secured { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr())
     }
 
     fn launch(&mut self) {
@@ -66,15 +94,35 @@ impl PrometheusServer {
                 self.dir.path().join("data").display()
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{}", self.port))
-            .arg("--log.level=warn")
+            .args(self.secured.then(|| {
+                format!(
+                    "--web.config.file={}",
+                    self.dir.path().join("web.yml").display()
+                )
+            }))
+            // Secured, /-/ready wants TLS and a password: readiness is read from the log.
+            .arg(if self.secured {
+                "--log.level=info"
+            } else {
+                "--log.level=warn"
+            })
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start prometheus: {e}"));
         self.child = Some(child);
         let addr = self.addr();
+        let log_file = self.dir.path().join("prometheus.log");
+        let secured = self.secured;
         if wait_for(Duration::from_secs(30), || {
-            matches!(http_get(addr, "/-/ready"), Ok((200, _))).then_some(())
+            if secured {
+                std::fs::read_to_string(&log_file)
+                    .ok()?
+                    .contains("Server is ready to receive web requests")
+                    .then_some(())
+            } else {
+                matches!(http_get(addr, "/-/ready"), Ok((200, _))).then_some(())
+            }
         })
         .is_none()
         {

@@ -323,13 +323,36 @@ impl DeciderService for DeciderApi {
         &self,
         request: Request<RequestCapacityRequest>,
     ) -> Result<Response<RequestCapacityResponse>, Status> {
-        let r = request.into_inner();
+        let caller = shoal_runtime::auth::Caller::of(&request).cloned();
+        let mut r = request.into_inner();
+        // Who asks is who called: an authenticated caller cannot ask in another's name.
+        if let Some(caller) =
+            caller.filter(|c| c.by != shoal_runtime::auth::AuthenticatedBy::Anonymous)
+        {
+            if r.requester.is_empty() {
+                r.requester = caller.identity.clone();
+            } else if r.requester != caller.identity {
+                return Err(Status::permission_denied(format!(
+                    "requester {:?} is not the caller {:?}: leave it empty or give your own identity",
+                    r.requester, caller.identity
+                )));
+            }
+        }
         let mut errors = ValidationErrors::default();
         if r.requester.trim().is_empty() {
             errors.add("requester", "must name who is asking");
         }
+        if r.requester.len() > 253 {
+            errors.add("requester", "must be at most 253 characters");
+        }
         if r.pods.is_empty() {
             errors.add("pods", "must list at least one pod");
+        }
+        if r.pods.len() > 100 {
+            errors.add(
+                "pods",
+                format!("{} pod sets; at most 100 in one request", r.pods.len()),
+            );
         }
         for (i, item) in r.pods.iter().enumerate() {
             if item.count <= 0 || item.count > 10_000 {

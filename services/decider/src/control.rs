@@ -91,6 +91,8 @@ pub struct Decider {
     /// (`Evaluate`, status, cooldown gauges) take it from here instead of waiting for a decision
     /// in progress, which may be waiting for the provisioner.
     published: std::sync::Mutex<Option<(i64, History)>>,
+    /// Where the decider records the actions it takes on its own.
+    audit: Option<shoal_runtime::audit::AuditLog>,
     pub(crate) last_decision_at: std::sync::Mutex<Option<SystemTime>>,
 }
 
@@ -143,6 +145,7 @@ impl Decider {
             stats,
             state: tokio::sync::Mutex::new(None),
             published: std::sync::Mutex::new(None),
+            audit: None,
             last_decision_at: std::sync::Mutex::new(None),
         }
     }
@@ -180,6 +183,12 @@ impl Decider {
             })
             .await?
             .into_inner())
+    }
+
+    /// Records the decider's own actions in `audit`.
+    pub fn with_audit(mut self, audit: Option<shoal_runtime::audit::AuditLog>) -> Decider {
+        self.audit = audit;
+        self
     }
 
     /// The planner history: the leader's in memory, else the stored one.
@@ -336,6 +345,17 @@ impl Decider {
             let executed = self
                 .execute(&decision, &mut operations, &mut claim_ids)
                 .await;
+            if let Some(audit) = &self.audit {
+                let summary = serde_json::json!({
+                    "decision": decision.id,
+                    "actions": decision.actions.iter().map(describe_action).collect::<Vec<_>>(),
+                    "operations": operations.clone(),
+                });
+                let result = if executed { "OK" } else { "FAILED" };
+                audit
+                    .own_action("decider: carry out decision", &summary, result)
+                    .await;
+            }
             // The next plan must count these claims as in flight: wait (bounded) until the
             // claims cache shows them, so a snapshot arriving meanwhile cannot ask again.
             self.await_claims(&claim_ids, Duration::from_secs(5)).await;
@@ -701,4 +721,22 @@ pub fn load_pool_file(path: &str) -> Result<Vec<pb::NodePool>, String> {
         out.push(proto);
     }
     Ok(out)
+}
+
+/// One action, as the audit log shows it (`scale up general +2`).
+fn describe_action(action: &pb::ScaleAction) -> String {
+    match &action.action {
+        Some(pb::scale_action::Action::ScaleUp(up)) => {
+            format!("scale up {} +{}", up.pool, up.count)
+        }
+        Some(pb::scale_action::Action::ScaleDown(down)) => {
+            format!(
+                "scale down {} -{} ({})",
+                down.pool,
+                down.nodes.len(),
+                down.nodes.join(", ")
+            )
+        }
+        None => "nothing".into(),
+    }
 }

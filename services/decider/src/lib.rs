@@ -15,9 +15,7 @@ use shoal_proto::{
     service_names,
     v1::{decider_service_server::DeciderServiceServer, pool_service_server::PoolServiceServer},
 };
-use shoal_runtime::{
-    Config, Host, HostError, ServiceSettings, Upstream, ValidationErrors, validate_address,
-};
+use shoal_runtime::{Config, Host, HostError, ServiceSettings, ValidationErrors, validate_address};
 use shoal_state::{PrefixCache, keys};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -110,8 +108,8 @@ pub async fn serve(
     let stats = stats::Stats::register(&host.metrics.registry)
         .map_err(|e| HostError::Metrics(shoal_runtime::metrics::MetricsError::from(e)))?;
     let upstreams = vec![
-        Upstream::new("metrics", &settings.metrics_addr, service_names::METRICS)?,
-        Upstream::new(
+        host.upstream("metrics", &settings.metrics_addr, service_names::METRICS)?,
+        host.upstream(
             "provisioner",
             &settings.provisioner_addr,
             service_names::PROVISIONER,
@@ -121,17 +119,20 @@ pub async fn serve(
     let pools = PrefixCache::start(store.clone(), keys::POOLS, tasks.clone());
     let claims = PrefixCache::start(store.clone(), keys::CLAIMS, tasks.clone());
     let decider_store = store::DeciderStore::new(store);
-    let decider = Arc::new(control::Decider::new(
-        settings,
-        decider_store.clone(),
-        pools,
-        claims,
-        upstreams[0].channel.clone(),
-        upstreams[1].channel.clone(),
-        host.leader(),
-        host.election(),
-        stats,
-    ));
+    let decider = Arc::new(
+        control::Decider::new(
+            settings,
+            decider_store.clone(),
+            pools,
+            claims,
+            upstreams[0].channel.clone(),
+            upstreams[1].channel.clone(),
+            host.leader(),
+            host.election(),
+            stats,
+        )
+        .with_audit(host.audit_log()),
+    );
     host.supervisor().spawn("control-loop", {
         let decider = decider.clone();
         move |token| decider.clone().control_loop(token)

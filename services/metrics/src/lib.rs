@@ -122,7 +122,11 @@ pub async fn serve(
         settings.prometheus.clone(),
         stats.clone(),
         host.readiness(),
-    );
+    )
+    .map_err(|message| HostError::Dependency {
+        what: "Prometheus client",
+        message,
+    })?;
     if usage.enabled() {
         host.supervisor().spawn("utilization-poller", {
             let usage = usage.clone();

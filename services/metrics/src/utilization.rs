@@ -37,6 +37,37 @@ pub struct PrometheusSettings {
     /// Deadline of each query.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// `Authorization: Bearer` token (inline, `{ fromFile: … }` or `{ fromEnv: … }`).
+    #[serde(default)]
+    pub bearer_token: shoal_runtime::secret::Secret,
+    /// HTTP basic auth (Prometheus' `web.config` `basic_auth_users`).
+    #[serde(default)]
+    pub basic_auth: BasicAuth,
+    /// TLS to Prometheus: the CA of its certificate and, optionally, a client certificate.
+    #[serde(default)]
+    pub tls: PrometheusTls,
+}
+
+/// `service.prometheus.basicAuth`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BasicAuth {
+    /// User name; empty: no basic auth.
+    pub username: String,
+    /// Its password.
+    pub password: shoal_runtime::secret::Secret,
+}
+
+/// `service.prometheus.tls`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PrometheusTls {
+    /// PEM CA bundle that signs Prometheus' certificate (empty: the system's roots).
+    pub ca_file: std::path::PathBuf,
+    /// PEM client certificate (with `keyFile`), for `client_auth_type: RequireAndVerifyClientCert`.
+    pub cert_file: std::path::PathBuf,
+    /// PEM key of the client certificate.
+    pub key_file: std::path::PathBuf,
 }
 
 impl Default for PrometheusSettings {
@@ -53,6 +84,9 @@ impl Default for PrometheusSettings {
             node_label: "instance".into(),
             interval: Duration::from_secs(15),
             timeout: Duration::from_secs(5),
+            bearer_token: shoal_runtime::secret::Secret::default(),
+            basic_auth: BasicAuth::default(),
+            tls: PrometheusTls::default(),
         }
     }
 }
@@ -86,6 +120,21 @@ impl PrometheusSettings {
         }
         if self.node_label.trim().is_empty() {
             errors.add(format!("{path}.nodeLabel"), "must not be empty");
+        }
+        if !self.bearer_token.is_empty() && !self.basic_auth.username.is_empty() {
+            errors.add(
+                format!("{path}.basicAuth"),
+                "give bearerToken or basicAuth, not both",
+            );
+        }
+        if !self.basic_auth.username.is_empty() && self.basic_auth.password.is_empty() {
+            errors.add(
+                format!("{path}.basicAuth.password"),
+                "is required with basicAuth.username",
+            );
+        }
+        if self.tls.cert_file.as_os_str().is_empty() != self.tls.key_file.as_os_str().is_empty() {
+            errors.add(format!("{path}.tls"), "certFile and keyFile go together");
         }
         if self.interval < Duration::from_secs(1) {
             errors.add(format!("{path}.interval"), "must be at least 1s");
@@ -141,6 +190,15 @@ pub struct Prometheus {
     http: reqwest::Client,
     url: String,
     timeout: Duration,
+    auth: Auth,
+}
+
+/// How each request authenticates.
+#[derive(Clone)]
+enum Auth {
+    None,
+    Bearer(shoal_runtime::secret::Secret),
+    Basic(String, shoal_runtime::secret::Secret),
 }
 
 #[derive(Deserialize)]
@@ -162,13 +220,56 @@ struct ApiData {
 }
 
 impl Prometheus {
-    /// A client for `url` whose queries time out after `timeout`.
+    /// A client for `url` whose queries time out after `timeout` (no auth, system roots).
     pub fn new(url: &str, timeout: Duration) -> Prometheus {
         Prometheus {
             http: reqwest::Client::new(),
             url: url.trim_end_matches('/').to_string(),
             timeout,
+            auth: Auth::None,
         }
+    }
+
+    /// A client as `settings` say: auth and TLS (files read now; an unreadable one is an error
+    /// naming the field).
+    pub fn from_settings(settings: &PrometheusSettings) -> Result<Prometheus, String> {
+        let read = |field: &str, path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| format!("service.prometheus.tls.{field}: {}: {e}", path.display()))
+        };
+        let mut builder = reqwest::Client::builder();
+        let tls = &settings.tls;
+        if !tls.ca_file.as_os_str().is_empty() {
+            let ca = reqwest::Certificate::from_pem(&read("caFile", &tls.ca_file)?)
+                .map_err(|e| format!("service.prometheus.tls.caFile: {e}"))?;
+            builder = builder.add_root_certificate(ca);
+        }
+        if !tls.cert_file.as_os_str().is_empty() {
+            let mut pem = read("certFile", &tls.cert_file)?;
+            pem.extend(read("keyFile", &tls.key_file)?);
+            let identity = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| format!("service.prometheus.tls.certFile: {e}"))?;
+            builder = builder.identity(identity);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| format!("service.prometheus: {e}"))?;
+        let auth = if !settings.bearer_token.is_empty() {
+            Auth::Bearer(settings.bearer_token.clone())
+        } else if !settings.basic_auth.username.is_empty() {
+            Auth::Basic(
+                settings.basic_auth.username.clone(),
+                settings.basic_auth.password.clone(),
+            )
+        } else {
+            Auth::None
+        };
+        Ok(Prometheus {
+            http,
+            url: settings.url.trim_end_matches('/').to_string(),
+            timeout: settings.timeout,
+            auth,
+        })
     }
 
     /// An instant query at `time` (now when `None`).
@@ -192,21 +293,29 @@ impl Prometheus {
                 .as_secs_f64();
             form.push(("time", format!("{secs:.3}")));
         }
-        let response = self
+        let request = self
             .http
             .post(format!("{}/api/v1/query", self.url))
             .form(&form)
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    unreachable(format!("no answer within {:?}", self.timeout))
-                } else {
-                    unreachable(root_cause(&e))
-                }
-            })?;
+            .timeout(self.timeout);
+        let request = match &self.auth {
+            Auth::None => request,
+            Auth::Bearer(token) => request.bearer_auth(token.expose()),
+            Auth::Basic(user, password) => request.basic_auth(user, Some(password.expose())),
+        };
+        let response = request.send().await.map_err(|e| {
+            if e.is_timeout() {
+                unreachable(format!("no answer within {:?}", self.timeout))
+            } else {
+                unreachable(root_cause(&e))
+            }
+        })?;
         let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(unreachable(format!(
+                "HTTP {status}: Prometheus refused the credentials (service.prometheus.bearerToken, basicAuth or tls)"
+            )));
+        }
         let body = response
             .bytes()
             .await
@@ -283,14 +392,14 @@ impl UtilizationSource {
         settings: PrometheusSettings,
         stats: Stats,
         readiness: shoal_runtime::admin::Readiness,
-    ) -> UtilizationSource {
-        UtilizationSource {
-            prometheus: Prometheus::new(&settings.url, settings.timeout),
+    ) -> Result<UtilizationSource, String> {
+        Ok(UtilizationSource {
+            prometheus: Prometheus::from_settings(&settings)?,
             settings,
             current: Arc::default(),
             stats,
             readiness,
-        }
+        })
     }
 
     /// The Prometheus client (for pass-through queries).

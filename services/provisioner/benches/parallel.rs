@@ -101,6 +101,7 @@ async fn main() {
         endpoints: vec![etcd.endpoint()],
         namespace: keys::DEFAULT_NAMESPACE.into(),
         request_timeout: Duration::from_secs(2),
+        ..EtcdConfig::default()
     })
     .await
     .expect("etcd");
@@ -129,6 +130,7 @@ async fn main() {
         .arg(format!("--etcd-endpoints={}", etcd.endpoint()))
         .arg(format!("--config={}", config.display()))
         .arg("--log-level=warn")
+        .env("SHOAL_GRPC__PLAINTEXT", "true")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

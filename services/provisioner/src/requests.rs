@@ -103,6 +103,9 @@ impl Provisioner {
         if pool_name.is_empty() {
             return Err(invalid("pool", "must name a NodePool"));
         }
+        bounded("pool", pool_name, 63)?;
+        bounded("idempotencyKey", key, MAX_KEY_LEN)?;
+        bounded("reason", reason, MAX_REASON_LEN)?;
         if !(1..=MAX_NODES_PER_CALL).contains(&count) {
             return Err(invalid(
                 "count",
@@ -247,6 +250,17 @@ impl Provisioner {
         if let Some((i, _)) = nodes.iter().enumerate().find(|(_, n)| n.is_empty()) {
             return Err(invalid("nodes", format!("entry {i} is empty")));
         }
+        if let Some((i, n)) = nodes.iter().enumerate().find(|(_, n)| n.len() > 253) {
+            return Err(invalid(
+                "nodes",
+                format!(
+                    "entry {i} is {} characters; a node name has at most 253",
+                    n.len()
+                ),
+            ));
+        }
+        bounded("idempotencyKey", key, MAX_KEY_LEN)?;
+        bounded("reason", reason, MAX_REASON_LEN)?;
         let unique: HashSet<&String> = nodes.iter().collect();
         if unique.len() != nodes.len() {
             return Err(invalid("nodes", "names a node twice"));
@@ -336,4 +350,20 @@ impl Provisioner {
         }
         Ok(op)
     }
+}
+
+/// Longest idempotency key.
+const MAX_KEY_LEN: usize = 128;
+/// Longest reason.
+const MAX_REASON_LEN: usize = 1024;
+
+/// `value` is at most `max` bytes.
+fn bounded(field: &'static str, value: &str, max: usize) -> Result<(), RequestError> {
+    if value.len() > max {
+        return Err(invalid(
+            field,
+            format!("is {} characters; at most {max}", value.len()),
+        ));
+    }
+    Ok(())
 }

@@ -36,6 +36,7 @@ fn config<S: ServiceSettings>(etcd: &EtcdServer, grpc: u16, name: &str) -> Confi
             ("store.endpoints".into(), etcd.endpoint()),
             ("telemetry.logLevel".into(), "warn".into()),
             ("instanceId".into(), name.into()),
+            ("grpc.plaintext".into(), "true".into()),
         ],
     };
     config::load::<S>(&sources).expect("bench config").config
@@ -186,6 +187,7 @@ async fn main() {
         endpoints: vec![etcd.endpoint()],
         namespace: keys::DEFAULT_NAMESPACE.into(),
         request_timeout: Duration::from_secs(5),
+        ..EtcdConfig::default()
     })
     .await
     .expect("etcd");

@@ -12,9 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use shoal_proto::v1::provisioner_service_client::ProvisionerServiceClient;
 use shoal_proto::{service_names, v1::reconciler_service_server::ReconcilerServiceServer};
-use shoal_runtime::{
-    Config, Host, HostError, ServiceSettings, Upstream, ValidationErrors, validate_address,
-};
+use shoal_runtime::{Config, Host, HostError, ServiceSettings, ValidationErrors, validate_address};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -239,7 +237,7 @@ pub async fn serve(
             what: "Kubernetes API",
             message: e.to_string(),
         })?;
-    let provisioner = Upstream::new(
+    let provisioner = host.upstream(
         "provisioner",
         &settings.provisioner_addr,
         service_names::PROVISIONER,

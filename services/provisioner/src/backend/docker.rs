@@ -34,9 +34,10 @@ pub struct DockerClass {
     /// Entrypoint override; empty keeps the image's.
     #[serde(default)]
     pub entrypoint: Vec<String>,
-    /// Environment, e.g. `K3S_URL`, `K3S_TOKEN`.
+    /// Environment, e.g. `K3S_URL`, `K3S_TOKEN`. Values are secrets: inline, `{ fromFile: … }`
+    /// or `{ fromEnv: … }`, and never printed (`--print-config` shows `<redacted>`).
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, shoal_runtime::secret::Secret>,
     /// Docker network to attach to.
     #[serde(default)]
     pub network: String,
@@ -161,11 +162,12 @@ fn docker_error(what: &str, e: bollard::errors::Error) -> ProviderError {
 }
 
 impl DockerProvider {
-    /// Connects to the local engine (`DOCKER_HOST` or the default socket) with these classes.
+    /// Connects to the engine the Docker CLI would (`DOCKER_HOST`, else the local socket; TLS
+    /// with `DOCKER_TLS_VERIFY` and the certificates in `DOCKER_CERT_PATH`) with these classes.
     pub fn connect(
         classes: BTreeMap<String, DockerClass>,
     ) -> Result<DockerProvider, ProviderError> {
-        let docker = Docker::connect_with_local_defaults()
+        let docker = Docker::connect_with_defaults()
             .map_err(|e| ProviderError::Permanent(format!("docker engine: {e}")))?;
         Ok(DockerProvider { docker, classes })
     }
@@ -244,7 +246,7 @@ impl NodeProvider for DockerProvider {
         let env: Vec<String> = class
             .env
             .iter()
-            .map(|(k, v)| format!("{k}={}", fill(v, spec)))
+            .map(|(k, v)| format!("{k}={}", fill(v.expose(), spec)))
             .collect();
         let cmd: Vec<String> = class.command.iter().map(|c| fill(c, spec)).collect();
         let labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
