@@ -704,3 +704,98 @@ fn runtime_burst(provisioner: &Running, ca: &Path, n: usize) -> Vec<String> {
         exhausted
     })
 }
+
+#[test]
+fn a_standby_forwards_a_leader_only_call_over_mtls_keeping_the_callers_identity() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = TestCa::new(dir.path(), "shoal");
+    let etcd = EtcdServer::start();
+    let sim = SimServer::start(&[]);
+    let ops = ca.issue("ops-admin", "ops");
+    // Both replicas share the service's certificate, as a Deployment's pods do.
+    let server = ca.issue("shoal-provisioner", "provisioner");
+    let config = tls_config(
+        dir.path(),
+        "provisioner",
+        &server,
+        false,
+        &[("ops-admin", "admin")],
+        "",
+        &format!(
+            "election: {{ leaseTtl: 3s }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends: {{ sim: {{ url: {} }} }}\n",
+            sim.kubeconfig().display(),
+            sim.url()
+        ),
+    );
+    let env = [("SHOAL_GRPC__PLAINTEXT", "false")];
+    let mut first = Running::start(
+        "shoal-provisioner",
+        "fwd-provisioner-1",
+        Some(&etcd),
+        &[&format!("--config={}", config.display())],
+        &env,
+    );
+    first.wait_ready();
+    let mut second = Running::start(
+        "shoal-provisioner",
+        "fwd-provisioner-2",
+        Some(&etcd),
+        &[&format!("--config={}", config.display())],
+        &env,
+    );
+    second.wait_ready();
+    let reader = shoal_e2e::EtcdReader::new(&etcd);
+    let leader = wait_for(Duration::from_secs(10), || reader.leader("provisioner"))
+        .expect("a provisioner leads");
+    assert!(
+        leader.address.starts_with("https://"),
+        "the leader advertises TLS: {}",
+        leader.address
+    );
+    let standby = if leader.holder == first.instance {
+        &second
+    } else {
+        &first
+    };
+
+    // Repair is leader-only: the standby forwards it; the leader refuses to delete what this
+    // cluster does not own, which proves the call got there.
+    let ca_file = ca.ca_file().to_path_buf();
+    let (ok, out) = grpcurl_tls(
+        &ca_file,
+        Some(&ops),
+        &[
+            "-d",
+            r#"{"passId":"t","reason":"test","deleteInstance":"sim/not-ours"}"#,
+            &standby.grpc.to_string(),
+            "shoal.v1.ProvisionerService/Repair",
+        ],
+    );
+    assert!(
+        !ok && out.contains("FailedPrecondition"),
+        "forwarded and refused by the leader: {out}\n{}",
+        standby.process.logs()
+    );
+    // The leader recorded it under the caller's identity, not the standby's certificate.
+    let (ok, out) = grpcurl_tls(
+        &ca_file,
+        Some(&ops),
+        &[
+            "-d",
+            r#"{"method":"Repair"}"#,
+            &standby.grpc.to_string(),
+            "shoal.v1.AuditService/ListAudit",
+        ],
+    );
+    assert!(ok, "{out}");
+    let audit: Value = serde_json::from_str(&out).expect("audit JSON");
+    let records = audit["records"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        records.len(),
+        1,
+        "one record, by the replica that ran it: {audit}"
+    );
+    assert_eq!(records[0]["identity"], "ops-admin", "{audit}");
+    assert_eq!(records[0]["instance"], leader.holder.as_str(), "{audit}");
+    assert_eq!(records[0]["result"], "FAILED_PRECONDITION", "{audit}");
+}

@@ -164,7 +164,7 @@ impl<S: ServiceSettings> Host<S> {
         });
         tracing::info!(service = S::SERVICE, grpc = %grpc_addr, admin = %admin_addr, instance = %config.instance_id, "listening");
 
-        let advertise = advertise_address(&config.grpc.advertise_addr, grpc_addr);
+        let advertise = advertise_address(&config.grpc.advertise_addr, grpc_addr, tls.is_some());
         let supervisor = Supervisor::new(
             S::SERVICE,
             readiness.clone(),
@@ -594,18 +594,20 @@ fn fit_to_lead(readiness: Readiness, shutdown: CancellationToken) -> watch::Rece
     receiver
 }
 
-/// `grpc.advertiseAddr`, or the bound address (the host name when bound to every interface).
-fn advertise_address(configured: &str, bound: SocketAddr) -> String {
+/// `grpc.advertiseAddr`, or the bound address (the host name when bound to every interface),
+/// `https://` when this server speaks TLS.
+fn advertise_address(configured: &str, bound: SocketAddr, tls: bool) -> String {
     if !configured.is_empty() {
         return configured.to_string();
     }
+    let scheme = if tls { "https" } else { "http" };
     if bound.ip().is_unspecified() {
         let host = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into());
-        format!("http://{host}:{}", bound.port())
+        format!("{scheme}://{host}:{}", bound.port())
     } else {
-        format!("http://{bound}")
+        format!("{scheme}://{bound}")
     }
 }
 
