@@ -377,6 +377,31 @@ fn the_full_loop_runs_on_mtls_and_leaves_an_audit_trail_and_no_secret() {
         "{own}"
     );
 
+    // RequestCapacity: the requester is the caller, not whoever the request names.
+    let ask = |requester: &str| {
+        grpcurl_tls(
+            &ca_file,
+            None,
+            &[
+                "-H",
+                &auth_header,
+                "-d",
+                &format!(
+                    r#"{{"requester":"{requester}","dryRun":true,"pods":[{{"count":1,"pod":{{"requests":{{"cpuMillis":"500","memoryBytes":"134217728"}}}}}}]}}"#
+                ),
+                &decider.grpc.to_string(),
+                "shoal.v1.DeciderService/RequestCapacity",
+            ],
+        )
+    };
+    let (ok, out) = ask("somebody-else");
+    assert!(
+        !ok && out.contains("PermissionDenied") && out.contains("is not the caller"),
+        "{out}"
+    );
+    let (ok, out) = ask("");
+    assert!(ok, "an empty requester becomes the caller: {out}");
+
     // No secret anywhere: logs, spans, API answers.
     let (_, status) = grpcurl_tls(
         &ca_file,

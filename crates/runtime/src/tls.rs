@@ -395,7 +395,8 @@ mod tests {
     use super::*;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-    fn material(dir: &Path) -> (TlsConfig, TlsConfig) {
+    /// A CA's server and client certificates as configs.
+    pub(super) fn material(dir: &Path) -> (TlsConfig, TlsConfig) {
         let ca = shoal_testkit::TestCa::new(dir, "unit");
         let server = ca.issue("shoal-server", "server");
         let client = ca.issue("shoal-client", "client");
@@ -447,17 +448,9 @@ mod stream_tests {
             server_reflection_request::MessageRequest,
         };
         let dir = tempfile::tempdir().expect("dir");
-        let ca = shoal_testkit::TestCa::new(dir.path(), "unit");
-        let s = ca.issue("shoal-server", "server");
-        let c = ca.issue("shoal-client", "client");
-        let config = |c: &shoal_testkit::CertFiles| TlsConfig {
-            cert_file: c.cert.clone(),
-            key_file: c.key.clone(),
-            ca_file: c.ca.clone(),
-            client_auth: ClientAuth::Required,
-        };
-        let server = Tls::load(&config(&s)).expect("server");
-        let client = Tls::load(&config(&c)).expect("client");
+        let (server, client) = super::tests::material(dir.path());
+        let server = Tls::load(&server).expect("server");
+        let client = Tls::load(&client).expect("client");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let reflection = tonic_reflection::server::Builder::configure()

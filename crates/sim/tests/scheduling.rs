@@ -176,6 +176,33 @@ async fn cloud_rejects_bad_requests_and_injects_faults() {
     assert_eq!(invalid.status(), 400);
 }
 
+/// The PodScheduled=False messages of the pods matching `selector`, once there are `count`.
+async fn unschedulable_messages(
+    pods: &Api<Pod>,
+    selector: &str,
+    count: usize,
+) -> Option<Vec<String>> {
+    let list = pods
+        .list(&ListParams::default().labels(selector))
+        .await
+        .ok()?;
+    let stuck: Vec<String> = list
+        .items
+        .iter()
+        .filter_map(|p| {
+            let c = p
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+            c.message.clone()
+        })
+        .collect();
+    (stuck.len() == count).then_some(stuck)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_nodes_at_all_pods_are_unschedulable_with_the_schedulers_message() {
     // A cluster whose pools start at zero: the pods must still be marked, or no autoscaler
@@ -188,25 +215,7 @@ async fn with_no_nodes_at_all_pods_are_unschedulable_with_the_schedulers_message
         .await
         .expect("create deployment");
     let messages = eventually("two unschedulable pods", async || {
-        let list = pods
-            .list(&ListParams::default().labels("app=lonely"))
-            .await
-            .ok()?;
-        let stuck: Vec<String> = list
-            .items
-            .iter()
-            .filter_map(|p| {
-                let c = p
-                    .status
-                    .as_ref()?
-                    .conditions
-                    .as_ref()?
-                    .iter()
-                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
-                c.message.clone()
-            })
-            .collect();
-        (stuck.len() == 2).then_some(stuck)
+        unschedulable_messages(&pods, "app=lonely", 2).await
     })
     .await;
     assert!(
@@ -230,27 +239,7 @@ async fn a_message_held_back_by_the_backoff_is_written_when_the_backoff_ends() {
         .create(&PostParams::default(), &deployment("wide", 2, "3"))
         .await
         .expect("create deployment");
-    let messages = async || -> Option<Vec<String>> {
-        let list = pods
-            .list(&ListParams::default().labels("app=wide"))
-            .await
-            .ok()?;
-        let stuck: Vec<String> = list
-            .items
-            .iter()
-            .filter_map(|p| {
-                let c = p
-                    .status
-                    .as_ref()?
-                    .conditions
-                    .as_ref()?
-                    .iter()
-                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
-                c.message.clone()
-            })
-            .collect();
-        (stuck.len() == 2).then_some(stuck)
-    };
+    let messages = async || unschedulable_messages(&pods, "app=wide", 2).await;
     eventually("two pods marked on an empty cluster", async || {
         messages()
             .await
