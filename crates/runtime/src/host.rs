@@ -192,16 +192,21 @@ impl<S: ServiceSettings> Host<S> {
             audit: None,
         };
         if S::USES_STORE {
-            if host.config.store.backend == StoreBackend::Etcd
-                && let Err(message) = host.config.store.etcd()
-            {
-                host.stop_admin().await;
-                return Err(HostError::Dependency {
-                    what: "state store",
-                    message,
-                });
-            }
-            let Some(store) = host.connect_store(shutdown).await else {
+            // The etcd settings (TLS files read once, here): a bad file stops the service.
+            let etcd = match host.config.store.backend {
+                StoreBackend::Memory => None,
+                StoreBackend::Etcd => match host.config.store.etcd() {
+                    Ok(etcd) => Some(etcd),
+                    Err(message) => {
+                        host.stop_admin().await;
+                        return Err(HostError::Dependency {
+                            what: "state store",
+                            message,
+                        });
+                    }
+                },
+            };
+            let Some(store) = host.connect_store(etcd, shutdown).await else {
                 host.stop_admin().await;
                 return Ok(None);
             };
@@ -257,17 +262,16 @@ impl<S: ServiceSettings> Host<S> {
         Ok(Some(host))
     }
 
-    async fn connect_store(&self, shutdown: &CancellationToken) -> Option<SharedStore> {
-        let cfg = &self.config.store;
-        if cfg.backend == StoreBackend::Memory {
+    /// The store: this process's memory store (`etcd` None), or etcd, retried until it answers.
+    async fn connect_store(
+        &self,
+        etcd: Option<shoal_state::EtcdConfig>,
+        shutdown: &CancellationToken,
+    ) -> Option<SharedStore> {
+        let Some(etcd) = etcd else {
             return Some(process_memory_store());
-        }
-        let etcd = match cfg.etcd() {
-            Ok(etcd) => etcd,
-            // Checked in `start` before we get here.
-            Err(_) => return None,
         };
-        let endpoints = cfg.endpoints.join(",");
+        let endpoints = etcd.endpoints.join(",");
         let connect = (|| EtcdStore::connect(&etcd))
             .retry(
                 ExponentialBuilder::default()
@@ -284,7 +288,7 @@ impl<S: ServiceSettings> Host<S> {
             _ = shutdown.cancelled() => return None,
             store = connect => store.ok()?,
         };
-        tracing::info!(endpoints = ?cfg.endpoints, "connected to etcd");
+        tracing::info!(%endpoints, "connected to etcd");
         Some(Arc::new(store))
     }
 

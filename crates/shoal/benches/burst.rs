@@ -19,25 +19,21 @@
 
 use std::{
     collections::HashMap,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use prost::Message;
 use serde_json::json;
-use shoal_sim::{Sim, SimConfig, cloud::BootTiming, kubelet::KubeletTiming, resources::by_kind};
-use shoal_state::{EtcdConfig, EtcdStore, StateStore, keys, records::Records};
+use shoal_sim::resources::by_kind;
+use shoal_state::records::Records;
 use shoal_testkit::{EtcdServer, free_port, http_get};
 use tokio_util::sync::CancellationToken;
 
-/// A service as its own process; killed on drop.
-struct Service(Child);
+mod common;
+use common::{Service, put_pool, simulator, store};
 
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn start(service: &str, grpc: u16, admin: u16, etcd: &str, extra: &[String]) -> Service {
+    common::start("bench", service, grpc, admin, etcd, extra)
 }
 
 /// Certificates (scripts/dev-certs.sh) when the services speak mTLS.
@@ -109,23 +105,6 @@ async fn client(mtls: Option<&Mtls>, port: u16) -> tonic::transport::Channel {
     endpoint.connect().await.expect("connect")
 }
 
-fn start(service: &str, grpc: u16, admin: u16, etcd: &str, extra: &[String]) -> Service {
-    let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["run", service])
-        .env("SHOAL_GRPC__PLAINTEXT", "true")
-        .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
-        .arg(format!("--admin-addr=127.0.0.1:{admin}"))
-        .arg(format!("--etcd-endpoints={etcd}"))
-        .arg(format!("--instance-id=bench-{service}"))
-        .arg("--log-level=warn")
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start shoal run {service}: {e}"));
-    Service(child)
-}
-
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -168,26 +147,14 @@ struct Figures {
 async fn run(nodes: usize, pending: usize, mtls: Option<&Mtls>) -> Figures {
     let etcd = EtcdServer::start();
     let shutdown = CancellationToken::new();
-    let sim = Sim::start(
-        SimConfig {
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            boot: BootTiming {
-                delay: Duration::from_secs(2),
-                jitter: Duration::ZERO,
-            },
-            kubelet: KubeletTiming {
-                node_ready_delay: Duration::from_millis(100),
-                pod_start_delay: Duration::from_millis(100),
-            },
-            ..SimConfig::default()
-        },
-        shutdown.clone(),
-    )
-    .await
-    .expect("sim");
     let dir = tempfile::tempdir().expect("temp dir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    shoal_sim::kubeconfig::write(&kubeconfig, &sim.url()).expect("kubeconfig");
+    let (sim, kubeconfig) = simulator(
+        Duration::from_secs(2),
+        Duration::from_millis(100),
+        dir.path(),
+        &shutdown,
+    )
+    .await;
 
     // The full cluster: Ready nodes with their pods bound and running.
     let started = Instant::now();
@@ -211,23 +178,12 @@ async fn run(nodes: usize, pending: usize, mtls: Option<&Mtls>) -> Figures {
     let load = started.elapsed().as_secs_f64();
 
     // The pool, then the services.
-    let store = EtcdStore::connect(&EtcdConfig {
-        endpoints: vec![etcd.endpoint()],
-        namespace: keys::DEFAULT_NAMESPACE.into(),
-        request_timeout: Duration::from_secs(5),
-        ..EtcdConfig::default()
-    })
-    .await
-    .expect("etcd");
+    let store = store(etcd.endpoint(), Duration::from_secs(5)).await;
     let max = pending / 4 + 10;
     let pool = format!(
         "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: burst }}\nspec:\n  provider: {{ backend: sim }}\n  template:\n    capacity: {{ cpu: \"4\", memory: 16Gi }}\n  limits: {{ minNodes: 0, maxNodes: {max} }}\n  scaleUp: {{ batchSize: 10000 }}\n  scaleDown: {{ enabled: false }}\n"
     );
-    let (proto, _) = shoal_core::pool::Pool::from_yaml(&pool).expect("bench pool");
-    store
-        .put(&keys::pool("burst"), proto.encode_to_vec(), None)
-        .await
-        .expect("pool");
+    put_pool(&store, &pool).await;
     let provisioner_config = dir.path().join("provisioner.yaml");
     std::fs::write(
         &provisioner_config,

@@ -21,47 +21,25 @@
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use prost::Message;
 use shoal_proto::v1::{
     ClaimPhase, CreateNodesRequest, DeleteNodesRequest, EvaluateRequest, GetOperationRequest,
     ListNodeClaimsRequest, OperationState, decider_service_client::DeciderServiceClient,
     provisioner_service_client::ProvisionerServiceClient,
 };
-use shoal_sim::{Sim, SimConfig, cloud::BootTiming, kubelet::KubeletTiming};
-use shoal_state::{EtcdConfig, EtcdStore, StateStore, keys};
+use shoal_state::{EtcdStore, StateStore, keys};
 use shoal_testkit::{EtcdServer, free_port, http_get};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
-struct Service(Child);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::{Service, put_pool, simulator, store};
 
 fn start(service: &str, grpc: u16, admin: u16, etcd: &str, extra: &[String]) -> Service {
-    let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["run", service])
-        .env("SHOAL_GRPC__PLAINTEXT", "true")
-        .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
-        .arg(format!("--admin-addr=127.0.0.1:{admin}"))
-        .arg(format!("--etcd-endpoints={etcd}"))
-        .arg(format!("--instance-id=soak-{service}"))
-        .arg("--log-level=warn")
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start shoal run {service}: {e}"));
-    Service(child)
+    common::start("soak", service, grpc, admin, etcd, extra)
 }
+use tonic::transport::Channel;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -185,42 +163,19 @@ async fn main() {
         .unwrap_or(100);
     let etcd = EtcdServer::start();
     let shutdown = CancellationToken::new();
-    let sim = Sim::start(
-        SimConfig {
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            boot: BootTiming {
-                delay: Duration::from_millis(100),
-                jitter: Duration::ZERO,
-            },
-            kubelet: KubeletTiming {
-                node_ready_delay: Duration::from_millis(50),
-                pod_start_delay: Duration::from_millis(50),
-            },
-            ..SimConfig::default()
-        },
-        shutdown.clone(),
-    )
-    .await
-    .expect("sim");
     let dir = tempfile::tempdir().expect("temp dir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    shoal_sim::kubeconfig::write(&kubeconfig, &sim.url()).expect("kubeconfig");
-    let store = EtcdStore::connect(&EtcdConfig {
-        endpoints: vec![etcd.endpoint()],
-        namespace: keys::DEFAULT_NAMESPACE.into(),
-        request_timeout: Duration::from_secs(10),
-        ..EtcdConfig::default()
-    })
-    .await
-    .expect("etcd");
+    let (sim, kubeconfig) = simulator(
+        Duration::from_millis(100),
+        Duration::from_millis(50),
+        dir.path(),
+        &shutdown,
+    )
+    .await;
+    let store = store(etcd.endpoint(), Duration::from_secs(10)).await;
     let pool = format!(
         "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: soak }}\nspec:\n  provider: {{ backend: sim }}\n  template:\n    capacity: {{ cpu: \"2\", memory: 4Gi }}\n  limits: {{ minNodes: 0, maxNodes: {batch} }}\n  scaleDown: {{ enabled: false, drainTimeout: 30s }}\n"
     );
-    let (proto, _) = shoal_core::pool::Pool::from_yaml(&pool).expect("soak pool");
-    store
-        .put(&keys::pool("soak"), proto.encode_to_vec(), None)
-        .await
-        .expect("pool");
+    put_pool(&store, &pool).await;
     let provisioner_config = dir.path().join("provisioner.yaml");
     std::fs::write(
         &provisioner_config,

@@ -1,0 +1,102 @@
+//! What the burst and soak benches share: Shoal's services as `shoal run <service>` processes,
+//! the simulator in the bench process with a kubeconfig on disk, the bench's own etcd client, and
+//! a NodePool written to the store.
+
+#![allow(dead_code)] // each bench uses its part
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use prost::Message;
+use shoal_sim::{Sim, SimConfig, cloud::BootTiming, kubelet::KubeletTiming};
+use shoal_state::{EtcdConfig, EtcdStore, StateStore, keys};
+use tokio_util::sync::CancellationToken;
+
+/// A service as its own process; killed on drop.
+pub struct Service(Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `shoal run <service>` (release build) on loopback ports against `etcd`, as instance
+/// `<bench>-<service>`, plaintext unless `extra` sets `grpc.tls`.
+pub fn start(
+    bench: &str,
+    service: &str,
+    grpc: u16,
+    admin: u16,
+    etcd: &str,
+    extra: &[String],
+) -> Service {
+    let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["run", service])
+        .env("SHOAL_GRPC__PLAINTEXT", "true")
+        .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))
+        .arg(format!("--admin-addr=127.0.0.1:{admin}"))
+        .arg(format!("--etcd-endpoints={etcd}"))
+        .arg(format!("--instance-id={bench}-{service}"))
+        .arg("--log-level=warn")
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start shoal run {service}: {e}"));
+    Service(child)
+}
+
+/// The simulator in this process (no boot jitter) and its kubeconfig in `dir`.
+pub async fn simulator(
+    boot: Duration,
+    kubelet: Duration,
+    dir: &std::path::Path,
+    shutdown: &CancellationToken,
+) -> (Sim, PathBuf) {
+    let sim = Sim::start(
+        SimConfig {
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            boot: BootTiming {
+                delay: boot,
+                jitter: Duration::ZERO,
+            },
+            kubelet: KubeletTiming {
+                node_ready_delay: kubelet,
+                pod_start_delay: kubelet,
+            },
+            ..SimConfig::default()
+        },
+        shutdown.clone(),
+    )
+    .await
+    .expect("sim");
+    let kubeconfig = dir.join("kubeconfig");
+    shoal_sim::kubeconfig::write(&kubeconfig, &sim.url()).expect("kubeconfig");
+    (sim, kubeconfig)
+}
+
+/// The bench's own client of `endpoint`, in Shoal's namespace.
+pub async fn store(endpoint: String, timeout: Duration) -> EtcdStore {
+    EtcdStore::connect(&EtcdConfig {
+        endpoints: vec![endpoint],
+        namespace: keys::DEFAULT_NAMESPACE.into(),
+        request_timeout: timeout,
+        ..EtcdConfig::default()
+    })
+    .await
+    .expect("etcd")
+}
+
+/// Writes the NodePool `yaml` (validated as ApplyPool would) to the store.
+pub async fn put_pool(store: &EtcdStore, yaml: &str) {
+    let (pool, _) = shoal_core::pool::Pool::from_yaml(yaml).expect("bench pool");
+    store
+        .put(&keys::pool(&pool.name), pool.encode_to_vec(), None)
+        .await
+        .expect("pool");
+}
