@@ -322,6 +322,7 @@ fn summary(world: &World) -> String {
         now: world.now,
         expanders: &[Expander::LeastWaste],
         seed: 1,
+        packing_budget: shoal_decider::planner::packing::DEFAULT_BUDGET,
     };
     let p = plan(&input);
     if std::env::var_os("PLAN_BENCH_VERBOSE").is_some() {
@@ -373,6 +374,7 @@ fn main() {
                     now: w.now,
                     expanders: &[Expander::LeastWaste],
                     seed: 1,
+                    packing_budget: shoal_decider::planner::packing::DEFAULT_BUDGET,
                 })
             });
         });

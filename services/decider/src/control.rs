@@ -228,6 +228,7 @@ impl Decider {
             now,
             expanders: &self.settings.expanders,
             seed: snapshot.sequence,
+            packing_budget: self.settings.packing_budget,
         });
         plan.decision.id = format!("eval-{}", decision_id());
         plan.decision.dry_run = true;
@@ -275,6 +276,7 @@ impl Decider {
             now,
             expanders: &self.settings.expanders,
             seed: snapshot.sequence,
+            packing_budget: self.settings.packing_budget,
         });
         let elapsed = started.elapsed();
         self.stats.plan_seconds.observe(elapsed.as_secs_f64());

@@ -43,6 +43,10 @@ pub struct DeciderSettings {
     pub pool_files: Vec<String>,
     /// Expander chain choosing among pools: least-waste, priority, price, most-pods, random.
     pub expanders: Vec<Expander>,
+    /// Time one decision may spend improving the packing of new nodes beyond first-fit
+    /// decreasing (0: first-fit decreasing only).
+    #[serde(with = "humantime_serde")]
+    pub packing_budget: std::time::Duration,
     /// Decisions kept in the store.
     pub history_limit: u32,
     /// Decisions older than this are removed.
@@ -58,6 +62,7 @@ impl Default for DeciderSettings {
             dry_run: false,
             pool_files: Vec::new(),
             expanders: vec![Expander::LeastWaste],
+            packing_budget: planner::packing::DEFAULT_BUDGET,
             history_limit: 500,
             history_max_age: std::time::Duration::from_secs(7 * 24 * 3600),
         }
@@ -75,6 +80,12 @@ impl ServiceSettings for DeciderSettings {
         validate_address("service.provisionerAddr", &self.provisioner_addr, errors);
         if self.expanders.is_empty() {
             errors.add("service.expanders", "must list at least one expander");
+        }
+        if self.packing_budget > std::time::Duration::from_secs(2) {
+            errors.add(
+                "service.packingBudget",
+                "must be at most 2s (a decision waits for it)",
+            );
         }
         if self.history_limit == 0 || self.history_limit > 100_000 {
             errors.add("service.historyLimit", "must be between 1 and 100000");

@@ -101,8 +101,10 @@ pub struct PlanInput<'a> {
     pub now: SystemTime,
     /// The expander chain.
     pub expanders: &'a [Expander],
-    /// Seed of the random expander.
+    /// Seed of the random expander and the packer.
     pub seed: u64,
+    /// Time this decision may spend improving packings beyond first-fit decreasing.
+    pub packing_budget: Duration,
 }
 
 /// A plan: the decision and the history after it.
@@ -412,6 +414,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 pool: pool.clone(),
                 count: *count as i32,
                 reason: reason.clone(),
+                packing: up.packing.get(pool).cloned(),
             })),
         });
     }

@@ -130,6 +130,7 @@ fn run(
         now,
         expanders: &[Expander::LeastWaste],
         seed: 1,
+        packing_budget: super::packing::DEFAULT_BUDGET,
     })
 }
 
@@ -667,6 +668,7 @@ fn the_expander_chain_picks_between_pools() {
         now: epoch(0),
         expanders: &[Expander::Price],
         seed: 0,
+        packing_budget: super::packing::DEFAULT_BUDGET,
     });
     assert_eq!(
         ups(&by_priority),
@@ -996,4 +998,47 @@ fn a_ready_claim_whose_node_the_snapshot_shows_unusable_still_counts_as_in_fligh
 
 fn planner_ms(t: SystemTime) -> u64 {
     ms(t)
+}
+
+#[test]
+fn scale_up_packs_beyond_first_fit_decreasing_and_reports_it() {
+    // Six triplets of pods that each fill a 4-CPU node exactly; first-fit decreasing pairs the
+    // big pods badly and needs more nodes.
+    let sizes = [
+        [1840, 1080, 1080],
+        [1800, 1200, 1000],
+        [1760, 1160, 1080],
+        [1720, 1240, 1040],
+        [1680, 1280, 1040],
+        [1640, 1320, 1040],
+    ];
+    let mut classes = Vec::new();
+    let mut wanted = BTreeMap::new();
+    for cpu in sizes.iter().flatten() {
+        *wanted.entry(*cpu).or_insert(0) += 1;
+    }
+    let mut pend = Vec::new();
+    for (k, (cpu, count)) in wanted.iter().enumerate() {
+        classes.push(class(k as u64 + 1, &format!("job-{cpu}"), *cpu, GI / 4));
+        pend.push(pending(k as u64 + 1, *count, 0));
+    }
+    let s = snap(vec![], classes, pend);
+    let plan = run(&s, &[pool("a", "")], &[], &History::default(), epoch(100));
+    assert_eq!(ups(&plan), vec![("a".to_string(), 6)], "{}", reasons(&plan));
+    let Some(pb::scale_action::Action::ScaleUp(up)) = &plan.decision.actions[0].action else {
+        panic!("not a scale-up");
+    };
+    let report = up.packing.as_ref().expect("the packing is reported");
+    assert_eq!(report.nodes, 6);
+    assert_eq!(report.pods, 18);
+    assert_eq!(report.lower_bound, 6);
+    assert!(report.first_fit_decreasing > 6, "{report:?}");
+    assert!(
+        up.reason.contains(&format!(
+            "lower bound 6, first-fit decreasing {}",
+            report.first_fit_decreasing
+        )),
+        "{}",
+        up.reason
+    );
 }
