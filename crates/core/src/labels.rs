@@ -12,5 +12,9 @@ pub const SCALE_DOWN_DISABLED: &str = "shoal.dev/scale-down-disabled";
 pub const DISRUPTED_TAINT: &str = "shoal.dev/disrupted";
 /// Startup taint a node carries until Shoal has seen it Ready.
 pub const UNREGISTERED_TAINT: &str = "shoal.dev/unregistered";
+/// Pod or node annotation: never disrupt it voluntarily (scale-down, consolidation).
+pub const DO_NOT_DISRUPT: &str = "shoal.dev/do-not-disrupt";
+/// Karpenter's name for [`DO_NOT_DISRUPT`], honoured the same way.
+pub const KARPENTER_DO_NOT_DISRUPT: &str = "karpenter.sh/do-not-disrupt";
 /// Pod annotation (Cluster Autoscaler's) that marks a pod safe or unsafe to evict.
 pub const SAFE_TO_EVICT: &str = "cluster-autoscaler.kubernetes.io/safe-to-evict";

@@ -225,6 +225,12 @@ pub struct ScaleDownDoc {
     pub order: String,
     /// Delete pods still blocked after drainTimeout.
     pub force_after_drain_timeout: bool,
+    /// Most nodes disrupted at once, draining ones included: "N" or "N%" (empty: no limit).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub disruption_budget: String,
+    /// Consolidate nodes with pods only after the pool's pods stop changing for this long.
+    #[serde(with = "humantime_serde")]
+    pub consolidate_after: Duration,
 }
 
 impl Default for ScaleDownDoc {
@@ -240,6 +246,8 @@ impl Default for ScaleDownDoc {
             drain_timeout: Duration::from_secs(300),
             order: "lifo".into(),
             force_after_drain_timeout: false,
+            disruption_budget: String::new(),
+            consolidate_after: Duration::ZERO,
         }
     }
 }
@@ -534,6 +542,8 @@ impl PoolDocument {
                 drain_timeout: duration(s.scale_down.drain_timeout),
                 order: order as i32,
                 force_after_drain_timeout: s.scale_down.force_after_drain_timeout,
+                disruption_budget: s.scale_down.disruption_budget.clone(),
+                consolidate_after: duration(s.scale_down.consolidate_after),
             }),
             schedule: s
                 .schedule
@@ -615,6 +625,43 @@ pub struct ScaleDownPolicy {
     pub order: ScaleDownOrder,
     /// Delete pods still blocked after the drain timeout.
     pub force_after_drain_timeout: bool,
+    /// Most nodes disrupted at once, draining ones included.
+    pub disruption_budget: Option<DisruptionBudget>,
+    /// Nodes with pods are consolidated only after the pool's pods stop changing this long.
+    pub consolidate_after: Duration,
+}
+
+/// `scaleDown.disruptionBudget`: a node count or a share of the pool's nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisruptionBudget {
+    /// At most this many nodes.
+    Nodes(u32),
+    /// At most this percentage of the pool's nodes, rounded up.
+    Percent(u32),
+}
+
+impl DisruptionBudget {
+    /// Parses "N" or "N%" (0–100 %).
+    pub fn parse(text: &str) -> Result<DisruptionBudget, String> {
+        let text = text.trim();
+        let bad = || format!("{text:?} is not a node count (\"2\") or a percentage (\"10%\")");
+        if let Some(percent) = text.strip_suffix('%') {
+            let p: u32 = percent.trim().parse().map_err(|_| bad())?;
+            if p > 100 {
+                return Err(format!("{text:?} is more than 100%"));
+            }
+            return Ok(DisruptionBudget::Percent(p));
+        }
+        text.parse().map(DisruptionBudget::Nodes).map_err(|_| bad())
+    }
+
+    /// Nodes the budget allows in a pool of `nodes`.
+    pub fn allowed(self, nodes: u32) -> u32 {
+        match self {
+            DisruptionBudget::Nodes(n) => n,
+            DisruptionBudget::Percent(p) => (nodes * p).div_ceil(100),
+        }
+    }
 }
 
 /// A validated NodePool.
@@ -963,7 +1010,7 @@ impl Pool {
             memory_above: up.memory_above,
         };
 
-        let down = spec.scale_down.unwrap_or_default();
+        let down = spec.scale_down.clone().unwrap_or_default();
         if !(0.0..=1.0).contains(&down.utilization_below) {
             errors.add(
                 "spec.scaleDown.utilizationBelow",
@@ -1018,6 +1065,19 @@ impl Pool {
             ),
             order,
             force_after_drain_timeout: down.force_after_drain_timeout,
+            disruption_budget: if down.disruption_budget.is_empty() {
+                None
+            } else {
+                DisruptionBudget::parse(&down.disruption_budget)
+                    .map_err(|why| errors.add("spec.scaleDown.disruptionBudget", why))
+                    .ok()
+            },
+            consolidate_after: bounded_duration(
+                &down.consolidate_after,
+                "spec.scaleDown.consolidateAfter",
+                MAX_UNNEEDED_FOR,
+                &mut errors,
+            ),
         };
 
         let mut schedule: Vec<Window> = Vec::new();

@@ -272,6 +272,19 @@ pub fn uses_local_storage(pod: &Pod) -> bool {
         })
 }
 
+/// Whether object metadata carries `shoal.dev/do-not-disrupt` or `karpenter.sh/do-not-disrupt`
+/// set to "true".
+pub fn do_not_disrupt(annotations: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+    annotations.is_some_and(|a| {
+        [
+            shoal_core::labels::DO_NOT_DISRUPT,
+            shoal_core::labels::KARPENTER_DO_NOT_DISRUPT,
+        ]
+        .iter()
+        .any(|k| a.get(*k).is_some_and(|v| v == "true"))
+    })
+}
+
 /// The `cluster-autoscaler.kubernetes.io/safe-to-evict` annotation: `Some(true)` or
 /// `Some(false)` when set to "true"/"false", `None` otherwise.
 pub fn safe_to_evict(pod: &Pod) -> Option<bool> {

@@ -79,7 +79,7 @@ fn pool(p: usize, max_nodes: usize) -> Pool {
         ""
     };
     let yaml = format!(
-        "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: pool-{p} }}\nspec:\n  provider: {{ backend: sim }}\n  template:\n    labels: {{ tier: {kind} }}\n{taints}    capacity: {{ cpu: \"32\", memory: 128Gi, pods: \"110\" }}\n    price: {price}\n  limits: {{ minNodes: 1, maxNodes: {max_nodes} }}\n  scaleUp: {{ batchSize: 100000, maxConcurrent: 100 }}\n  scaleDown: {{ utilizationBelow: 0.5, unneededFor: 10m, cooldown: 0s, maxConcurrent: 1000 }}\n",
+        "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: pool-{p} }}\nspec:\n  provider: {{ backend: sim }}\n  template:\n    labels: {{ tier: {kind} }}\n{taints}    capacity: {{ cpu: \"32\", memory: 128Gi, pods: \"110\" }}\n    price: {price}\n  limits: {{ minNodes: 1, maxNodes: {max_nodes} }}\n  scaleUp: {{ batchSize: 10000, maxConcurrent: 100 }}\n  scaleDown: {{ utilizationBelow: 0.5, unneededFor: 10m, cooldown: 0s, maxConcurrent: 1000 }}\n",
         price = 1.0 + (p % 7) as f64 / 10.0,
     );
     Pool::from_yaml(&yaml)

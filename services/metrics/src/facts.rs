@@ -63,6 +63,8 @@ pub struct PodSpecKey {
     pub priority: i32,
     /// The safe-to-evict annotation.
     pub safe_to_evict: Option<bool>,
+    /// Annotated do-not-disrupt (Shoal's or Karpenter's).
+    pub do_not_disrupt: bool,
     /// Mounts emptyDir or hostPath.
     pub local_storage: bool,
     /// A static pod's mirror.
@@ -83,6 +85,10 @@ impl PodSpecKey {
         }
         if self.mirror {
             out.push(B::Mirror);
+        }
+        if self.do_not_disrupt {
+            // Stronger than safe-to-evict: the pod's owner asked that it not be disrupted.
+            out.push(B::DoNotDisrupt);
         }
         match self.safe_to_evict {
             // Cluster Autoscaler's rule: an explicit "true" overrides the other blockers.
@@ -162,6 +168,7 @@ impl PodFacts {
                 .unwrap_or_default(),
             priority: pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0),
             safe_to_evict: convert::safe_to_evict(pod),
+            do_not_disrupt: convert::do_not_disrupt(pod.metadata.annotations.as_ref()),
             local_storage: convert::uses_local_storage(pod),
             mirror: convert::is_mirror(pod),
         };
@@ -249,7 +256,8 @@ impl NodeFacts {
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(labels::SCALE_DOWN_DISABLED))
-                .is_some_and(|v| v == "true"),
+                .is_some_and(|v| v == "true")
+                || convert::do_not_disrupt(node.metadata.annotations.as_ref()),
         }
     }
 }
@@ -378,6 +386,7 @@ mod tests {
             tolerations: vec![],
             priority: 0,
             safe_to_evict: None,
+            do_not_disrupt: false,
             local_storage: true,
             mirror: false,
         };

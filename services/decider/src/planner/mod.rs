@@ -51,6 +51,12 @@ pub struct PoolHistory {
     /// Since when average memory has been above `scaleUp.memoryAbove` (Unix ms).
     #[serde(default)]
     pub memory_above_since_ms: Option<u64>,
+    /// A fingerprint of which pods run on the pool's nodes (for `consolidateAfter`).
+    #[serde(default)]
+    pub pods_fingerprint: u64,
+    /// When the fingerprint last changed (Unix ms).
+    #[serde(default)]
+    pub pods_changed_ms: Option<u64>,
 }
 
 /// Per-pool history.

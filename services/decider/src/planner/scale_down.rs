@@ -1,11 +1,18 @@
-//! Scale-down: a node is a candidate when its requests (and, if configured, its measured usage)
-//! stay under the pool's thresholds for `unneededFor`, it is not permanent or annotated
-//! `shoal.dev/scale-down-disabled`, and every pod on it can be evicted (no blocker, PDBs allow
-//! it) and placed elsewhere in simulation. Empty nodes go first, in bulk; then one non-empty
-//! node per pool and decision, in the pool's order. Never below minNodes, never during a
-//! cooldown, never while the pool grows or pending pods want it.
+//! Scale-down and consolidation: a node is a candidate when its requests (and, if configured,
+//! its measured usage) stay under the pool's thresholds for `unneededFor`, it is not permanent or
+//! annotated `shoal.dev/scale-down-disabled` or do-not-disrupt, and every pod on it can be
+//! evicted (no blocker — do-not-disrupt and safe-to-evict "false" included — and PDBs allow it)
+//! and placed on the nodes that stay, in simulation. Empty nodes go first, in bulk; then nodes
+//! with pods, one after another in the pool's order, each drained onto what remains (so several
+//! half-empty nodes consolidate onto fewer), up to `maxConcurrent` per decision and the pool's
+//! disruption budget (nodes already draining count), and only once the pool's pods have not
+//! changed for `consolidateAfter`. Never below minNodes, never during a cooldown, never while
+//! the pool grows or pending pods want it. Every candidate kept is explained.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    hash::{Hash, Hasher},
+};
 
 use shoal_core::{fit::constraint_misfit, pool::ScaleDownOrder};
 use shoal_proto::v1 as pb;
@@ -26,6 +33,16 @@ pub(crate) struct DownResult {
     pub summary: String,
 }
 
+/// Candidates with pods one decision tries to drain per pool (a drain is simulated in full).
+const CANDIDATES: usize = 200;
+
+fn budget_text(b: shoal_core::pool::DisruptionBudget) -> String {
+    match b {
+        shoal_core::pool::DisruptionBudget::Nodes(n) => n.to_string(),
+        shoal_core::pool::DisruptionBudget::Percent(p) => format!("{p}%"),
+    }
+}
+
 fn blocker_text(b: pb::EvictionBlocker) -> &'static str {
     use pb::EvictionBlocker as B;
     match b {
@@ -35,6 +52,7 @@ fn blocker_text(b: pb::EvictionBlocker) -> &'static str {
         B::KubeSystem => "it runs in kube-system without a PodDisruptionBudget",
         B::Daemonset | B::Mirror => "it belongs to its node",
         B::Pdb => "its PodDisruptionBudget allows no disruption",
+        B::DoNotDisrupt => "it is annotated do-not-disrupt",
         B::Unspecified => "unknown blocker",
     }
 }
@@ -213,6 +231,21 @@ pub(crate) fn plan(
                 .or_insert(ms(now));
         }
         under_total += under.len();
+        // Which pods run on the pool's nodes: consolidateAfter waits for it to settle.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for n in cluster.nodes.iter().filter(|n| n.pool == Some(p)) {
+            n.info.name.hash(&mut hasher);
+            n.pods.hash(&mut hasher);
+        }
+        let fingerprint = hasher.finish();
+        if h.pods_fingerprint != fingerprint || h.pods_changed_ms.is_none() {
+            h.pods_fingerprint = fingerprint;
+            h.pods_changed_ms = Some(ms(now));
+        }
+        let settled_for = h
+            .pods_changed_ms
+            .map(|t| now.duration_since(from_ms(t)).unwrap_or_default())
+            .unwrap_or_default();
         if !policy.enabled || under.is_empty() {
             continue;
         }
@@ -301,6 +334,26 @@ pub(crate) fn plan(
             }),
         }
         let mut slots = policy.max_concurrent as usize;
+        if let Some(disruption) = policy.disruption_budget {
+            let draining = cluster
+                .nodes
+                .iter()
+                .filter(|n| n.pool == Some(p) && n.deleting)
+                .count() as u32;
+            let allowed = disruption.allowed(cluster.live[p] + draining);
+            let left = allowed.saturating_sub(draining) as usize;
+            if left < slots {
+                slots = left;
+                if slots == 0 {
+                    notes.push(format!(
+                        "pool {}: disruption budget {} used ({draining} node(s) draining)",
+                        pool.name,
+                        budget_text(disruption)
+                    ));
+                    continue;
+                }
+            }
+        }
         let empty = |i: &usize| {
             cluster.nodes[*i]
                 .pods
@@ -330,33 +383,67 @@ pub(crate) fn plan(
                 policy.utilization_below * 100.0
             ));
         }
-        // Then one node with pods, if they all fit elsewhere.
-        if slots > 0 && budget > 0 {
-            let mut blocked: Vec<String> = Vec::new();
-            for i in eligible.iter().filter(|i| !empty(i)).take(10) {
-                if receivers.contains(i) {
-                    continue;
-                }
-                match try_drain(cluster, bins, *i, &removed, &mut receivers, &mut pdb_left) {
-                    Ok(moved) => {
-                        removed.insert(*i);
-                        let n = &cluster.nodes[*i];
-                        chosen.push(n.info.name.clone());
-                        reason_parts.push(format!(
-                            "{} unneeded for {} (requests {:.0}% < {:.0}%); its {moved} pod(s) fit on other nodes",
-                            n.info.name,
-                            human(policy.unneeded_for),
-                            utilization(n) * 100.0,
-                            policy.utilization_below * 100.0
-                        ));
+        // Then nodes with pods, each drained onto the nodes that stay, while slots last.
+        let with_pods: Vec<usize> = eligible.iter().copied().filter(|i| !empty(i)).collect();
+        if slots > 0 && budget > 0 && !with_pods.is_empty() {
+            if settled_for < policy.consolidate_after {
+                notes.push(format!(
+                    "pool {}: pods changed {} ago, consolidateAfter {}",
+                    pool.name,
+                    human(settled_for),
+                    human(policy.consolidate_after)
+                ));
+            } else {
+                let mut blocked: Vec<String> = Vec::new();
+                for i in with_pods.iter().take(CANDIDATES) {
+                    if slots == 0 || budget == 0 {
                         break;
                     }
-                    Err(why) => blocked.push(format!("{}: {why}", cluster.nodes[*i].info.name)),
+                    if receivers.contains(i) {
+                        blocked.push(format!(
+                            "{}: takes pods moved off another node",
+                            cluster.nodes[*i].info.name
+                        ));
+                        continue;
+                    }
+                    match try_drain(cluster, bins, *i, &removed, &mut receivers, &mut pdb_left) {
+                        Ok(moved) => {
+                            removed.insert(*i);
+                            // Its room is gone for the next drains.
+                            for bin in bins.iter_mut() {
+                                if bin.kind == BinKind::Existing(*i) {
+                                    bin.free = shoal_core::Resources::default();
+                                }
+                            }
+                            slots -= 1;
+                            budget -= 1;
+                            let n = &cluster.nodes[*i];
+                            chosen.push(n.info.name.clone());
+                            reason_parts.push(format!(
+                                "{} unneeded for {} (requests {:.0}% < {:.0}%); its {moved} pod(s) fit on other nodes",
+                                n.info.name,
+                                human(policy.unneeded_for),
+                                utilization(n) * 100.0,
+                                policy.utilization_below * 100.0
+                            ));
+                        }
+                        Err(why) => blocked.push(format!("{}: {why}", cluster.nodes[*i].info.name)),
+                    }
                 }
-            }
-            if !blocked.is_empty() {
-                blocked.truncate(3);
-                notes.push(format!("pool {}: kept {}", pool.name, blocked.join("; ")));
+                if !blocked.is_empty() {
+                    let more = blocked.len().saturating_sub(5);
+                    blocked.truncate(5);
+                    notes.push(format!(
+                        "pool {}: kept {}{}",
+                        pool.name,
+                        blocked.join("; "),
+                        if more > 0 {
+                            format!(" (and {more} more)")
+                        } else {
+                            String::new()
+                        }
+                    ));
+                }
             }
         }
         if chosen.is_empty() {

@@ -1042,3 +1042,169 @@ fn scale_up_packs_beyond_first_fit_decreasing_and_reports_it() {
         up.reason
     );
 }
+
+#[test]
+fn consolidation_empties_several_half_empty_nodes_onto_one() {
+    // Three nodes, each 1 of 4 CPU used: two can move onto the third.
+    let web = class(1, "web", 500, GI / 2);
+    let nodes: Vec<pb::NodeInfo> = (0..3)
+        .map(|k| {
+            node(
+                &format!("g-{k}"),
+                "general",
+                &[(1, 2)],
+                std::slice::from_ref(&web),
+            )
+        })
+        .collect();
+    let s = snap(nodes, vec![web], vec![]);
+    let mut general = pool("general", "");
+    general.scale_down.max_concurrent = 5;
+    let first = run(&s, &[general.clone()], &[], &History::default(), epoch(0));
+    let later = run(&s, &[general.clone()], &[], &first.history, epoch(700));
+    let removed: Vec<String> = downs(&later).into_iter().flat_map(|(_, n)| n).collect();
+    assert_eq!(removed.len(), 2, "{}", reasons(&later));
+    let text = reasons(&later);
+    assert!(text.contains("takes pods moved off another node"), "{text}");
+    // Two half-empty nodes become one, one decision at the default maxConcurrent of 1.
+    let two = snap(s.nodes[..2].to_vec(), s.classes.clone(), vec![]);
+    let one = run(
+        &two,
+        &[pool("general", "")],
+        &[],
+        &first.history,
+        epoch(700),
+    );
+    assert_eq!(
+        downs(&one).into_iter().flat_map(|(_, n)| n).count(),
+        1,
+        "{}",
+        reasons(&one)
+    );
+}
+
+#[test]
+fn do_not_disrupt_pods_keep_their_node_and_say_so() {
+    let web = class(1, "web", 500, GI / 2);
+    let mut pinned = class(2, "batch", 500, GI / 2);
+    pinned
+        .blockers
+        .push(pb::EvictionBlocker::DoNotDisrupt as i32);
+    let all = vec![web.clone(), pinned.clone()];
+    let nodes = vec![
+        node("g-0", "general", &[(1, 2)], &all),
+        node("g-1", "general", &[(2, 1)], &all),
+    ];
+    let s = snap(nodes, all, vec![]);
+    let mut general = pool("general", "");
+    general.scale_down.max_concurrent = 5;
+    let first = run(&s, &[general.clone()], &[], &History::default(), epoch(0));
+    let later = run(&s, &[general], &[], &first.history, epoch(700));
+    let removed: Vec<String> = downs(&later).into_iter().flat_map(|(_, n)| n).collect();
+    assert_eq!(removed, ["g-0"], "{}", reasons(&later));
+    assert!(
+        reasons(&later).contains(
+            "g-1: pod(s) of default/batch cannot be evicted: it is annotated do-not-disrupt"
+        ),
+        "{}",
+        reasons(&later)
+    );
+}
+
+#[test]
+fn the_disruption_budget_counts_nodes_already_draining() {
+    let web = class(1, "web", 500, GI / 2);
+    let nodes: Vec<pb::NodeInfo> = (0..4)
+        .map(|k| {
+            node(
+                &format!("g-{k}"),
+                "general",
+                &[],
+                std::slice::from_ref(&web),
+            )
+        })
+        .collect();
+    let s = snap(nodes, vec![web], vec![]);
+    let mut general = pool("general", "");
+    general.scale_down.max_concurrent = 10;
+    general.scale_down.disruption_budget = Some(shoal_core::pool::DisruptionBudget::Nodes(1));
+    let first = run(&s, &[general.clone()], &[], &History::default(), epoch(0));
+    let later = run(&s, &[general.clone()], &[], &first.history, epoch(700));
+    assert_eq!(
+        downs(&later).into_iter().flat_map(|(_, n)| n).count(),
+        1,
+        "a budget of 1: {}",
+        reasons(&later)
+    );
+    // One node draining already: the budget is used up.
+    let draining = [claim("c-0", "general", "g-0", ClaimPhase::Draining)];
+    let held = run(
+        &s,
+        &[general.clone()],
+        &draining,
+        &first.history,
+        epoch(700),
+    );
+    assert!(downs(&held).is_empty(), "{}", reasons(&held));
+    assert!(
+        reasons(&held).contains("disruption budget 1 used (1 node(s) draining)"),
+        "{}",
+        reasons(&held)
+    );
+    // 50 % of 4 nodes: 2 at once.
+    general.scale_down.disruption_budget = Some(shoal_core::pool::DisruptionBudget::Percent(50));
+    let half = run(&s, &[general], &[], &first.history, epoch(700));
+    assert_eq!(downs(&half).into_iter().flat_map(|(_, n)| n).count(), 2);
+}
+
+#[test]
+fn consolidate_after_waits_for_pods_to_stop_changing() {
+    let web = class(1, "web", 500, GI / 2);
+    let busy = |count: i32| {
+        snap(
+            vec![
+                node("g-0", "general", &[(1, 3)], std::slice::from_ref(&web)),
+                node("g-1", "general", &[(1, count)], std::slice::from_ref(&web)),
+            ],
+            vec![web.clone()],
+            vec![],
+        )
+    };
+    let mut general = pool("general", "");
+    general.scale_down.consolidate_after = Duration::from_secs(300);
+    let first = run(
+        &busy(1),
+        &[general.clone()],
+        &[],
+        &History::default(),
+        epoch(0),
+    );
+    // Pods changed a moment ago (2 instead of 1 on g-1): no consolidation yet.
+    let churned = run(
+        &busy(2),
+        &[general.clone()],
+        &[],
+        &first.history,
+        epoch(700),
+    );
+    assert!(downs(&churned).is_empty(), "{}", reasons(&churned));
+    assert!(
+        reasons(&churned).contains("consolidateAfter 5m"),
+        "{}",
+        reasons(&churned)
+    );
+    // Five minutes later with the same pods: g-1 goes.
+    let settled = run(
+        &busy(2),
+        &[general],
+        &[],
+        &churned.history,
+        epoch(700 + 301),
+    );
+    assert_eq!(
+        downs(&settled),
+        [("general".to_string(), vec!["g-1".to_string()])],
+        "{}",
+        reasons(&settled)
+    );
+}
