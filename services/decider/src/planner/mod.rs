@@ -57,6 +57,9 @@ pub struct PoolHistory {
     /// When the fingerprint last changed (Unix ms).
     #[serde(default)]
     pub pods_changed_ms: Option<u64>,
+    /// Nodes of the pool a cheaper node was added to replace, and when (Unix ms).
+    #[serde(default)]
+    pub replacing: BTreeMap<String, u64>,
 }
 
 /// Per-pool history.
@@ -125,6 +128,22 @@ pub struct Plan {
     pub batch_capped: bool,
     /// When the oldest pending pod this plan helps became unschedulable.
     pub oldest_helped_since: Option<SystemTime>,
+}
+
+/// What a node of pool `q` costs, comparably with one of pool `p`: its price when both pools
+/// have one; when neither has, its size as a multiple of `p`'s node (CPU share + memory share,
+/// so `p` itself costs 2): the smaller node wastes less. `None` when only one has a price.
+pub(crate) fn node_cost(pools: &[Pool], p: usize, q: usize) -> Option<f64> {
+    let (a, b) = (&pools[p], &pools[q]);
+    let share = |x: i64, y: i64| if y > 0 { x as f64 / y as f64 } else { 0.0 };
+    match (a.price > 0.0, b.price > 0.0) {
+        (true, true) => Some(b.price),
+        (false, false) => Some(
+            share(b.capacity.cpu_millis, a.capacity.cpu_millis)
+                + share(b.capacity.memory_bytes, a.capacity.memory_bytes),
+        ),
+        _ => None,
+    }
 }
 
 pub(crate) fn ms(t: SystemTime) -> u64 {
@@ -423,6 +442,29 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 packing: up.packing.get(pool).cloned(),
             })),
         });
+    }
+    // Replacement nodes join their pool's scale-up (one action per pool and decision).
+    for (pool, node, why) in &down.replacements {
+        let text = format!("replaces node {node}: {why}");
+        let existing = actions.iter_mut().find_map(|a| match &mut a.action {
+            Some(pb::scale_action::Action::ScaleUp(u)) if &u.pool == pool => Some(u),
+            _ => None,
+        });
+        match existing {
+            Some(u) => {
+                u.count += 1;
+                u.reason.push_str(&format!("; +1 node: {text}"));
+            }
+            None => actions.push(pb::ScaleAction {
+                action: Some(pb::scale_action::Action::ScaleUp(pb::ScaleUp {
+                    pool: pool.clone(),
+                    count: 1,
+                    reason: format!("+1 node(s): {text}"),
+                    packing: None,
+                })),
+            }),
+        }
+        reasons.push(format!("pool {pool}: +1 node: {text}"));
     }
     for (pool, nodes, reason) in &down.actions {
         actions.push(pb::ScaleAction {

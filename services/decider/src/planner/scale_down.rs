@@ -18,7 +18,7 @@ use shoal_core::{fit::constraint_misfit, pool::ScaleDownOrder};
 use shoal_proto::v1 as pb;
 
 use super::{
-    Bin, BinKind, Cluster, History, PlanInput, from_ms, human, ms,
+    Bin, BinKind, Cluster, History, PlanInput, from_ms, human, ms, node_cost,
     packing::{fit_count, take},
     rfc3339,
     scale_up::UpResult,
@@ -31,6 +31,60 @@ pub(crate) struct DownResult {
     pub reasons: Vec<String>,
     /// One line on why nothing is removed, for "no action" decisions.
     pub summary: String,
+    /// Replacement nodes to add: (pool, node replaced, why).
+    pub replacements: Vec<(String, String, String)>,
+}
+
+/// How long a node waits for the replacement added for it before another is considered.
+const REPLACE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A cheaper pool whose single new node holds every movable pod of `node` (labels, taints,
+/// capacity), and why it is cheaper.
+fn replacement(
+    cluster: &Cluster<'_>,
+    node: usize,
+    p: usize,
+    can_grow: &[bool],
+    replacing: &HashMap<usize, u32>,
+) -> Option<(usize, String)> {
+    let n = &cluster.nodes[node];
+    let own = node_cost(cluster.pools, p, p)?;
+    (0..cluster.pools.len())
+        .filter(|q| *q != p && can_grow[*q])
+        .filter(|q| {
+            let taken = replacing.get(q).copied().unwrap_or(0);
+            cluster.live[*q] + cluster.in_flight[*q] + taken < cluster.bounds[*q].max
+        })
+        .filter(|q| {
+            let template = &cluster.template[*q];
+            let mut free = cluster.pools[*q].capacity.clone();
+            n.pods.iter().all(|(c, count)| {
+                let class = &cluster.classes[*c];
+                if class.node_bound {
+                    return true;
+                }
+                let fits =
+                    constraint_misfit(&class.demand, &template.labels, &template.taints, false)
+                        .is_none()
+                        && fit_count(&free, &class.demand.requests) >= *count;
+                take(&mut free, &class.demand.requests, *count);
+                fits
+            })
+        })
+        .filter_map(|q| node_cost(cluster.pools, p, q).map(|c| (q, c)))
+        .filter(|(_, c)| *c < own - 1e-9)
+        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+        .map(|(q, c)| {
+            let why = if cluster.pools[p].price > 0.0 {
+                format!("its pods fit one node of price {c} < {own}")
+            } else {
+                format!(
+                    "its pods fit one smaller node ({:.0}% of this pool's)",
+                    c * 50.0
+                )
+            };
+            (q, why)
+        })
 }
 
 /// Candidates with pods one decision tries to drain per pool (a drain is simulated in full).
@@ -71,6 +125,22 @@ fn utilization(node: &super::Node<'_>) -> f64 {
     frac(r.cpu_millis, a.cpu_millis).max(frac(r.memory_bytes, a.memory_bytes))
 }
 
+/// Why a candidate node stays.
+enum Kept {
+    /// A pod may not be evicted (blocker, PDB).
+    Blocked(String),
+    /// Its pods fit on no other node.
+    NoRoom(String),
+}
+
+impl std::fmt::Display for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Kept::Blocked(why) | Kept::NoRoom(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Simulates evicting every movable pod of `node` onto other existing nodes; commits the
 /// placement and the PDB budget on success, leaves everything as it was on failure.
 fn try_drain(
@@ -80,7 +150,7 @@ fn try_drain(
     removed: &HashSet<usize>,
     receivers: &mut HashSet<usize>,
     pdb_left: &mut [i32],
-) -> Result<i64, String> {
+) -> Result<i64, Kept> {
     let n = &cluster.nodes[node];
     let mut pdb_need: HashMap<usize, i32> = HashMap::new();
     for (c, count) in &n.pods {
@@ -89,11 +159,11 @@ fn try_drain(
             continue;
         }
         if let Some(b) = class.hard_blockers.first() {
-            return Err(format!(
+            return Err(Kept::Blocked(format!(
                 "pod(s) of {} cannot be evicted: {}",
                 class.label,
                 blocker_text(*b)
-            ));
+            )));
         }
         if let Some(pdb) = class.pdb {
             *pdb_need.entry(pdb).or_default() += *count as i32;
@@ -102,10 +172,10 @@ fn try_drain(
     for (pdb, need) in &pdb_need {
         let (ns, name, _) = &cluster.pdbs[*pdb];
         if pdb_left[*pdb] < *need {
-            return Err(format!(
+            return Err(Kept::Blocked(format!(
                 "PodDisruptionBudget {ns}/{name} allows {} disruption(s), {need} needed",
                 pdb_left[*pdb].max(0)
-            ));
+            )));
         }
     }
     let mut saved: Vec<(usize, shoal_core::Resources)> = Vec::new();
@@ -153,10 +223,10 @@ fn try_drain(
             for (b, free) in saved {
                 bins[b].free = free;
             }
-            return Err(format!(
+            return Err(Kept::NoRoom(format!(
                 "{left} pod(s) of {} would fit on no other node",
                 class.label
-            ));
+            )));
         }
         moved += count;
     }
@@ -195,6 +265,22 @@ pub(crate) fn plan(
     let mut longest_wait: Option<(std::time::Duration, std::time::Duration)> = None;
     let mut notes: Vec<String> = Vec::new();
 
+    // Pools that may get a replacement node: not growing, not in a scale-up cooldown.
+    let can_grow: Vec<bool> = cluster
+        .pools
+        .iter()
+        .enumerate()
+        .map(|(q, pool)| {
+            let cooling = history
+                .pools
+                .get(&pool.name)
+                .and_then(|h| h.last_scale_up_ms)
+                .is_some_and(|t| from_ms(t) + pool.scale_up.cooldown > now);
+            !up.scaling[q] && !cooling
+        })
+        .collect();
+    let mut replacing: HashMap<usize, u32> = HashMap::new();
+    let mut replaced: Vec<(usize, String, String)> = Vec::new();
     for (p, pool) in cluster.pools.iter().enumerate() {
         let policy = &pool.scale_down;
         let h = history.pools.entry(pool.name.clone()).or_default();
@@ -225,6 +311,7 @@ pub(crate) fn plan(
             .collect();
         h.unneeded_since_ms
             .retain(|name, _| names.contains(name.as_str()));
+        h.replacing.retain(|name, _| names.contains(name.as_str()));
         for name in &names {
             h.unneeded_since_ms
                 .entry(name.to_string())
@@ -395,6 +482,7 @@ pub(crate) fn plan(
                 ));
             } else {
                 let mut blocked: Vec<String> = Vec::new();
+                let mut no_room: Vec<usize> = Vec::new();
                 for i in with_pods.iter().take(CANDIDATES) {
                     if slots == 0 || budget == 0 {
                         break;
@@ -427,7 +515,38 @@ pub(crate) fn plan(
                                 policy.utilization_below * 100.0
                             ));
                         }
-                        Err(why) => blocked.push(format!("{}: {why}", cluster.nodes[*i].info.name)),
+                        Err(why) => {
+                            if matches!(why, Kept::NoRoom(_)) {
+                                no_room.push(*i);
+                            }
+                            blocked.push(format!("{}: {why}", cluster.nodes[*i].info.name));
+                        }
+                    }
+                }
+                // A node whose pods fit nowhere else may still fit one cheaper node of another
+                // pool: add that node; once it is Ready the node drains onto it.
+                if slots > 0 && budget > 0 {
+                    for i in &no_room {
+                        let name = &cluster.nodes[*i].info.name;
+                        if h.replacing.get(name).is_some_and(|t| {
+                            now.duration_since(from_ms(*t)).unwrap_or_default() < REPLACE_WAIT
+                        }) {
+                            notes.push(format!(
+                                "pool {}: {name} waits for its replacement",
+                                pool.name
+                            ));
+                            break;
+                        }
+                        if let Some((q, why)) = replacement(cluster, *i, p, &can_grow, &replacing) {
+                            *replacing.entry(q).or_default() += 1;
+                            h.replacing.insert(name.clone(), ms(now));
+                            notes.push(format!(
+                                "pool {}: {name} is to be replaced by a node of pool {}: {why}",
+                                pool.name, cluster.pools[q].name
+                            ));
+                            replaced.push((q, name.clone(), why));
+                            break;
+                        }
                     }
                 }
                 if !blocked.is_empty() {
@@ -486,5 +605,9 @@ pub(crate) fn plan(
         actions,
         reasons,
         summary,
+        replacements: replaced
+            .into_iter()
+            .map(|(q, node, why)| (cluster.pools[q].name.clone(), node, why))
+            .collect(),
     }
 }

@@ -20,7 +20,7 @@ use shoal_proto::v1 as pb;
 use super::{
     Bin, BinKind, Cluster, History, PlanInput,
     expander::{self, ScaleOption},
-    from_ms, human, ms,
+    from_ms, human, ms, node_cost,
     packing::{self, Item, fit_count, size_key, take},
     rfc3339,
 };
@@ -219,6 +219,8 @@ struct Bid {
     option: ScaleOption,
     /// Pods per pending class.
     placed: Vec<i64>,
+    /// What goes on each new node: (pending class, pods).
+    contents: Vec<Vec<(usize, i64)>>,
     report: pb::PackingReport,
 }
 
@@ -411,6 +413,11 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
         for (k, i) in picks.iter().enumerate() {
             placed[*i] = packed.packing.placed[k];
         }
+        let contents: Vec<Vec<(usize, i64)>> = packed
+            .contents
+            .iter()
+            .map(|node| node.iter().map(|(k, n)| (picks[*k], *n)).collect())
+            .collect();
         let n = packed.packing.nodes.len();
         let frac = |free: i64, cap: i64| {
             if cap > 0 {
@@ -446,6 +453,7 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
                 weight: pool.weight,
             },
             placed,
+            contents,
             report: pb::PackingReport {
                 nodes: n as i32,
                 pods: pods as i32,
@@ -476,10 +484,9 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
             let mut options: Vec<ScaleOption> = Vec::new();
             let mut bids: Vec<(usize, Bid)> = Vec::new();
             for p in eligible {
-                if !cached.contains_key(&p) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = cached.entry(p) {
                     let (room, _) = self.headroom(p);
-                    let bid = self.bid(p, room, share, input.seed.wrapping_add(p as u64));
-                    cached.insert(p, bid);
+                    slot.insert(self.bid(p, room, share, input.seed.wrapping_add(p as u64)));
                 }
                 if let Some(Some(bid)) = cached.get(&p) {
                     options.push(bid.option.clone());
@@ -492,9 +499,12 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
                 break;
             };
             round += 1;
-            let (p, bid) = bids.swap_remove(chosen);
+            let (p, mut bid) = bids.swap_remove(chosen);
             done[p] = true;
-            let touched = self.take_bid(p, &bid, &why);
+            let mut touched = self.cheaper_nodes(p, &mut bid);
+            if bid.option.nodes > 0 {
+                touched.extend(self.take_bid(p, &bid, &why));
+            }
             // Bids of other pools that packed these classes are out of date.
             cached.retain(|_, entry| {
                 entry.as_ref().is_none_or(|b| {
@@ -505,6 +515,74 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
                 })
             });
         }
+    }
+
+    /// The mix of node types: each new node of the chosen pool `p` whose pods one node of a
+    /// cheaper pool holds (by price when both pools have one, else by size: the smaller node
+    /// wastes less) goes to the cheapest such pool instead. Takes those nodes out of `bid` and
+    /// adds them to their pools; returns the pending classes they took pods of.
+    fn cheaper_nodes(&mut self, p: usize, bid: &mut Bid) -> HashSet<usize> {
+        let cluster = self.cluster;
+        let pools = cluster.pools;
+        let cost = |q: usize| node_cost(pools, p, q);
+        let own = cost(p).unwrap_or(f64::INFINITY);
+        let mut touched = HashSet::new();
+        if bid.contents.len() != bid.option.nodes {
+            return touched; // a packing without contents (first-fit decreasing under a cap)
+        }
+        let mut taken = vec![0i64; pools.len()];
+        let mut kept = Vec::new();
+        for node in std::mem::take(&mut bid.contents) {
+            let best = (0..pools.len())
+                .filter(|q| *q != p && self.gate[*q].is_none())
+                .filter(|q| self.headroom(*q).0 > taken[*q])
+                .filter(|q| node.iter().all(|(i, _)| self.wants(*i, *q)))
+                .filter(|q| {
+                    let mut free = pools[*q].capacity.clone();
+                    node.iter().all(|(i, n)| {
+                        let request = &cluster.classes[self.pending[*i].class].demand.requests;
+                        let fits = fit_count(&free, request) >= *n;
+                        take(&mut free, request, *n);
+                        fits
+                    })
+                })
+                .filter_map(|q| cost(q).map(|c| (q, c)))
+                .filter(|(_, c)| *c < own - 1e-9)
+                .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+            let Some((q, c)) = best else {
+                kept.push(node);
+                continue;
+            };
+            taken[q] += 1;
+            let pods: i64 = node.iter().map(|(_, n)| n).sum();
+            for (i, n) in &node {
+                bid.placed[*i] -= n;
+                self.remaining[*i] -= n;
+                *self.placed_new[*i].entry(q).or_default() += n;
+                touched.insert(*i);
+            }
+            self.added[q] += 1;
+            let why = if pools[p].price > 0.0 {
+                format!("price {c} < {own} of pool {}", pools[p].name)
+            } else {
+                format!("a smaller node than pool {}'s", pools[p].name)
+            };
+            self.pool_reasons[q].push(format!(
+                "{pods} pending pod(s) packed for pool {} fit one node of this pool: {why}",
+                pools[p].name
+            ));
+        }
+        // The report keeps describing the whole packing; the reasons say where nodes went.
+        let moved = bid.option.nodes - kept.len();
+        bid.option.nodes = kept.len();
+        bid.option.pods = bid.placed.iter().sum();
+        bid.contents = kept;
+        if moved > 0 {
+            self.pool_reasons[p].push(format!(
+                "{moved} node(s) of this packing go to cheaper pools"
+            ));
+        }
+        touched
     }
 
     /// Carries out pool `p`'s chosen bid; returns the pending classes it took pods of.
@@ -553,7 +631,7 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
                 String::new()
             }
         ));
-        self.packing.insert(pool.name.clone(), report.clone());
+        self.packing.insert(pool.name.clone(), *report);
         touched
     }
 

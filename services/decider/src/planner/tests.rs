@@ -1208,3 +1208,116 @@ fn consolidate_after_waits_for_pods_to_stop_changing() {
         reasons(&settled)
     );
 }
+
+fn sized_pool(name: &str, cpu: &str, memory: &str, price: f64) -> Pool {
+    let yaml = format!(
+        "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: {name} }}\nspec:\n  provider: {{ backend: sim }}\n  template:\n    capacity: {{ cpu: \"{cpu}\", memory: {memory} }}\n    price: {price}\n  limits: {{ minNodes: 0, maxNodes: 10 }}\n"
+    );
+    Pool::from_yaml(&yaml)
+        .unwrap_or_else(|e| panic!("pool {name}: {e}"))
+        .1
+}
+
+#[test]
+fn scale_up_mixes_node_types_when_a_smaller_node_is_cheaper_for_the_rest() {
+    // 17 pods of 1 CPU. Big nodes (8 CPU, price 3) are cheaper per pod than small ones
+    // (2 CPU, price 1.2), but the third big node would hold one pod: a small node holds it for
+    // less.
+    let job = class(1, "job", 1000, GI);
+    let s = snap(vec![], vec![job], vec![pending(1, 17, 0)]);
+    let pools = [
+        sized_pool("big", "8", "32Gi", 3.0),
+        sized_pool("small", "2", "8Gi", 1.2),
+    ];
+    let plan = super::plan(&PlanInput {
+        snapshot: &s,
+        pools: &pools,
+        claims: &[],
+        history: &History::default(),
+        now: epoch(100),
+        expanders: &[Expander::Price],
+        seed: 1,
+        packing_budget: super::packing::DEFAULT_BUDGET,
+    });
+    let mut grown = ups(&plan);
+    grown.sort();
+    assert_eq!(
+        grown,
+        vec![("big".to_string(), 2), ("small".to_string(), 1)],
+        "{}",
+        reasons(&plan)
+    );
+    assert!(
+        reasons(&plan).contains("fit one node of this pool: price 1.2 < 3 of pool big"),
+        "{}",
+        reasons(&plan)
+    );
+    assert_eq!(plan.decision.outcomes[0].unplaced, 0);
+    // Without prices, size decides: the smaller node wastes less.
+    let unpriced = [
+        sized_pool("big", "8", "32Gi", 0.0),
+        sized_pool("small", "2", "8Gi", 0.0),
+    ];
+    let plan = run(&s, &unpriced, &[], &History::default(), epoch(100));
+    let total: i32 = ups(&plan).iter().map(|(_, n)| n).sum();
+    assert!(
+        ups(&plan).iter().any(|(p, _)| p == "small"),
+        "{}",
+        reasons(&plan)
+    );
+    assert!(total >= 3, "{}", reasons(&plan));
+}
+
+#[test]
+fn an_expensive_node_is_replaced_by_a_cheaper_one_then_drained_onto_it() {
+    // One big node (8 CPU, price 3) running two 1-CPU pods that fit nowhere else; a small pool
+    // (2 CPU, price 1.2) could hold them on one node.
+    let job = class(1, "job", 1000, GI);
+    let mut big_node = node("big-0", "big", &[(1, 2)], std::slice::from_ref(&job));
+    big_node.allocatable = Some(pb::Resources {
+        ephemeral_storage_bytes: 100 * GI,
+        ..res(8000, 32 * GI, 110)
+    });
+    let s = snap(vec![big_node.clone()], vec![job.clone()], vec![]);
+    let pools = [
+        sized_pool("big", "8", "32Gi", 3.0),
+        sized_pool("small", "2", "8Gi", 1.2),
+    ];
+    let first = run(&s, &pools, &[], &History::default(), epoch(0));
+    let later = run(&s, &pools, &[], &first.history, epoch(700));
+    assert_eq!(
+        ups(&later),
+        vec![("small".to_string(), 1)],
+        "{}",
+        reasons(&later)
+    );
+    assert!(downs(&later).is_empty(), "not before its replacement runs");
+    assert!(
+        reasons(&later).contains("replaces node big-0: its pods fit one node of price 1.2 < 3"),
+        "{}",
+        reasons(&later)
+    );
+    // While the replacement is coming, no second one.
+    let coming = [claim("c-1", "small", "small-0", ClaimPhase::Launched)];
+    let waiting = run(&s, &pools, &coming, &later.history, epoch(760));
+    assert!(ups(&waiting).is_empty(), "{}", reasons(&waiting));
+    assert!(
+        reasons(&waiting).contains("big-0 waits for its replacement"),
+        "{}",
+        reasons(&waiting)
+    );
+    // The replacement is Ready and empty: big-0 drains onto it.
+    let mut small_node = node("small-0", "small", &[], std::slice::from_ref(&job));
+    small_node.allocatable = Some(pb::Resources {
+        ephemeral_storage_bytes: 100 * GI,
+        ..res(2000, 8 * GI, 110)
+    });
+    let ready = snap(vec![big_node, small_node], vec![job], vec![]);
+    let drained = run(&ready, &pools, &[], &waiting.history, epoch(820));
+    assert_eq!(
+        downs(&drained),
+        [("big".to_string(), vec!["big-0".to_string()])],
+        "{}",
+        reasons(&drained)
+    );
+}
