@@ -1,6 +1,8 @@
 //! Building snapshots and pushing them to subscribers: a new snapshot after a batching window
 //! when something relevant changes (closed after `batchIdle` without further relevant changes,
-//! or `batchMax` after the first), and at least every `scanInterval`. Subscribers read the
+//! or `batchMax` after the first, or `batchIdle` after the first pod that became pending in it —
+//! a burst of pending pods that keeps the cluster busy gets a snapshot every `batchIdle`, not
+//! every `batchMax`), and at least every `scanInterval`. Subscribers read the
 //! latest snapshot from a watch channel, so a slow one skips snapshots instead of queueing them.
 
 use std::{
@@ -32,7 +34,10 @@ pub struct Batching {
 /// The open batching window, if any.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Window {
+    /// (first, last) relevant change.
     open: Option<(Instant, Instant)>,
+    /// The first change in the window that made a pod pending.
+    first_pending: Option<Instant>,
 }
 
 impl Window {
@@ -44,10 +49,22 @@ impl Window {
         });
     }
 
+    /// A relevant change at `now` that made a pod pending.
+    pub fn pending(&mut self, now: Instant) {
+        self.change(now);
+        self.first_pending.get_or_insert(now);
+    }
+
     /// When the next snapshot is due, given the last one went out at `last_publish`.
     pub fn due(&self, batching: &Batching, last_publish: Instant) -> Instant {
         match self.open {
-            Some((first, last)) => (last + batching.idle).min(first + batching.max),
+            Some((first, last)) => {
+                let due = (last + batching.idle).min(first + batching.max);
+                match self.first_pending {
+                    Some(pending) => due.min(pending + batching.idle),
+                    None => due,
+                }
+            }
             None => last_publish + batching.scan,
         }
     }
@@ -55,6 +72,7 @@ impl Window {
     /// The window closed with a snapshot.
     pub fn close(&mut self) {
         self.open = None;
+        self.first_pending = None;
     }
 }
 
@@ -169,15 +187,18 @@ impl Publisher {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = changes.notified() => {
-                    let relevant = self
-                        .state
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .take_relevant();
+                    let (relevant, pending) = {
+                        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                        (state.take_relevant(), state.take_pending_grew())
+                    };
                     if relevant {
                         tracing::debug!("relevant change");
                         if published_once {
-                            window.change(Instant::now());
+                            if pending {
+                                window.pending(Instant::now());
+                            } else {
+                                window.change(Instant::now());
+                            }
                         } else if self.publish() {
                             // The first complete picture goes out at once.
                             published_once = true;
@@ -221,5 +242,37 @@ mod tests {
         assert_eq!(w.due(&b, t0), t0 + b.max);
         w.close();
         assert_eq!(w.due(&b, t0 + b.max), t0 + b.max + b.scan);
+    }
+
+    #[test]
+    fn pods_turning_pending_wait_at_most_idle_however_busy_the_cluster() {
+        let b = Batching {
+            idle: Duration::from_secs(1),
+            max: Duration::from_secs(10),
+            scan: Duration::from_secs(10),
+        };
+        let t0 = Instant::now();
+        let mut w = Window::default();
+        // Other changes open the window; a pod turns pending 2 s in; changes keep coming.
+        w.change(t0);
+        for i in 1..4 {
+            w.change(t0 + Duration::from_millis(500 * i));
+        }
+        w.pending(t0 + Duration::from_secs(2));
+        for i in 5..40 {
+            w.change(t0 + Duration::from_millis(500 * i));
+        }
+        assert_eq!(
+            w.due(&b, t0),
+            t0 + Duration::from_secs(3),
+            "1 s after the first pending pod, not at batchMax"
+        );
+        w.close();
+        // The next window without pending pods waits for quiet (or batchMax) again.
+        w.change(t0 + Duration::from_secs(3));
+        for i in 7..40 {
+            w.change(t0 + Duration::from_millis(500 * i));
+        }
+        assert_eq!(w.due(&b, t0), t0 + Duration::from_secs(13));
     }
 }

@@ -132,6 +132,8 @@ pub struct ClusterState {
     label_sets: HashSet<Labels>,
     synced: Synced,
     relevant: bool,
+    /// A pod became pending (or changed pending class) since the last `take_pending_grew`.
+    pending_grew: bool,
 }
 
 impl ClusterState {
@@ -150,6 +152,7 @@ impl ClusterState {
             label_sets: HashSet::new(),
             synced: Synced::default(),
             relevant: false,
+            pending_grew: false,
         }
     }
 
@@ -163,6 +166,12 @@ impl ClusterState {
     /// readiness), and resets it.
     pub fn take_relevant(&mut self) -> bool {
         std::mem::take(&mut self.relevant)
+    }
+
+    /// Whether a pod became pending (or moved to another pending class) since the last call, and
+    /// resets it: pending pods wait at most `batchIdle` for a snapshot, however busy the cluster.
+    pub fn take_pending_grew(&mut self) -> bool {
+        std::mem::take(&mut self.pending_grew)
     }
 
     /// Whether a relevant change is waiting to be taken.
@@ -253,6 +262,7 @@ impl ClusterState {
         self.pods.insert(key, record);
         if old_pending_class != new_pending_class {
             self.relevant = true;
+            self.pending_grew |= new_pending_class.is_some();
         }
     }
 
@@ -790,6 +800,7 @@ mod tests {
         state.apply_pod(pod("big-0", "big", "8", None));
         state.apply_pod(pod("big-1", "big", "8", None));
         assert!(state.take_relevant());
+        assert!(state.take_pending_grew(), "pods turned pending");
         let s = snap(&state);
         assert_eq!(s.pending.len(), 1);
         assert_eq!(s.pending[0].count, 2);
@@ -798,6 +809,10 @@ mod tests {
         // Bound at last: no longer pending, and that matters too.
         state.apply_pod(pod("big-0", "big", "8", Some("n1")));
         assert!(state.take_relevant());
+        assert!(
+            !state.take_pending_grew(),
+            "a pod bound is not a new pending pod"
+        );
         assert_eq!(snap(&state).pending[0].count, 1);
         state.delete_pod(&("default".into(), "big-1".into()));
         assert!(state.take_relevant());

@@ -252,6 +252,25 @@ impl Provisioner {
         }
     }
 
+    /// Reads a claim, retrying while the store is unavailable (an etcd that stalls for a few
+    /// seconds under a burst must not fail the claim).
+    async fn read_claim(&self, id: &str, term: &CancellationToken) -> Result<NodeClaim, String> {
+        match retry_in_term(
+            term,
+            crate::lifecycle::release_backoff(),
+            "reading a claim",
+            |e: &store::Error| matches!(e, store::Error::Store(s) if s.is_transient()),
+            || self.store.claim(id),
+        )
+        .await
+        {
+            None => Err("leadership ended".into()),
+            Some(Ok((claim, _))) => Ok(claim),
+            Some(Err(store::Error::NotFound(_))) => Err("claim record is gone".into()),
+            Some(Err(e)) => Err(e.to_string()),
+        }
+    }
+
     async fn drive_create(
         &self,
         id: &str,
@@ -265,11 +284,7 @@ impl Provisioner {
             pool.map_or(1, |p| p.scale_up.max_concurrent),
         );
         let mut node = self.nodes.subscribe(id);
-        let mut claim = match self.store.claim(id).await {
-            Ok((claim, _)) => claim,
-            Err(store::Error::NotFound(_)) => return Err("claim record is gone".into()),
-            Err(e) => return Err(e.to_string()),
-        };
+        let mut claim = self.read_claim(id, term).await?;
         // Work resumed from an earlier term may have created the instance already.
         let mut look_first = claim.created_at_ms < term_started_ms;
         let mut last_instance_check = std::time::Instant::now();
@@ -513,10 +528,18 @@ impl Provisioner {
                 }
                 ClaimPhase::Ready | ClaimPhase::Registered | ClaimPhase::Launched => {
                     // The request wrote the operation but stopped before moving this claim.
-                    self.store
-                        .take_one(op, id, &op.reason, now_ms())
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    match retry_in_term(
+                        term,
+                        crate::lifecycle::release_backoff(),
+                        "taking a claim into a delete operation",
+                        |e: &store::Error| matches!(e, store::Error::Store(s) if s.is_transient()),
+                        || self.store.take_one(op, id, &op.reason, now_ms()),
+                    )
+                    .await
+                    {
+                        None => return Err("leadership ended".into()),
+                        Some(r) => r.map_err(|e| e.to_string())?,
+                    };
                 }
                 ClaimPhase::Pending => {
                     return Err("never launched: nothing to delete yet".into());
