@@ -124,6 +124,23 @@ impl Problem {
         self.cap.len()
     }
 
+    /// A node with nothing on it.
+    fn empty_bin(&self) -> Bin {
+        Bin {
+            load: vec![0; self.dims()],
+            items: Vec::new(),
+        }
+    }
+
+    /// Sorts (item, count) heaviest first, by item on ties.
+    fn heaviest_first(&self, items: &mut [(usize, i64)]) {
+        items.sort_by(|x, y| {
+            self.weight[y.0]
+                .total_cmp(&self.weight[x.0])
+                .then(x.0.cmp(&y.0))
+        });
+    }
+
     /// How many of item `i` fit on top of `load`.
     fn fit(&self, load: &[i64], i: usize) -> i64 {
         let mut n = i64::MAX;
@@ -192,10 +209,7 @@ impl Problem {
             let per_node = self.fit(&vec![0; self.dims()], i);
             while left > 0 && per_node > 0 {
                 let n = per_node.min(left);
-                let mut bin = Bin {
-                    load: vec![0; self.dims()],
-                    items: Vec::new(),
-                };
+                let mut bin = self.empty_bin();
                 self.add(&mut bin.load, i, n);
                 push(&mut bin.items, i, n);
                 left -= n;
@@ -221,10 +235,7 @@ impl Problem {
                 return None;
             }
             left[first] -= 1;
-            let mut start = Bin {
-                load: vec![0; self.dims()],
-                items: Vec::new(),
-            };
+            let mut start = self.empty_bin();
             self.add(&mut start.load, first, 1);
             push(&mut start.items, first, 1);
             let candidates: Vec<(usize, i64)> = self.heavy_first[cursor..]
@@ -257,6 +268,13 @@ impl Problem {
         };
         fill.search(0);
         fill.best
+    }
+}
+
+/// Fisher–Yates, in place.
+fn shuffle<T>(items: &mut [T], rng: &mut StdRng) {
+    for k in (1..items.len()).rev() {
+        items.swap(k, rng.random_range(0..=k));
     }
 }
 
@@ -402,9 +420,7 @@ fn picks(items: &[(usize, i64)], with_empty: bool) -> Vec<Pick> {
 fn sampled(items: &[(usize, i64)], rng: &mut StdRng) -> Vec<(usize, i64)> {
     let mut items = items.to_vec();
     if items.len() > PAIR_CLASSES {
-        for k in (1..items.len()).rev() {
-            items.swap(k, rng.random_range(0..=k));
-        }
+        shuffle(&mut items, rng);
     }
     items
 }
@@ -529,15 +545,8 @@ impl Search<'_> {
                     push(&mut candidates, *i, *n);
                 }
             }
-            candidates.sort_by(|x, y| {
-                self.problem.weight[y.0]
-                    .total_cmp(&self.problem.weight[x.0])
-                    .then(x.0.cmp(&y.0))
-            });
-            let empty = Bin {
-                load: vec![0; self.problem.dims()],
-                items: Vec::new(),
-            };
+            self.problem.heaviest_first(&mut candidates);
+            let empty = self.problem.empty_bin();
             let filled = self.problem.best_fill(empty, &candidates, REFILL_STEPS);
             if self.problem.bin_weight(&filled) <= self.problem.bin_weight(&self.bins[b]) + EPS {
                 continue;
@@ -595,15 +604,10 @@ impl Search<'_> {
         }
         // A random order: which of several equally full fills the search finds first varies,
         // so repeated repacks explore the plateau instead of cycling.
-        for k in (1..candidates.len()).rev() {
-            candidates.swap(k, self.rng.random_range(0..=k));
-        }
+        shuffle(&mut candidates, &mut self.rng);
         let before =
             self.problem.bin_weight(&self.bins[a]) + self.problem.bin_weight(&self.bins[b]);
-        let empty = Bin {
-            load: vec![0; self.problem.dims()],
-            items: Vec::new(),
-        };
+        let empty = self.problem.empty_bin();
         let first = self
             .problem
             .best_fill(empty.clone(), &candidates, REFILL_STEPS);
@@ -615,10 +619,7 @@ impl Search<'_> {
         if after < before - EPS {
             return false;
         }
-        let mut pool = Bin {
-            load: vec![0; self.problem.dims()],
-            items: Vec::new(),
-        };
+        let mut pool = self.problem.empty_bin();
         for (i, n) in &candidates {
             let left = n - second.items.iter().find(|e| e.0 == *i).map_or(0, |e| e.1);
             if left > 0 {
@@ -685,15 +686,8 @@ impl Search<'_> {
             return None;
         }
         let mut candidates = self.pool.items.clone();
-        candidates.sort_by(|x, y| {
-            self.problem.weight[y.0]
-                .total_cmp(&self.problem.weight[x.0])
-                .then(x.0.cmp(&y.0))
-        });
-        let empty = Bin {
-            load: vec![0; self.problem.dims()],
-            items: Vec::new(),
-        };
+        self.problem.heaviest_first(&mut candidates);
+        let empty = self.problem.empty_bin();
         let first = self.problem.best_fill(empty, &candidates, FILL_STEPS);
         let mut rest = self.pool.clone();
         for (i, n) in &first.items {
@@ -738,10 +732,7 @@ pub(super) fn empty_nodes(
     while best.len() > lower_bound.max(1) && best.len() >= 4 && Instant::now() < deadline {
         let mut bins = best.clone();
         bins.sort_by(|a, b| problem.bin_weight(a).total_cmp(&problem.bin_weight(b)));
-        let mut pool = Bin {
-            load: vec![0; problem.dims()],
-            items: Vec::new(),
-        };
+        let mut pool = problem.empty_bin();
         for bin in bins.drain(..3) {
             for (i, n) in bin.items {
                 problem.add(&mut pool.load, i, n);
