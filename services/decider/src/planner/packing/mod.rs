@@ -103,11 +103,12 @@ pub fn pack(
     let bound = lower_bound(items, capacity);
     let problem = search::Problem::new(items, capacity);
     let mut best = problem.first_fit_decreasing();
-    if (best.len() as i64) > bound
-        && let Some(mbs) = problem.minimum_bin_slack(Instant::now() + budget / 2)
-        && mbs.len() < best.len()
-    {
-        best = mbs;
+    if (best.len() as i64) > bound {
+        // A quarter of the budget at most: the search gains more per millisecond after that.
+        let mbs = problem.minimum_bin_slack(Instant::now() + budget / 4);
+        if mbs.len() < best.len() {
+            best = mbs;
+        }
     }
     if (best.len() as i64) > bound {
         best = search::empty_nodes(&problem, best, bound.max(0) as usize, deadline, seed);

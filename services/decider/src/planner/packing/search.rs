@@ -4,7 +4,10 @@
 //! 1. **First-fit decreasing**, the packing Cluster Autoscaler and Karpenter use (the baseline a
 //!    decision reports).
 //! 2. **Minimum bin slack** (Gupta & Ho): node by node, the largest pod left plus the set of
-//!    other pods that leaves the least room unused, found by a bounded depth-first search.
+//!    other pods that leaves the least room unused, found by a bounded depth-first search (which
+//!    jumps past pods heavier than the room left and gives up a branch when all pods after it
+//!    could not fill the node better). Anytime: when its share of the budget ends, the pods left
+//!    go first-fit decreasing.
 //! 3. **Emptying a node** (after the consistent-neighbourhood search of Buljubašić & Vasquez):
 //!    the pods of the three least-filled nodes go to a pool; pods move between nodes and the pool
 //!    — swaps of up to two each way, refilling a node from its pods and the pool's, repacking two
@@ -192,9 +195,14 @@ impl Problem {
     /// First-fit decreasing, as [`super::first_fit_decreasing`] without a node cap, keeping
     /// which pods went where.
     pub(super) fn first_fit_decreasing(&self) -> Vec<Bin> {
+        self.first_fit_decreasing_of(&self.count)
+    }
+
+    /// First-fit decreasing of `count` pods of each item onto new nodes.
+    fn first_fit_decreasing_of(&self, count: &[i64]) -> Vec<Bin> {
         let mut bins: Vec<Bin> = Vec::new();
         for &i in &self.ffd_order {
-            let mut left = self.count[i];
+            let mut left = count[i];
             for bin in bins.iter_mut() {
                 if left == 0 {
                     break;
@@ -220,7 +228,8 @@ impl Problem {
     }
 
     /// Minimum bin slack: each node gets the heaviest pod left and the pods that fill it best.
-    pub(super) fn minimum_bin_slack(&self, deadline: Instant) -> Option<Vec<Bin>> {
+    /// Anytime: at the deadline, the pods left go first-fit decreasing onto further nodes.
+    pub(super) fn minimum_bin_slack(&self, deadline: Instant) -> Vec<Bin> {
         let mut left = self.count.clone();
         let mut bins = Vec::new();
         let mut cursor = 0;
@@ -232,7 +241,8 @@ impl Problem {
                 break;
             };
             if Instant::now() > deadline {
-                return None;
+                bins.extend(self.first_fit_decreasing_of(&left));
+                break;
             }
             left[first] -= 1;
             let mut start = self.empty_bin();
@@ -250,15 +260,25 @@ impl Problem {
             left[first] += 1;
             bins.push(bin);
         }
-        Some(bins)
+        bins
     }
 
     /// The fullest node reachable from `start` by adding pods of `candidates` ((item, available)
     /// heaviest first), by a depth-first search of at most `steps` steps.
     fn best_fill(&self, start: Bin, candidates: &[(usize, i64)], steps: usize) -> Bin {
+        let weights: Vec<f64> = candidates.iter().map(|c| self.weight[c.0]).collect();
+        let sorted = weights.windows(2).all(|w| w[0] >= w[1]);
+        // What all candidates from k on weigh together.
+        let mut rest = vec![0.0; candidates.len() + 1];
+        for k in (0..candidates.len()).rev() {
+            rest[k] = rest[k + 1] + weights[k] * candidates[k].1 as f64;
+        }
         let mut fill = Fill {
             problem: self,
             candidates,
+            weights,
+            sorted,
+            rest,
             left: candidates.iter().map(|c| c.1).collect(),
             best_slack: self.weight_of_room(&start.load),
             best: start.clone(),
@@ -299,6 +319,12 @@ fn pull(items: &mut Vec<(usize, i64)>, i: usize, n: i64) {
 struct Fill<'a> {
     problem: &'a Problem,
     candidates: &'a [(usize, i64)],
+    /// Weight of one pod of each candidate.
+    weights: Vec<f64>,
+    /// Candidates come heaviest first: those heavier than the room left are skipped at once.
+    sorted: bool,
+    /// Weight of all pods of the candidates from k on.
+    rest: Vec<f64>,
     /// Pods of each candidate not on the node yet.
     left: Vec<i64>,
     current: Bin,
@@ -321,6 +347,16 @@ impl Fill<'_> {
     }
 
     fn search(&mut self, from: usize) {
+        let room = self.problem.weight_of_room(&self.current.load);
+        let from = if self.sorted {
+            from + self.weights[from..].partition_point(|w| *w > room + EPS)
+        } else {
+            from
+        };
+        // Even every pod left would not fill the node better than the best so far.
+        if room - self.rest[from] >= self.best_slack - EPS {
+            return;
+        }
         for k in from..self.candidates.len() {
             self.steps += 1;
             if self.done() {
