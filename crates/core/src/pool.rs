@@ -231,6 +231,27 @@ pub struct ScaleDownDoc {
     /// Consolidate nodes with pods only after the pool's pods stop changing for this long.
     #[serde(with = "humantime_serde")]
     pub consolidate_after: Duration,
+    /// Budgets that apply only while a recurring window is active.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disruption_budgets: Vec<BudgetWindowDoc>,
+}
+
+/// One `spec.scaleDown.disruptionBudgets` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BudgetWindowDoc {
+    /// Shown in decisions.
+    #[serde(default)]
+    pub name: String,
+    /// "N" or "N%".
+    pub nodes: String,
+    /// e.g. Mon-Fri.
+    pub days: String,
+    /// e.g. "09:00-17:00".
+    pub between: String,
+    /// IANA time zone (UTC when omitted).
+    #[serde(default)]
+    pub timezone: String,
 }
 
 impl Default for ScaleDownDoc {
@@ -248,6 +269,7 @@ impl Default for ScaleDownDoc {
             force_after_drain_timeout: false,
             disruption_budget: String::new(),
             consolidate_after: Duration::ZERO,
+            disruption_budgets: Vec::new(),
         }
     }
 }
@@ -544,6 +566,18 @@ impl PoolDocument {
                 force_after_drain_timeout: s.scale_down.force_after_drain_timeout,
                 disruption_budget: s.scale_down.disruption_budget.clone(),
                 consolidate_after: duration(s.scale_down.consolidate_after),
+                disruption_budgets: s
+                    .scale_down
+                    .disruption_budgets
+                    .iter()
+                    .map(|b| pb::DisruptionBudgetWindow {
+                        name: b.name.clone(),
+                        nodes: b.nodes.clone(),
+                        days: b.days.clone(),
+                        between: b.between.clone(),
+                        timezone: b.timezone.clone(),
+                    })
+                    .collect(),
             }),
             schedule: s
                 .schedule
@@ -629,6 +663,38 @@ pub struct ScaleDownPolicy {
     pub disruption_budget: Option<DisruptionBudget>,
     /// Nodes with pods are consolidated only after the pool's pods stop changing this long.
     pub consolidate_after: Duration,
+    /// Budgets that apply while their window is active.
+    pub disruption_windows: Vec<(DisruptionBudget, Window)>,
+}
+
+impl ScaleDownPolicy {
+    /// Most nodes of a pool of `nodes` that may be disrupted at `at`: the smallest of
+    /// `disruptionBudget` and the budgets of the windows active then, with what set it ("2",
+    /// or "0 (window business-hours)"). `None`: no budget applies.
+    pub fn disruption_allowed(
+        &self,
+        nodes: u32,
+        at: std::time::SystemTime,
+    ) -> Option<(u32, String)> {
+        let always = self
+            .disruption_budget
+            .map(|b| (b.allowed(nodes), b.to_string()));
+        let windows = self
+            .disruption_windows
+            .iter()
+            .filter(|(_, w)| w.is_active(at))
+            .map(|(b, w)| (b.allowed(nodes), format!("{b} (window {})", w.name)));
+        always.into_iter().chain(windows).min_by_key(|(n, _)| *n)
+    }
+}
+
+impl std::fmt::Display for DisruptionBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DisruptionBudget::Nodes(n) => write!(f, "{n}"),
+            DisruptionBudget::Percent(p) => write!(f, "{p}%"),
+        }
+    }
 }
 
 /// `scaleDown.disruptionBudget`: a node count or a share of the pool's nodes.
@@ -1078,6 +1144,7 @@ impl Pool {
                 MAX_UNNEEDED_FOR,
                 &mut errors,
             ),
+            disruption_windows: budget_windows(&down.disruption_budgets, &mut errors),
         };
 
         let mut schedule: Vec<Window> = Vec::new();
@@ -1243,6 +1310,37 @@ pub fn taint_text(t: &Taint) -> String {
     }
 }
 
+/// `spec.scaleDown.disruptionBudgets`, each checked with its field path. Windows may overlap:
+/// the smallest budget active applies.
+fn budget_windows(
+    docs: &[pb::DisruptionBudgetWindow],
+    errors: &mut ValidationErrors,
+) -> Vec<(DisruptionBudget, Window)> {
+    let mut out = Vec::new();
+    for (i, b) in docs.iter().enumerate() {
+        let path = format!("spec.scaleDown.disruptionBudgets[{i}]");
+        let budget = DisruptionBudget::parse(&b.nodes)
+            .map_err(|why| errors.add(format!("{path}.nodes"), why))
+            .ok();
+        let name = if b.name.is_empty() {
+            format!("{} {}", b.days, b.between)
+        } else {
+            b.name.clone()
+        };
+        let window = Window::parse(&name, &b.days, &b.between, &b.timezone, None, None)
+            .map_err(|problems| {
+                for (field, reason) in problems {
+                    errors.add(format!("{path}.{field}"), reason);
+                }
+            })
+            .ok();
+        if let (Some(budget), Some(window)) = (budget, window) {
+            out.push((budget, window));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1310,6 +1408,56 @@ spec:
         assert_eq!(pool.scale_down.utilization_below, 0.5);
         assert_eq!(pool.scale_down.order, ScaleDownOrder::Lifo);
         assert_eq!(pool.min_nodes, 0);
+    }
+
+    #[test]
+    fn disruption_budget_windows_parse_and_report_bad_fields() {
+        let with = |budgets: &str| {
+            GENERAL.replace(
+                "drainTimeout: 5m, order: lifo }",
+                &format!("drainTimeout: 5m, order: lifo, disruptionBudget: \"20%\", disruptionBudgets: {budgets} }}"),
+            )
+        };
+        let (proto, pool) = Pool::from_yaml(&with(
+            r#"[{ name: office, nodes: "0", days: Mon-Fri, between: "09:00-17:00", timezone: Europe/Berlin }]"#,
+        ))
+        .expect("valid");
+        let windows = &pool.scale_down.disruption_windows;
+        assert_eq!(windows.len(), 1);
+        assert_eq!(windows[0].0, DisruptionBudget::Nodes(0));
+        assert_eq!(windows[0].1.name, "office");
+        assert_eq!(
+            proto.spec.unwrap().scale_down.unwrap().disruption_budgets[0].nodes,
+            "0"
+        );
+        // Monday 2026-03-02 10:00 in Berlin (09:00 UTC): the window's 0 beats 20 %; at night the
+        // pool's 20 % of 10 nodes.
+        let monday = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_772_442_000);
+        assert_eq!(
+            pool.scale_down.disruption_allowed(10, monday),
+            Some((0, "0 (window office)".to_string()))
+        );
+        let night = monday + Duration::from_secs(12 * 3600);
+        assert_eq!(
+            pool.scale_down.disruption_allowed(10, night),
+            Some((2, "20%".to_string()))
+        );
+
+        let errors = Pool::from_yaml(&with(
+            r#"[{ nodes: "lots", days: Someday, between: "9-5" }]"#,
+        ))
+        .expect_err("bad window");
+        let mut paths: Vec<&str> = errors.errors.iter().map(|e| e.path.as_str()).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                "spec.scaleDown.disruptionBudgets[0].between",
+                "spec.scaleDown.disruptionBudgets[0].days",
+                "spec.scaleDown.disruptionBudgets[0].nodes",
+            ],
+            "{errors}"
+        );
     }
 
     #[test]

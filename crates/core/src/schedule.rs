@@ -26,6 +26,29 @@ pub struct Window {
     pub max_nodes: Option<u32>,
 }
 
+/// Equal when written the same (the time zone by the name it was given as).
+impl PartialEq for Window {
+    fn eq(&self, other: &Window) -> bool {
+        (
+            &self.name,
+            self.days,
+            self.start,
+            self.end,
+            &self.timezone,
+            self.min_nodes,
+            self.max_nodes,
+        ) == (
+            &other.name,
+            other.days,
+            other.start,
+            other.end,
+            &other.timezone,
+            other.min_nodes,
+            other.max_nodes,
+        )
+    }
+}
+
 const DAYS: [&str; 7] = [
     "monday",
     "tuesday",

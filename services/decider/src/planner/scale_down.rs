@@ -90,13 +90,6 @@ fn replacement(
 /// Candidates with pods one decision tries to drain per pool (a drain is simulated in full).
 const CANDIDATES: usize = 200;
 
-fn budget_text(b: shoal_core::pool::DisruptionBudget) -> String {
-    match b {
-        shoal_core::pool::DisruptionBudget::Nodes(n) => n.to_string(),
-        shoal_core::pool::DisruptionBudget::Percent(p) => format!("{p}%"),
-    }
-}
-
 fn blocker_text(b: pb::EvictionBlocker) -> &'static str {
     use pb::EvictionBlocker as B;
     match b {
@@ -421,21 +414,19 @@ pub(crate) fn plan(
             }),
         }
         let mut slots = policy.max_concurrent as usize;
-        if let Some(disruption) = policy.disruption_budget {
-            let draining = cluster
-                .nodes
-                .iter()
-                .filter(|n| n.pool == Some(p) && n.deleting)
-                .count() as u32;
-            let allowed = disruption.allowed(cluster.live[p] + draining);
+        let draining = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.pool == Some(p) && n.deleting)
+            .count() as u32;
+        if let Some((allowed, which)) = policy.disruption_allowed(cluster.live[p] + draining, now) {
             let left = allowed.saturating_sub(draining) as usize;
             if left < slots {
                 slots = left;
                 if slots == 0 {
                     notes.push(format!(
-                        "pool {}: disruption budget {} used ({draining} node(s) draining)",
+                        "pool {}: disruption budget {which} used ({draining} node(s) draining)",
                         pool.name,
-                        budget_text(disruption)
                     ));
                     continue;
                 }

@@ -1158,6 +1158,50 @@ fn the_disruption_budget_counts_nodes_already_draining() {
 }
 
 #[test]
+fn a_disruption_budget_window_holds_scale_down_only_while_active() {
+    use shoal_core::{pool::DisruptionBudget, schedule::Window};
+    let web = class(1, "web", 500, GI / 2);
+    let nodes: Vec<pb::NodeInfo> = (0..4)
+        .map(|k| {
+            node(
+                &format!("g-{k}"),
+                "general",
+                &[],
+                std::slice::from_ref(&web),
+            )
+        })
+        .collect();
+    let s = snap(nodes, vec![web], vec![]);
+    let window = |name: &str, days: &str| {
+        Window::parse(name, days, "02:00-04:00", "UTC", None, None).expect("window")
+    };
+    let mut general = pool("general", "");
+    general.scale_down.max_concurrent = 10;
+    general.scale_down.disruption_budget = Some(DisruptionBudget::Percent(50));
+    // The tests' clock starts on a Monday at 02:40 UTC.
+    general.scale_down.disruption_windows = vec![
+        (DisruptionBudget::Nodes(0), window("night-freeze", "Mon")),
+        (DisruptionBudget::Nodes(1), window("weekend", "Sat,Sun")),
+    ];
+    let first = run(&s, &[general.clone()], &[], &History::default(), epoch(0));
+    let frozen = run(&s, &[general.clone()], &[], &first.history, epoch(700));
+    assert!(downs(&frozen).is_empty(), "{}", reasons(&frozen));
+    assert!(
+        reasons(&frozen).contains("disruption budget 0 (window night-freeze) used"),
+        "{}",
+        reasons(&frozen)
+    );
+    // After the window (04:20): the pool's own 50 % applies again.
+    let after = run(&s, &[general], &[], &first.history, epoch(6000));
+    assert_eq!(
+        downs(&after).into_iter().flat_map(|(_, n)| n).count(),
+        2,
+        "{}",
+        reasons(&after)
+    );
+}
+
+#[test]
 fn consolidate_after_waits_for_pods_to_stop_changing() {
     let web = class(1, "web", 500, GI / 2);
     let busy = |count: i32| {
