@@ -5,15 +5,17 @@
 //!    decision reports).
 //! 2. **Minimum bin slack** (Gupta & Ho): node by node, the largest pod left plus the set of
 //!    other pods that leaves the least room unused, found by a bounded depth-first search (which
-//!    jumps past pods heavier than the room left and gives up a branch when all pods after it
-//!    could not fill the node better). Anytime: when its share of the budget ends, the pods left
-//!    go first-fit decreasing.
+//!    jumps past pods heavier than the room left, takes the heaviest that fits when only one more
+//!    can, and gives up a branch when all pods after it could not fill the node better). Paced:
+//!    each node gets the search steps its share of the time left allows; when the share of the
+//!    budget ends, the pods left go first-fit decreasing.
 //! 3. **Emptying a node** (after the consistent-neighbourhood search of Buljubašić & Vasquez):
 //!    the pods of the three least-filled nodes go to a pool; pods move between nodes and the pool
 //!    — swaps of up to two each way, refilling a node from its pods and the pool's, repacking two
 //!    nodes at random (kept when the pool gets no heavier, to cross plateaus), tabu ejections —
 //!    so that the nodes fill up and the pool shrinks, until the pool fits on two nodes: one node
-//!    fewer. Then again, down to the lower bound or until the budget ends.
+//!    fewer. Then again, down to the lower bound or until the budget ends. Each step looks at a
+//!    dozen nodes from a random start, and weighs a move before checking that it fits.
 //!
 //! Every dimension a pod requests counts (CPU, memory, ephemeral storage, pod slots, extended
 //! resources); sizes are weighed by their share of a node in the dimensions that bind.
@@ -230,7 +232,14 @@ impl Problem {
     /// Minimum bin slack: each node gets the heaviest pod left and the pods that fill it best.
     /// Anytime: at the deadline, the pods left go first-fit decreasing onto further nodes.
     pub(super) fn minimum_bin_slack(&self, deadline: Instant) -> Vec<Bin> {
+        let started = Instant::now();
         let mut left = self.count.clone();
+        let mut left_weight: f64 = (0..left.len())
+            .map(|i| self.weight[i] * left[i] as f64)
+            .sum();
+        // A full node weighs one per weighed dimension.
+        let full = self.binds.len().max(1) as f64;
+        let mut steps_done = 0usize;
         let mut bins = Vec::new();
         let mut cursor = 0;
         loop {
@@ -240,10 +249,21 @@ impl Problem {
             let Some(&first) = self.heavy_first.get(cursor) else {
                 break;
             };
-            if Instant::now() > deadline {
+            let now = Instant::now();
+            if now > deadline {
                 bins.extend(self.first_fit_decreasing_of(&left));
                 break;
             }
+            // Paced: the steps each node gets are what the time left allows for the nodes
+            // still to fill, at the speed so far, so that every node gets some search.
+            let limit = if steps_done == 0 {
+                FILL_STEPS
+            } else {
+                let per_step = (now - started).as_secs_f64() / steps_done as f64;
+                let nodes_left = (left_weight / full).ceil().max(1.0);
+                let time_left = (deadline - now).as_secs_f64();
+                ((time_left / nodes_left / per_step) as usize).clamp(MIN_FILL_STEPS, FILL_STEPS)
+            };
             left[first] -= 1;
             let mut start = self.empty_bin();
             self.add(&mut start.load, first, 1);
@@ -253,11 +273,13 @@ impl Problem {
                 .filter(|i| left[**i] > 0)
                 .map(|i| (*i, left[*i]))
                 .collect();
-            let bin = self.best_fill(start, &candidates, FILL_STEPS);
+            let (bin, steps) = self.best_fill_counted(start, &candidates, limit);
+            steps_done += steps.max(1);
             for (i, n) in &bin.items {
                 left[*i] -= n;
             }
             left[first] += 1;
+            left_weight -= self.bin_weight(&bin);
             bins.push(bin);
         }
         bins
@@ -266,6 +288,16 @@ impl Problem {
     /// The fullest node reachable from `start` by adding pods of `candidates` ((item, available)
     /// heaviest first), by a depth-first search of at most `steps` steps.
     fn best_fill(&self, start: Bin, candidates: &[(usize, i64)], steps: usize) -> Bin {
+        self.best_fill_counted(start, candidates, steps).0
+    }
+
+    /// [`Problem::best_fill`], with the steps it took.
+    fn best_fill_counted(
+        &self,
+        start: Bin,
+        candidates: &[(usize, i64)],
+        steps: usize,
+    ) -> (Bin, usize) {
         let weights: Vec<f64> = candidates.iter().map(|c| self.weight[c.0]).collect();
         let sorted = weights.windows(2).all(|w| w[0] >= w[1]);
         // What all candidates from k on weigh together.
@@ -287,7 +319,7 @@ impl Problem {
             limit: steps,
         };
         fill.search(0);
-        fill.best
+        (fill.best, fill.steps)
     }
 }
 
@@ -338,6 +370,9 @@ struct Fill<'a> {
 /// decision with thousands of nodes stays fast.
 const FILL_STEPS: usize = 4_000;
 
+/// Fewest search steps per node in minimum bin slack, however short the time.
+const MIN_FILL_STEPS: usize = 100;
+
 /// Search steps per node when refilling a node from the pool during the search.
 const REFILL_STEPS: usize = 400;
 
@@ -357,6 +392,8 @@ impl Fill<'_> {
         if room - self.rest[from] >= self.best_slack - EPS {
             return;
         }
+        // Room for one pod at most: the first that fits (the heaviest) is the best there is.
+        let last_pod = self.sorted && self.weights.last().is_some_and(|w| room < 2.0 * w - EPS);
         for k in from..self.candidates.len() {
             self.steps += 1;
             if self.done() {
@@ -381,11 +418,13 @@ impl Fill<'_> {
                     self.best_slack = slack;
                     self.best = self.current.clone();
                 }
-                self.search(k + 1);
+                if !last_pod {
+                    self.search(k + 1);
+                }
                 self.problem.add(&mut self.current.load, i, -n);
                 pull(&mut self.current.items, i, n);
                 self.left[k] += n;
-                if self.done() {
+                if self.done() || last_pod {
                     return;
                 }
             }
@@ -505,15 +544,21 @@ impl Search<'_> {
             .any(|(i, _)| self.forbidden(*i, b))
     }
 
-    fn feasible(&self, b: usize, out: &Pick, into: &Pick, scratch: &mut [i64]) -> bool {
-        scratch.copy_from_slice(&self.bins[b].load);
-        for (i, n) in out.iter().filter(|e| e.1 > 0) {
-            self.problem.add(scratch, *i, -n);
-        }
-        for (i, n) in into.iter().filter(|e| e.1 > 0) {
-            self.problem.add(scratch, *i, *n);
-        }
-        self.problem.fits(scratch)
+    /// Whether node `b` holds its pods with `out` taken off and `into` put on (dimension by
+    /// dimension, stopping at the first that overflows).
+    fn feasible(&self, b: usize, out: &Pick, into: &Pick) -> bool {
+        let p = self.problem;
+        let load = &self.bins[b].load;
+        (0..load.len()).all(|d| {
+            let mut v = load[d];
+            for (i, n) in out {
+                v -= p.size[*i][d] * n;
+            }
+            for (i, n) in into {
+                v += p.size[*i][d] * n;
+            }
+            v <= p.cap[d]
+        })
     }
 
     /// The best swap in the first node (from a random start) that has one making the pool
@@ -521,7 +566,6 @@ impl Search<'_> {
     fn improve(&mut self) -> bool {
         let pool = sampled(&self.pool.items, &mut self.rng);
         let into_picks = picks(&pool, false);
-        let mut scratch = vec![0; self.problem.dims()];
         let nb = self.bins.len();
         let start = self.rng.random_range(0..nb);
         let mut scanned = 0;
@@ -535,13 +579,18 @@ impl Search<'_> {
                 continue;
             }
             scanned += 1;
+            // A swap that adds more weight than the node has room for cannot fit.
+            let room = self.problem.weight_of_room(&self.bins[b].load);
             let mut best: Option<(f64, Pick, Pick)> = None;
             let items = sampled(&self.bins[b].items, &mut self.rng);
             for out in picks(&items, true) {
                 let w_out = self.pick_weight(&out);
                 for into in &into_picks {
                     let gain = self.pick_weight(into) - w_out;
-                    if gain <= EPS || best.as_ref().is_some_and(|(g, _, _)| *g >= gain) {
+                    if gain <= EPS
+                        || gain > room + EPS
+                        || best.as_ref().is_some_and(|(g, _, _)| *g >= gain)
+                    {
                         continue;
                     }
                     if out
@@ -551,7 +600,7 @@ impl Search<'_> {
                     {
                         continue;
                     }
-                    if !self.feasible(b, &out, into, &mut scratch) || self.tabu(into, b) {
+                    if !self.feasible(b, &out, into) || self.tabu(into, b) {
                         continue;
                     }
                     best = Some((gain, out, *into));
@@ -570,11 +619,16 @@ impl Search<'_> {
     fn refill(&mut self) -> bool {
         let nb = self.bins.len();
         let start = self.rng.random_range(0..nb);
+        let mut scanned = 0;
         for k in 0..nb {
             let b = (start + k) % nb;
             if self.problem.weight_of_room(&self.bins[b].load) <= EPS {
                 continue;
             }
+            if scanned >= SCAN_NODES {
+                break;
+            }
+            scanned += 1;
             let mut candidates: Vec<(usize, i64)> = self.bins[b].items.clone();
             for (i, n) in &self.pool.items {
                 if !self.forbidden(*i, b) {
@@ -675,21 +729,28 @@ impl Search<'_> {
         let pool_items = self.pool.items.clone();
         let (i, _) = pool_items[self.rng.random_range(0..pool_items.len())];
         let into: Pick = [(i, 1), (0, 0)];
-        let mut scratch = vec![0; self.problem.dims()];
         let mut best: Option<(f64, usize, Pick)> = None;
         let mut ties = 0u32;
         for b in 0..self.bins.len() {
             if self.tabu(&into, b) {
                 continue;
             }
+            let room = self.problem.weight_of_room(&self.bins[b].load);
             for out in picks(&self.bins[b].items, true) {
                 if out.iter().any(|o| o.1 > 0 && o.0 == i) {
                     continue;
                 }
-                if !self.feasible(b, &out, &into, &mut scratch) {
+                // Cheap checks first: a costlier eviction than the best loses anyway, and one
+                // that frees too little weight cannot make room.
+                let cost = self.pick_weight(&out);
+                if best.as_ref().is_some_and(|(c, _, _)| cost > *c + EPS)
+                    || self.problem.weight[i] > room + cost + EPS
+                {
                     continue;
                 }
-                let cost = self.pick_weight(&out);
+                if !self.feasible(b, &out, &into) {
+                    continue;
+                }
                 match &best {
                     Some((c, _, _)) if cost > *c + EPS => {}
                     Some((c, _, _)) if (cost - *c).abs() <= EPS => {
@@ -724,7 +785,7 @@ impl Search<'_> {
         let mut candidates = self.pool.items.clone();
         self.problem.heaviest_first(&mut candidates);
         let empty = self.problem.empty_bin();
-        let first = self.problem.best_fill(empty, &candidates, FILL_STEPS);
+        let first = self.problem.best_fill(empty, &candidates, REFILL_STEPS);
         let mut rest = self.pool.clone();
         for (i, n) in &first.items {
             self.problem.add(&mut rest.load, *i, -n);
