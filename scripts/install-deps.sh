@@ -40,6 +40,17 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   done
 fi
 
+# fakepve (a stateful fake of the Proxmox VE API) for the proxmox backend's tests, in a venv of
+# our own so nothing touches the system Python; the tests find it at $SHOAL_VENV.
+venv="${SHOAL_VENV:-$HOME/.cache/shoal/venv}"
+if ! "$venv/bin/python" -c 'import fakepve, cryptography' >/dev/null 2>&1; then
+  echo "install-deps: fakepve and cryptography into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'fakepve==0.5.*' 'cryptography>=42'
+fi
+"$venv/bin/python" -c 'import fakepve, cryptography' || { echo "install-deps: fakepve is still missing from $venv" >&2; exit 1; }
+printf 'install-deps: %-10s %s\n' fakepve "$venv"
+
 for tool in protoc etcd prometheus grpcurl; do
   if command -v "$tool" >/dev/null 2>&1; then
     printf 'install-deps: %-10s %s\n' "$tool" "$(command -v "$tool")"

@@ -315,6 +315,13 @@ impl EtcdReader {
             .collect()
     }
 
+    /// Every key under `prefix`.
+    pub fn keys_under(&self, prefix: &str) -> Vec<String> {
+        self.runtime
+            .block_on(self.store.keys(prefix))
+            .unwrap_or_else(|e| panic!("keys {prefix}: {e}"))
+    }
+
     /// Every value under `prefix`, as stored.
     pub fn values_under(&self, prefix: &str) -> Vec<Vec<u8>> {
         self.runtime

@@ -23,7 +23,7 @@ use crate::{
 /// `apiVersion` of NodePool documents.
 pub const API_VERSION: &str = "shoal.dev/v1alpha1";
 /// Backends this build has; a pool naming another is refused.
-pub const BACKENDS: [&str; 2] = ["docker", "sim"];
+pub const BACKENDS: [&str; 3] = ["docker", "proxmox", "sim"];
 /// Pod slots of a node whose template does not say.
 pub const DEFAULT_PODS: i64 = 110;
 /// Default `scaleUp.batchSize`: the nodes one decision may add to a pool. Large, so a burst is
@@ -1529,7 +1529,9 @@ spec:
         let text = errors.to_string();
         assert!(text.contains("5 is above maxNodes (3)"), "{text}");
         assert!(
-            text.contains("\"openstack\" is not a backend this build has (it has: docker, sim)"),
+            text.contains(
+                "\"openstack\" is not a backend this build has (it has: docker, proxmox, sim)"
+            ),
             "{text}"
         );
         assert!(text.contains("overlaps spec.schedule[2]"), "{text}");
@@ -1555,7 +1557,7 @@ spec:
         let found = paths(&pool(
             "maxNodes: 100000000, minNodes: 200000",
             "  scaleUp: { cooldown: 87600000h, maxConcurrent: 5000, batchSize: 20000 }\n  scaleDown: { unneededFor: 720h, drainTimeout: 48h, cooldown: 25h }\n",
-            "proxmox",
+            "aws",
         ));
         let at = |path: &str| {
             found
@@ -1583,7 +1585,7 @@ spec:
         assert!(at("spec.scaleDown.cooldown").contains("25h is longer"));
         assert_eq!(
             at("spec.provider.backend"),
-            "\"proxmox\" is not a backend this build has (it has: docker, sim)"
+            "\"aws\" is not a backend this build has (it has: docker, proxmox, sim)"
         );
         assert!(
             paths(&pool("maxNodes: 10000, minNodes: 0", "", "sim")).is_empty(),

@@ -6,6 +6,7 @@
 
 pub mod certs;
 pub mod etcd;
+pub mod fakepve;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
@@ -13,6 +14,7 @@ pub mod sim;
 
 pub use certs::{CertFiles, TestCa};
 pub use etcd::EtcdServer;
+pub use fakepve::{AgentBridge, PveServer};
 pub use process::{ServiceProcess, bin_path};
 pub use prometheus::PrometheusServer;
 pub use proxy::TcpProxy;

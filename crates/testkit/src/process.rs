@@ -46,6 +46,17 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts `binary` with `args` and extra environment, logging stdout+stderr to a temp file.
     pub fn start(binary: &str, args: &[String], env: &[(String, String)]) -> ServiceProcess {
+        ServiceProcess::start_program(binary, &bin_path(binary), args, env)
+    }
+
+    /// Starts the program at `path` (a fixture that is not one of ours, e.g. a Python fake)
+    /// under `name`, as [`ServiceProcess::start`] does.
+    pub fn start_program(
+        binary: &str,
+        path: &std::path::Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> ServiceProcess {
         let log_dir = tempfile::Builder::new()
             .prefix("shoal-proc-")
             .tempdir()
@@ -53,7 +64,7 @@ impl ServiceProcess {
         let log_path = log_dir.path().join(format!("{binary}.log"));
         let log = std::fs::File::create(&log_path).unwrap_or_else(|e| panic!("log file: {e}"));
         let err_log = log.try_clone().unwrap_or_else(|e| panic!("log file: {e}"));
-        let mut command = Command::new(bin_path(binary));
+        let mut command = Command::new(path);
         command
             .args(args)
             .stdin(Stdio::null())
@@ -67,7 +78,10 @@ impl ServiceProcess {
         }
         // Shoal's services refuse to serve without TLS unless told; tests that do not set up
         // TLS say plaintext (a test that does sets grpc.tls, which then wins for serving).
-        if binary != "shoal-sim" && !env.iter().any(|(k, _)| k == "SHOAL_GRPC__PLAINTEXT") {
+        if binary.starts_with("shoal-")
+            && binary != "shoal-sim"
+            && !env.iter().any(|(k, _)| k == "SHOAL_GRPC__PLAINTEXT")
+        {
             command.env("SHOAL_GRPC__PLAINTEXT", "true");
         }
         for (key, value) in env {

@@ -459,6 +459,9 @@ impl Provisioner {
     ) -> Result<shoal_proto::v1::Instance, CreateError> {
         if look_first {
             match self.find_instance(claim).await {
+                // A VM cloned but not started yet: the backend's create continues it.
+                Ok(Some(found))
+                    if found.state == "stopped" || found.state.starts_with("locked") => {}
                 Ok(Some(found)) => {
                     tracing::info!(claim = %claim.id, instance = %found.id, "adopting the instance an earlier attempt created");
                     return Ok(found);

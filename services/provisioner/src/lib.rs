@@ -57,6 +57,9 @@ pub struct Backends {
     /// Docker containers on the local engine.
     #[serde(default)]
     pub docker: Option<DockerBackend>,
+    /// Proxmox VE VMs cloned from templates.
+    #[serde(default)]
+    pub proxmox: Option<backend::proxmox::config::ProxmoxBackend>,
 }
 
 /// Methods only the leader carries out; a standby forwards them to it.
@@ -176,6 +179,9 @@ impl ServiceSettings for ProvisionerSettings {
                 class.validate(&format!("service.backends.docker.classes.{name}"), errors);
             }
         }
+        if let Some(proxmox) = &self.backends.proxmox {
+            proxmox.validate("service.backends.proxmox", errors);
+        }
         if self.node_ttl < Duration::from_secs(1) {
             errors.add("service.nodeTtl", "must be at least 1s");
         }
@@ -238,6 +244,14 @@ pub async fn serve(
                 }
             })?;
         providers.insert("docker".into(), Arc::new(provider));
+    }
+    if let Some(proxmox) = &settings.backends.proxmox {
+        let provider = backend::proxmox::ProxmoxProvider::new(proxmox.clone(), store.clone())
+            .map_err(|e| HostError::Dependency {
+                what: "proxmox backend",
+                message: e.to_string(),
+            })?;
+        providers.insert(backend::proxmox::BACKEND.into(), Arc::new(provider));
     }
     let backends = providers
         .into_iter()

@@ -323,9 +323,11 @@ pub fn classify(views: &Views<'_>, policy: &Policy) -> Vec<Finding> {
 
     // Reservations no live claim holds.
     for r in views.reservations {
+        // A node name is held by the live claim of that name; a backend's own id
+        // (`<kind>:<id>`, e.g. a Proxmox `vmid:105`) by any live claim on that backend.
         let held = live
             .get(r.claim.as_str())
-            .is_some_and(|c| c.node_name == r.id && c.backend == r.backend);
+            .is_some_and(|c| c.backend == r.backend && (c.node_name == r.id || r.id.contains(':')));
         let adopted = policy.orphans == OrphanPolicy::Adopt
             && views
                 .instances
@@ -670,6 +672,25 @@ mod tests {
             details.contains("PartiallyFailed") && details.contains("boot failed"),
             "{details}"
         );
+    }
+
+    #[test]
+    fn a_backend_id_is_held_by_a_live_claim_and_leaks_when_its_claim_is_gone() {
+        let live = claim("c1", "general-1", ClaimPhase::Ready, NOW - 60_000);
+        let vmid = |id: &str, claim: &str| Reservation {
+            backend: "sim".into(),
+            id: id.into(),
+            claim: claim.into(),
+        };
+        let f = run(
+            &[live],
+            vec![instance("i-c1", "c1", 0)],
+            &[node("general-1", "c1", true, NOW - 60_000)],
+            &[vmid("vmid:9000", "c1"), vmid("vmid:9001", "c-gone")],
+        );
+        assert_eq!(kinds(&f), [pb::DriftType::LeakedId], "{f:#?}");
+        assert_eq!(f[0].subject, "sim/vmid:9001");
+        assert_eq!(f[0].repair, Repair::ReleaseId("sim/vmid:9001".into()));
     }
 
     #[test]

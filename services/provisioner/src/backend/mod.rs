@@ -3,6 +3,7 @@
 //! can always answer "which instances are ours" — after a crash too.
 
 pub mod docker;
+pub mod proxmox;
 pub mod sim;
 
 use std::collections::BTreeMap;
