@@ -21,6 +21,17 @@ fn pool_yaml(max_nodes: u32, max_concurrent: u32, min_nodes: u32) -> String {
     )
 }
 
+/// How the provisioner logs in to fakepve and checks its certificate.
+#[derive(Clone, Copy)]
+enum Auth {
+    /// API token; the certificate's SHA-256 pinned.
+    TokenPinned,
+    /// Ticket login with user and password; the certificate trusted as a CA file.
+    TicketCa,
+    /// API token; a fingerprint that is not the server's.
+    WrongPin,
+}
+
 struct World {
     etcd: EtcdServer,
     sim: SimServer,
@@ -34,6 +45,10 @@ impl World {
     /// etcd, a simulator, fakepve with nodes pve1 and pve2, and a provisioner config using a
     /// VMID range of `range` ids (secrets from the environment, the certificate pinned).
     fn start(range: u32, pool: &str, task_latency: f64) -> World {
+        World::start_with(range, pool, task_latency, Auth::TokenPinned)
+    }
+
+    fn start_with(range: u32, pool: &str, task_latency: f64, auth: Auth) -> World {
         let etcd = EtcdServer::start();
         let sim = SimServer::start(&["--node-grace-period=5s"]);
         let pve = PveServer::start(&["pve1", "pve2"], 1.0, task_latency);
@@ -48,8 +63,7 @@ service:
   backends:
     proxmox:
       url: {url}
-      token: {{ fromEnv: PVE_TOKEN }}
-      tls: {{ fingerprint: \"{fingerprint}\" }}
+{auth}
       vmidRange: {{ first: {FIRST_VMID}, last: {last} }}
       taskTimeout: 30s
       taskPollInterval: 100ms
@@ -73,7 +87,20 @@ service:
 ",
             kubeconfig = sim.kubeconfig().display(),
             url = pve.url,
-            fingerprint = pve.fingerprint,
+            auth = match auth {
+                Auth::TokenPinned => format!(
+                    "      token: {{ fromEnv: PVE_TOKEN }}\n      tls: {{ fingerprint: \"{}\" }}",
+                    pve.fingerprint
+                ),
+                Auth::TicketCa => format!(
+                    "      user: root@pam\n      password: {{ fromEnv: PVE_PASSWORD }}\n      tls: {{ caFile: {} }}",
+                    pve.certfile.display()
+                ),
+                Auth::WrongPin => format!(
+                    "      token: {{ fromEnv: PVE_TOKEN }}\n      tls: {{ fingerprint: \"{}\" }}",
+                    "ab".repeat(32)
+                ),
+            },
             last = FIRST_VMID + range - 1,
         );
         std::fs::write(&config, yaml).expect("write config");
@@ -88,7 +115,10 @@ service:
     }
 
     fn provisioner(&self, instance: &str, env: &[(&str, &str)]) -> Running {
-        let mut all = vec![("PVE_TOKEN", self.pve.token.as_str())];
+        let mut all = vec![
+            ("PVE_TOKEN", self.pve.token.as_str()),
+            ("PVE_PASSWORD", "secret"),
+        ];
         all.extend_from_slice(env);
         let mut p = Running::start(
             "shoal-provisioner",
@@ -351,14 +381,10 @@ fn a_failed_step_leaves_no_vm_and_no_reserved_vmid() {
     let w = World::start(40, &pool_yaml(8, 5, 0), 0.2);
     let p = w.leading("pve-faults", &[]);
 
-    // The start fails (a task error, as a VM whose QEMU will not start): the clone is purged.
-    w.pve.fail(
-        "POST",
-        "/status/start",
-        500,
-        "start failed: QEMU exited with code 1",
-        None,
-    );
+    // The start task fails (TASK ERROR, as for a VM whose QEMU will not start): the clone is
+    // purged.
+    w.pve
+        .fail_tasks("qmstart", "start failed: QEMU exited with code 1");
     let op = call(
         &p,
         "CreateNodes",
@@ -441,7 +467,8 @@ fn a_failed_step_leaves_no_vm_and_no_reserved_vmid() {
 
 #[test]
 fn two_replicas_never_give_one_vmid_twice_and_say_when_the_range_is_exhausted() {
-    let w = World::start(40, &pool_yaml(60, 50, 0), 0.0);
+    // Ticket login this time, the certificate trusted as a CA file.
+    let w = World::start_with(40, &pool_yaml(60, 50, 0), 0.0, Auth::TicketCa);
     let leader = w.leading("pve-a", &[]);
     let standby = w.provisioner("pve-b", &[]);
     let ops: Vec<String> = [(&leader, "x"), (&standby, "y")]
@@ -548,4 +575,24 @@ fn kill_9_mid_clone_then_restart_completes_the_claim_with_nothing_orphaned() {
     assert_eq!(w.reserved_vmids().len(), 1);
     let r = w.reconciler(&p);
     no_drift(&r);
+}
+
+#[test]
+fn a_server_whose_certificate_is_not_the_pinned_one_is_refused_and_said_so() {
+    let w = World::start_with(40, &pool_yaml(8, 5, 0), 0.0, Auth::WrongPin);
+    let p = w.leading("pve-pin", &[]);
+    call(
+        &p,
+        "CreateNodes",
+        json!({ "pool": "vms", "count": 1, "idempotencyKey": "pin" }),
+    );
+    let said = wait_for(Duration::from_secs(20), || {
+        let status = call(&p, "GetBackendStatus", json!({}));
+        let text = status.to_string();
+        text.contains("is not the pinned").then_some(text)
+    });
+    assert!(said.is_some(), "{}", p.process.logs());
+    assert!(w.pve.vms().is_empty(), "nothing was created");
+    // Nothing was sent: fakepve saw no API request at all.
+    assert!(w.pve.requests().is_empty(), "{:?}", w.pve.requests());
 }

@@ -155,6 +155,15 @@ impl PveServer {
         self.post("/task-latency", json!({ "seconds": seconds }));
     }
 
+    /// Every task of `task_type` (`qmclone`, `qmconfig`, `qmstart`, …) ends with
+    /// `TASK ERROR: <message>`.
+    pub fn fail_tasks(&self, task_type: &str, message: &str) {
+        self.post(
+            "/task-error",
+            json!({ "type": task_type, "message": message }),
+        );
+    }
+
     /// A VM made outside Shoal.
     pub fn add_vm(&self, vmid: u32, name: &str) {
         self.post("/add-vm", json!({ "vmid": vmid, "name": name }));

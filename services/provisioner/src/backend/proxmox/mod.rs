@@ -400,10 +400,18 @@ impl ProxmoxProvider {
                 .flatten()
                 .filter(|n| n["status"] == "online")
                 .filter_map(|n| {
-                    let free = n["maxmem"].as_i64()? - n["mem"].as_i64().unwrap_or(0);
+                    let name = n["node"].as_str()?;
+                    // Memory promised to the node's VMs counts even while they use less.
+                    let committed: i64 = vms
+                        .iter()
+                        .filter(|v| v.node == name && !v.template)
+                        .map(|v| v.maxmem)
+                        .sum();
+                    let used = n["mem"].as_i64().unwrap_or(0).max(committed);
+                    let free = n["maxmem"].as_i64()? - used;
                     let cpu_free = n["maxcpu"].as_f64().unwrap_or(0.0)
                         * (1.0 - n["cpu"].as_f64().unwrap_or(0.0));
-                    Some((n["node"].as_str()?.to_string(), (free, cpu_free)))
+                    Some((name.to_string(), (free, cpu_free)))
                 })
                 .collect();
             let placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
