@@ -17,7 +17,7 @@ const FIRST_VMID: u32 = 9100;
 
 fn pool_yaml(max_nodes: u32, max_concurrent: u32, min_nodes: u32) -> String {
     format!(
-        "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: vms }}\nspec:\n  provider: {{ backend: proxmox }}\n  template:\n    labels: {{ role: worker }}\n    capacity: {{ cpu: \"2\", memory: 4Gi }}\n  limits: {{ minNodes: {min_nodes}, maxNodes: {max_nodes} }}\n  scaleUp: {{ maxConcurrent: {max_concurrent} }}\n  scaleDown: {{ unneededFor: 5s, cooldown: 2s, maxConcurrent: 5, drainTimeout: 20s }}\n"
+        "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: vms }}\nspec:\n  provider: {{ backend: proxmox }}\n  template:\n    labels: {{ role: worker }}\n    capacity: {{ cpu: \"2\", memory: 4Gi }}\n    overhead: {{ memory: 512Mi }}\n  limits: {{ minNodes: {min_nodes}, maxNodes: {max_nodes} }}\n  scaleUp: {{ maxConcurrent: {max_concurrent} }}\n  scaleDown: {{ unneededFor: 5s, cooldown: 2s, maxConcurrent: 5, drainTimeout: 20s }}\n"
     )
 }
 
@@ -72,7 +72,6 @@ service:
         default:
           template: k3s-template
           nodes: [pve1, pve2]
-          overhead: {{ memory: 512Mi }}
           disk: {{ size: 32G }}
           network: {{ bridge: vmbr0, vlan: 20 }}
           cloudInit:

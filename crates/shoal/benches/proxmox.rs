@@ -123,7 +123,7 @@ fn run_case(
         &shutdown,
     ));
     let pool = format!(
-        "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: vms }}\nspec:\n  provider: {{ backend: proxmox }}\n  template:\n    capacity: {{ cpu: \"2\", memory: 4Gi }}\n  limits: {{ minNodes: 0, maxNodes: {count} }}\n  scaleUp: {{ maxConcurrent: {max_concurrent}, batchSize: {count} }}\n"
+        "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: vms }}\nspec:\n  provider: {{ backend: proxmox }}\n  template:\n    capacity: {{ cpu: \"2\", memory: 4Gi }}\n    overhead: {{ memory: 512Mi }}\n  limits: {{ minNodes: 0, maxNodes: {count} }}\n  scaleUp: {{ maxConcurrent: {max_concurrent}, batchSize: {count} }}\n"
     );
     runtime.block_on(async {
         let store = common::store(etcd.endpoint(), Duration::from_secs(5)).await;
@@ -133,7 +133,7 @@ fn run_case(
     std::fs::write(
         &config,
         format!(
-            "service:\n  kube: {{ kubeconfig: {} }}\n  backends:\n    proxmox:\n      url: {}\n      token: \"{}\"\n      tls: {{ fingerprint: \"{}\" }}\n      vmidRange: {{ first: 10000, last: 10999 }}\n      taskPollInterval: 200ms\n      classes:\n        default: {{ template: k3s-template, nodes: [pve1, pve2, pve3], overhead: {{ memory: 512Mi }}, disk: {{ size: 32G }} }}\n  resilience: {{ callTimeout: 300s, attempts: 2 }}\n  nodeTtl: 3600s\n  instanceCheckInterval: 1s\n",
+            "service:\n  kube: {{ kubeconfig: {} }}\n  backends:\n    proxmox:\n      url: {}\n      token: \"{}\"\n      tls: {{ fingerprint: \"{}\" }}\n      vmidRange: {{ first: 10000, last: 10999 }}\n      taskPollInterval: 200ms\n      classes:\n        default: {{ template: k3s-template, nodes: [pve1, pve2, pve3], disk: {{ size: 32G }} }}\n  resilience: {{ callTimeout: 300s, attempts: 2 }}\n  nodeTtl: 3600s\n  instanceCheckInterval: 1s\n",
             kubeconfig.display(),
             pve.url,
             pve.token,

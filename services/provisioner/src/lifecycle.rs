@@ -325,6 +325,7 @@ impl Provisioner {
                 })
                 .unwrap_or_default(),
             capacity: pool.map(|p| p.capacity.clone()).unwrap_or_default(),
+            overhead: pool.map(|p| p.overhead.clone()).unwrap_or_default(),
         }
     }
 

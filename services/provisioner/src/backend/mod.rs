@@ -35,6 +35,9 @@ pub struct InstanceSpec {
     pub taints: Vec<pb::Taint>,
     /// Allocatable of the node.
     pub capacity: Resources,
+    /// What the backend spends per node on top (the pool's `template.overhead`, e.g. a VM's
+    /// own memory); pool limits count it.
+    pub overhead: Resources,
 }
 
 /// Why a backend call failed.

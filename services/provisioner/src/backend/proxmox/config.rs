@@ -113,10 +113,6 @@ pub struct ProxmoxClass {
     /// Full clone (independent disks) or linked clone (from the template's base disk).
     #[serde(default = "yes")]
     pub full_clone: bool,
-    /// Memory added to the pool's capacity for the VM itself (the guest OS, kubelet
-    /// reservations, QEMU): the VM gets capacity + overhead.
-    #[serde(default)]
-    pub overhead: Overhead,
     /// The boot disk, grown to `size` after the clone.
     #[serde(default)]
     pub disk: Option<Disk>,
@@ -139,35 +135,6 @@ pub struct ProxmoxClass {
 
 fn yes() -> bool {
     true
-}
-
-/// What a VM needs beyond the node's allocatable.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Overhead {
-    /// Memory, e.g. `512Mi`.
-    #[serde(default)]
-    pub memory: String,
-    /// CPU, e.g. `500m` (VMs get whole cores: the sum is rounded up).
-    #[serde(default)]
-    pub cpu: String,
-}
-
-impl Overhead {
-    /// Memory overhead in bytes (0 when unset or invalid; validation reports invalid values).
-    pub fn memory_bytes(&self) -> i64 {
-        if self.memory.is_empty() {
-            return 0;
-        }
-        shoal_core::quantity::parse_memory_bytes(&self.memory).unwrap_or(0)
-    }
-    /// CPU overhead in millicores.
-    pub fn cpu_millis(&self) -> i64 {
-        if self.cpu.is_empty() {
-            return 0;
-        }
-        shoal_core::quantity::parse_cpu_millis(&self.cpu).unwrap_or(0)
-    }
 }
 
 /// The boot disk.
@@ -354,16 +321,6 @@ impl ProxmoxClass {
                 "a linked clone keeps the template's storage (set fullClone: true to choose one)",
             );
         }
-        if !self.overhead.memory.is_empty()
-            && let Err(e) = shoal_core::quantity::parse_memory_bytes(&self.overhead.memory)
-        {
-            errors.add(format!("{path}.overhead.memory"), e.to_string());
-        }
-        if !self.overhead.cpu.is_empty()
-            && let Err(e) = shoal_core::quantity::parse_cpu_millis(&self.overhead.cpu)
-        {
-            errors.add(format!("{path}.overhead.cpu"), e.to_string());
-        }
         if let Some(disk) = &self.disk {
             let digits = disk.size.trim_end_matches(['K', 'M', 'G', 'T']);
             if digits.is_empty() || digits.parse::<u64>().is_err() {
@@ -415,13 +372,13 @@ mod tests {
     #[test]
     fn a_full_backend_validates_and_bad_fields_are_named() {
         let good = backend(
-            "url: https://pve:8006\ntoken: root@pam!shoal=abc\nvmidRange: { first: 9000, last: 9099 }\nclasses:\n  default:\n    template: k3s-template\n    nodes: [pve1, pve2]\n    overhead: { memory: 512Mi }\n    disk: { size: 32G }\n    network: { bridge: vmbr0, vlan: 20 }\n    cloudInit: { user: k3s, sshKeys: ['ssh-ed25519 AAAA x'], ipconfig: ip=dhcp, cicustom: 'user=local:snippets/k3s.yaml' }\n",
+            "url: https://pve:8006\ntoken: root@pam!shoal=abc\nvmidRange: { first: 9000, last: 9099 }\nclasses:\n  default:\n    template: k3s-template\n    nodes: [pve1, pve2]\n    disk: { size: 32G }\n    network: { bridge: vmbr0, vlan: 20 }\n    cloudInit: { user: k3s, sshKeys: ['ssh-ed25519 AAAA x'], ipconfig: ip=dhcp, cicustom: 'user=local:snippets/k3s.yaml' }\n",
         )
         .expect("parses");
         assert!(good.errors.is_empty(), "{good}");
 
         let bad = backend(
-            "url: ftp://pve\ntoken: nonsense\nvmidRange: { first: 50, last: 10 }\ntls: { fingerprint: zz, insecureSkipVerify: true }\nclasses:\n  small:\n    template: ''\n    fullClone: false\n    storage: fast\n    overhead: { memory: lots }\n    disk: { size: big }\n    network: { bridge: vmbr0, vlan: 5000 }\n    tags: ['bad tag']\n",
+            "url: ftp://pve\ntoken: nonsense\nvmidRange: { first: 50, last: 10 }\ntls: { fingerprint: zz, insecureSkipVerify: true }\nclasses:\n  small:\n    template: ''\n    fullClone: false\n    storage: fast\n    disk: { size: big }\n    network: { bridge: vmbr0, vlan: 5000 }\n    tags: ['bad tag']\n",
         )
         .expect("parses");
         let paths: Vec<&str> = bad.errors.iter().map(|e| e.path.as_str()).collect();
@@ -433,7 +390,6 @@ mod tests {
             "service.backends.proxmox.tls.fingerprint",
             "service.backends.proxmox.classes.small.template",
             "service.backends.proxmox.classes.small.storage",
-            "service.backends.proxmox.classes.small.overhead.memory",
             "service.backends.proxmox.classes.small.disk.size",
             "service.backends.proxmox.classes.small.network.vlan",
             "service.backends.proxmox.classes.small.tags[0]",

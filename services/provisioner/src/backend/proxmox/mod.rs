@@ -4,7 +4,7 @@
 //! create-if-absent, so no two claims — on any replica, before or after a restart — get the
 //! same one), skips ids PVE already uses, clones the template onto the node the placement
 //! picks (the clone's description names the claim, so a VM is ours even before it has tags),
-//! sets cores, memory (capacity + overhead), tags, network and cloud-init, grows the disk and
+//! sets cores, memory (the pool's capacity + `template.overhead`), tags, network and cloud-init, grows the disk and
 //! starts it, following every task (UPID) to its end. A failure at any step stops and purges
 //! the VM and releases the VMID. A create retried for the same claim (after a timeout or a
 //! crash) continues the VM its VMID already names instead of cloning another.
@@ -466,10 +466,9 @@ impl ProxmoxProvider {
         spec: &InstanceSpec,
         smbios: String,
     ) -> Vec<(&'static str, String)> {
-        let cores = (spec.capacity.cpu_millis + class.overhead.cpu_millis() + 999) / 1000;
-        let memory_mib = (spec.capacity.memory_bytes + class.overhead.memory_bytes() + (1 << 20)
-            - 1)
-            / (1 << 20);
+        let cores = (spec.capacity.cpu_millis + spec.overhead.cpu_millis + 999) / 1000;
+        let memory_mib =
+            (spec.capacity.memory_bytes + spec.overhead.memory_bytes + (1 << 20) - 1) / (1 << 20);
         let mut tags: Vec<String> = spec
             .labels
             .iter()
@@ -528,7 +527,7 @@ impl ProxmoxProvider {
         vms: &[Vm],
     ) -> Result<(), CloneError> {
         let template = self.template(class, vms).map_err(CloneError::Failed)?;
-        let memory = spec.capacity.memory_bytes + class.overhead.memory_bytes();
+        let memory = spec.capacity.memory_bytes + spec.overhead.memory_bytes;
         let share = self
             .place(class, template, &spec.pool, vms, memory)
             .await
@@ -905,6 +904,7 @@ mod tests {
                 effect: pb::TaintEffect::NoSchedule as i32,
             }],
             capacity: shoal_core::Resources::default(),
+            overhead: shoal_core::Resources::default(),
         }
     }
 
