@@ -595,3 +595,81 @@ fn a_server_whose_certificate_is_not_the_pinned_one_is_refused_and_said_so() {
     // Nothing was sent: fakepve saw no API request at all.
     assert!(w.pve.requests().is_empty(), "{:?}", w.pve.requests());
 }
+
+#[test]
+fn a_pool_whose_clones_fail_backs_off_and_every_decision_says_why() {
+    let w = World::start(40, &pool_yaml(8, 5, 0), 0.0);
+    w.pve.fail(
+        "POST",
+        "/clone",
+        500,
+        "clone failed: unable to allocate image: no space left on device",
+        None,
+    );
+    let kube = format!(
+        "--set=service.kube.kubeconfig={}",
+        w.sim.kubeconfig().display()
+    );
+    let mut metrics = Running::start("shoal-metrics", "bo-metrics", None, &[&kube], &[]);
+    metrics.wait_ready();
+    let provisioner = w.leading("bo-provisioner", &[]);
+    let pools = w.dir.path().join("pools.yaml");
+    std::fs::write(&pools, pool_yaml(8, 5, 0)).expect("pool file");
+    let mut decider = Running::start(
+        "shoal-decider",
+        "bo-decider",
+        Some(&w.etcd),
+        &[
+            &format!("--set=service.metricsAddr=http://{}", metrics.grpc),
+            &format!("--set=service.provisionerAddr=http://{}", provisioner.grpc),
+            &format!("--set=service.poolFiles={}", pools.display()),
+            "--set=service.failureBackoff.initial=1m",
+        ],
+        &[],
+    );
+    decider.wait_ready();
+    kubectl(
+        &w.sim.kubeconfig(),
+        &["apply", "-f", "-"],
+        &deployment_yaml("web", 2, "900m", "256Mi", None),
+    );
+    let decisions = || {
+        let out = grpcurl_ok(&[
+            "-plaintext",
+            "-d",
+            "{\"limit\": 100}",
+            &decider.grpc.to_string(),
+            "shoal.v1.DeciderService/ListDecisions",
+        ]);
+        serde_json::from_str::<Value>(&out).expect("decisions")["decisions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let said = wait_for(Duration::from_secs(40), || {
+        decisions()
+            .iter()
+            .any(|d| {
+                let text = d.to_string();
+                text.contains("backing off after 1 failed scale-up(s)")
+                    && text.contains("no space left on device")
+            })
+            .then_some(())
+    });
+    assert!(
+        said.is_some(),
+        "a decision names the backoff: {:#?}\n{}",
+        decisions(),
+        decider.process.logs()
+    );
+    // While it holds, the pool is not asked again: one operation, whatever the decisions.
+    std::thread::sleep(Duration::from_secs(8));
+    let operations: BTreeSet<String> = w
+        .claims()
+        .iter()
+        .filter_map(|c| c["operationId"].as_str().map(String::from))
+        .collect();
+    assert_eq!(operations.len(), 1, "{:#?}", w.claims());
+    assert!(w.pve.vms().is_empty());
+    assert!(w.reserved_vmids().is_empty());
+}

@@ -221,6 +221,7 @@ fn run(nodes: usize, max_concurrent: u32) {
             expanders: &[Expander::LeastWaste],
             seed: sequence,
             packing_budget: DEFAULT_BUDGET,
+            backoff: Default::default(),
         });
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         history = planned.history;

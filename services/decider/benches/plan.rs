@@ -323,6 +323,7 @@ fn summary(world: &World) -> String {
         expanders: &[Expander::LeastWaste],
         seed: 1,
         packing_budget: shoal_decider::planner::packing::DEFAULT_BUDGET,
+        backoff: Default::default(),
     };
     let p = plan(&input);
     if std::env::var_os("PLAN_BENCH_VERBOSE").is_some() {
@@ -375,6 +376,7 @@ fn main() {
                     expanders: &[Expander::LeastWaste],
                     seed: 1,
                     packing_budget: shoal_decider::planner::packing::DEFAULT_BUDGET,
+                    backoff: Default::default(),
                 })
             });
         });

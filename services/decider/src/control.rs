@@ -229,6 +229,7 @@ impl Decider {
             expanders: &self.settings.expanders,
             seed: snapshot.sequence,
             packing_budget: self.settings.packing_budget,
+            backoff: self.settings.failure_backoff,
         });
         plan.decision.id = format!("eval-{}", decision_id());
         plan.decision.dry_run = true;
@@ -277,6 +278,7 @@ impl Decider {
             expanders: &self.settings.expanders,
             seed: snapshot.sequence,
             packing_budget: self.settings.packing_budget,
+            backoff: self.settings.failure_backoff,
         });
         let elapsed = started.elapsed();
         self.stats.plan_seconds.observe(elapsed.as_secs_f64());

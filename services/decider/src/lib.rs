@@ -52,6 +52,9 @@ pub struct DeciderSettings {
     /// Decisions older than this are removed.
     #[serde(with = "humantime_serde")]
     pub history_max_age: std::time::Duration,
+    /// How long a pool whose launches failed waits before growing again (doubling per failed
+    /// scale-up in a row).
+    pub failure_backoff: planner::Backoff,
 }
 
 impl Default for DeciderSettings {
@@ -65,6 +68,7 @@ impl Default for DeciderSettings {
             packing_budget: planner::packing::DEFAULT_BUDGET,
             history_limit: 500,
             history_max_age: std::time::Duration::from_secs(7 * 24 * 3600),
+            failure_backoff: planner::Backoff::default(),
         }
     }
 }
@@ -94,6 +98,16 @@ impl ServiceSettings for DeciderSettings {
             || self.history_max_age > std::time::Duration::from_secs(90 * 86400)
         {
             errors.add("service.historyMaxAge", "must be between 1m and 90d");
+        }
+        let b = self.failure_backoff;
+        if b.initial > b.max {
+            errors.add(
+                "service.failureBackoff.initial",
+                "must not exceed failureBackoff.max",
+            );
+        }
+        if b.max > std::time::Duration::from_secs(24 * 3600) {
+            errors.add("service.failureBackoff.max", "must be at most 24h");
         }
         for (i, file) in self.pool_files.iter().enumerate() {
             if let Err(why) = control::load_pool_file(file) {

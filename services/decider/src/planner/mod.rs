@@ -114,6 +114,77 @@ pub struct PlanInput<'a> {
     pub seed: u64,
     /// Time this decision may spend improving packings beyond first-fit decreasing.
     pub packing_budget: Duration,
+    /// How long a pool waits after launches that failed before it grows again.
+    pub backoff: Backoff,
+}
+
+/// A pool whose launches failed (the backend refused, or nodes never got Ready) does not grow
+/// again for `initial`, doubled for each further failed scale-up in a row, at most `max` — as
+/// Cluster Autoscaler backs off node groups. A node of the pool turning Ready ends the streak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backoff {
+    /// After the first failed scale-up.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// The longest wait.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_secs(60),
+            max: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+impl Backoff {
+    /// Why pool `pool` may not grow at `now`, if its recent launches failed: the failed
+    /// scale-ups (operations) since a node of the pool last turned Ready, the wait they earn,
+    /// and the last failure's reason.
+    pub fn holds(&self, pool: &str, claims: &[NodeClaim], now: SystemTime) -> Option<String> {
+        let now_ms = ms(now);
+        let at = |c: &NodeClaim, phase: ClaimPhase| {
+            c.history
+                .iter()
+                .filter(|t| t.phase == phase)
+                .map(|t| t.at_ms)
+                .max()
+        };
+        let mut last_ready = 0;
+        let mut failed: Vec<(u64, &NodeClaim)> = Vec::new();
+        for c in claims.iter().filter(|c| c.pool == pool) {
+            let ready = at(c, ClaimPhase::Ready);
+            if let Some(r) = ready {
+                last_ready = last_ready.max(r);
+            }
+            if c.phase == ClaimPhase::Failed && ready.is_none() {
+                failed.push((at(c, ClaimPhase::Failed).unwrap_or(c.updated_at_ms), c));
+            }
+        }
+        failed.retain(|(t, _)| *t > last_ready);
+        let (latest, last) = failed.iter().max_by_key(|(t, _)| *t)?;
+        let streak = failed
+            .iter()
+            .map(|(_, c)| c.operation_id.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as u32;
+        let wait = self
+            .initial
+            .saturating_mul(1u32 << streak.saturating_sub(1).min(20))
+            .min(self.max);
+        let until = from_ms(*latest) + wait;
+        (until > from_ms(now_ms)).then(|| {
+            format!(
+                "backing off after {streak} failed scale-up(s) until {}: {}",
+                rfc3339(until),
+                last.failure_reason
+            )
+        })
+    }
 }
 
 /// A plan: the decision and the history after it.

@@ -211,6 +211,8 @@ struct ScaleUp<'c, 'a> {
     capped_by_batch: Vec<bool>,
     batch_capped: bool,
     packing: HashMap<String, pb::PackingReport>,
+    /// Per pool: the failed-launch backoff holding it, if one does.
+    backoff: Vec<Option<String>>,
 }
 
 /// A pool's bid for pending pods: what the expander compares, and what the packer placed.
@@ -270,6 +272,11 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
             capped_by_batch: vec![false; np],
             batch_capped: false,
             packing: HashMap::new(),
+            backoff: cluster
+                .pools
+                .iter()
+                .map(|p| input.backoff.holds(&p.name, input.claims, input.now))
+                .collect(),
         }
     }
 
@@ -318,6 +325,11 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
             if total >= min {
                 continue;
             }
+            if let Some(why) = &self.backoff[p] {
+                self.pool_reasons[p]
+                    .push(format!("below minNodes {min} with {total} node(s), {why}"));
+                continue;
+            }
             let add = min - total;
             self.added[p] += add;
             for _ in 0..add {
@@ -352,6 +364,10 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
             .collect();
         let now = cluster.now;
         for (p, pool) in pools.iter().enumerate() {
+            if let Some(why) = &self.backoff[p] {
+                self.gate[p] = Some(why.clone());
+                continue;
+            }
             if let Some(last) = history
                 .pools
                 .get(&pool.name)
@@ -809,6 +825,20 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
                         reason: format!("takes {count} pod(s) on new nodes"),
                     });
                 }
+                // Pools that could have taken them but may not grow now (a backoff, say).
+                for (p, pool) in pools.iter().enumerate() {
+                    if let (None, Some(g), false) = (
+                        &self.compat[i][p],
+                        &self.gate[p],
+                        self.placed_new[i].contains_key(&p),
+                    ) {
+                        verdicts.push(pb::PoolVerdict {
+                            pool: pool.name.clone(),
+                            fits: true,
+                            reason: g.clone(),
+                        });
+                    }
+                }
             }
             outcomes.push(pb::ClassOutcome {
                 class_id: cluster.classes[pc.class].proto.id,
@@ -839,6 +869,11 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
                     pool.name,
                     self.pool_reasons[p].join("; ")
                 ));
+            } else if let Some(why) = &self.backoff[p]
+                && self.compat.iter().any(|c| c[p].is_none())
+            {
+                // Said even when other pools took the pods: it is the pool's status.
+                reasons.push(format!("pool {}: {why}", pool.name));
             }
         }
         let on_existing: i64 = self.placed_existing.iter().sum();

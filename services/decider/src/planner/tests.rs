@@ -131,6 +131,7 @@ fn run(
         expanders: &[Expander::LeastWaste],
         seed: 1,
         packing_budget: super::packing::DEFAULT_BUDGET,
+        backoff: Default::default(),
     })
 }
 
@@ -669,6 +670,7 @@ fn the_expander_chain_picks_between_pools() {
         expanders: &[Expander::Price],
         seed: 0,
         packing_budget: super::packing::DEFAULT_BUDGET,
+        backoff: Default::default(),
     });
     assert_eq!(
         ups(&by_priority),
@@ -1282,6 +1284,7 @@ fn scale_up_mixes_node_types_when_a_smaller_node_is_cheaper_for_the_rest() {
         expanders: &[Expander::Price],
         seed: 1,
         packing_budget: super::packing::DEFAULT_BUDGET,
+        backoff: Default::default(),
     });
     let mut grown = ups(&plan);
     grown.sort();
@@ -1364,4 +1367,97 @@ fn an_expensive_node_is_replaced_by_a_cheaper_one_then_drained_onto_it() {
         "{}",
         reasons(&drained)
     );
+}
+
+#[test]
+fn a_pool_whose_launches_failed_backs_off_doubling_and_others_take_the_pods() {
+    let web = class(1, "web", 1000, GI);
+    let s = snap(vec![], vec![web], vec![pending(1, 7, 0)]);
+    let pools = [
+        pool("vms", "  weight: 10\n"),
+        pool("other", "  weight: 1\n"),
+    ];
+    let failed = |id: &str, op: &str, at: u64| {
+        let mut c = claim(id, "vms", id, ClaimPhase::Failed);
+        c.operation_id = op.into();
+        c.failure_reason = "backend proxmox: VMID range 9100-9139 exhausted".into();
+        c.history = vec![shoal_core::claim::Transition {
+            phase: ClaimPhase::Failed,
+            at_ms: planner_ms(epoch(at)),
+            reason: c.failure_reason.clone(),
+        }];
+        c
+    };
+    let prefer_vms = |claims: &[NodeClaim], at: u64| {
+        plan(&PlanInput {
+            snapshot: &s,
+            pools: &pools,
+            claims,
+            history: &History::default(),
+            now: epoch(at),
+            expanders: &[Expander::Priority, Expander::LeastWaste],
+            seed: 1,
+            packing_budget: super::packing::DEFAULT_BUDGET,
+            backoff: Default::default(),
+        })
+    };
+    // Nothing failed: the preferred pool grows.
+    let p = prefer_vms(&[], 10);
+    assert_eq!(ups(&p)[0].0, "vms", "{}", reasons(&p));
+
+    // One failed scale-up (two claims of one operation) at t=0: a minute of backoff, the pods go
+    // to the other pool meanwhile, and the decision says why.
+    let one = [failed("c1", "op-1", 0), failed("c2", "op-1", 0)];
+    let p = prefer_vms(&one, 30);
+    assert_eq!(ups(&p)[0].0, "other", "{}", reasons(&p));
+    let why = reasons(&p);
+    assert!(
+        why.contains("backing off after 1 failed scale-up(s) until")
+            && why.contains("VMID range 9100-9139 exhausted"),
+        "{why}"
+    );
+    assert_eq!(ups(&prefer_vms(&one, 61))[0].0, "vms");
+
+    // A second failed scale-up at t=70: two minutes from then.
+    let two = [
+        failed("c1", "op-1", 0),
+        failed("c2", "op-1", 0),
+        failed("c3", "op-2", 70),
+    ];
+    assert_eq!(ups(&prefer_vms(&two, 180))[0].0, "other");
+    assert_eq!(ups(&prefer_vms(&two, 191))[0].0, "vms");
+
+    // A node of the pool turning Ready after them ends the streak.
+    let mut ready = claim("c4", "vms", "vms-4", ClaimPhase::Ready);
+    ready.history = vec![shoal_core::claim::Transition {
+        phase: ClaimPhase::Ready,
+        at_ms: planner_ms(epoch(80)),
+        reason: String::new(),
+    }];
+    let recovered = [two[0].clone(), two[1].clone(), two[2].clone(), ready];
+    assert_eq!(ups(&prefer_vms(&recovered, 100))[0].0, "vms");
+}
+
+#[test]
+fn min_nodes_are_not_forced_on_a_pool_in_backoff() {
+    let s = snap(vec![], vec![], vec![]);
+    let mut vms = pool("vms", "");
+    vms.min_nodes = 2;
+    let pools = [vms];
+    let mut c = claim("c1", "vms", "vms-1", ClaimPhase::Failed);
+    c.failure_reason = "backend proxmox: template \"k3s\" not found".into();
+    c.history = vec![shoal_core::claim::Transition {
+        phase: ClaimPhase::Failed,
+        at_ms: planner_ms(epoch(0)),
+        reason: c.failure_reason.clone(),
+    }];
+    let p = run(&s, &pools, &[c.clone()], &History::default(), epoch(20));
+    assert!(ups(&p).is_empty(), "{}", reasons(&p));
+    assert!(
+        reasons(&p).contains("below minNodes 2 with 0 node(s), backing off"),
+        "{}",
+        reasons(&p)
+    );
+    let p = run(&s, &pools, &[c], &History::default(), epoch(70));
+    assert_eq!(ups(&p), [("vms".to_string(), 2)], "{}", reasons(&p));
 }
