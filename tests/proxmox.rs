@@ -343,22 +343,24 @@ fn pending_pods_get_vms_that_join_and_the_vms_go_when_the_pods_do() {
         &["scale", "deployment/web", "--replicas=0"],
         "",
     );
+    let deleted = || {
+        w.claims()
+            .iter()
+            .filter(|c| c["phase"] == "Deleted")
+            .count()
+    };
     let gone = wait_for(Duration::from_secs(90), || {
-        (w.pve.vms().is_empty() && w.reserved_vmids().is_empty()).then(Instant::now)
+        (w.pve.vms().is_empty() && w.reserved_vmids().is_empty() && deleted() == 5)
+            .then(Instant::now)
     });
     assert!(
         gone.is_some(),
-        "VMs gone: {:#?} reserved {:?}\n{}",
+        "VMs gone, VMIDs released, claims Deleted: {:#?} reserved {:?} claims {:#?}\n{}",
         w.pve.vms(),
         w.reserved_vmids(),
+        w.claims(),
         provisioner.process.logs()
     );
-    let deleted = w
-        .claims()
-        .iter()
-        .filter(|c| c["phase"] == "Deleted")
-        .count();
-    assert_eq!(deleted, 5, "{:#?}", w.claims());
     no_drift(&reconciler);
     // The token never shows in a log.
     let secret = w.pve.token.rsplit('=').next().unwrap_or_default();

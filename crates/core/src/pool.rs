@@ -888,11 +888,29 @@ impl Pool {
         let default_spec = pb::NodePoolSpec::default();
         let spec = pool.spec.as_ref().unwrap_or(&default_spec);
         let provider = spec.provider.clone().unwrap_or_default();
-        if !BACKENDS.contains(&provider.backend.as_str()) {
+        let plugin = provider.backend.strip_prefix("plugin:");
+        if let Some(name) = plugin {
+            let valid = !name.is_empty()
+                && name.len() <= 63
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !name.starts_with('-')
+                && !name.ends_with('-');
+            if !valid {
+                errors.add(
+                    "spec.provider.backend",
+                    format!(
+                        "{:?}: a plugin name is lower-case letters, digits and -",
+                        provider.backend
+                    ),
+                );
+            }
+        } else if !BACKENDS.contains(&provider.backend.as_str()) {
             errors.add(
                 "spec.provider.backend",
                 format!(
-                    "{:?} is not a backend this build has (it has: {})",
+                    "{:?} is not a backend this build has (it has: {}, and plugin:<name>)",
                     provider.backend,
                     BACKENDS.join(", ")
                 ),
@@ -1530,7 +1548,7 @@ spec:
         assert!(text.contains("5 is above maxNodes (3)"), "{text}");
         assert!(
             text.contains(
-                "\"openstack\" is not a backend this build has (it has: docker, proxmox, sim)"
+                "\"openstack\" is not a backend this build has (it has: docker, proxmox, sim, and plugin:<name>)"
             ),
             "{text}"
         );
@@ -1585,12 +1603,31 @@ spec:
         assert!(at("spec.scaleDown.cooldown").contains("25h is longer"));
         assert_eq!(
             at("spec.provider.backend"),
-            "\"aws\" is not a backend this build has (it has: docker, proxmox, sim)"
+            "\"aws\" is not a backend this build has (it has: docker, proxmox, sim, and plugin:<name>)"
         );
         assert!(
             paths(&pool("maxNodes: 10000, minNodes: 0", "", "sim")).is_empty(),
             "the largest allowed pool is fine"
         );
+    }
+
+    #[test]
+    fn plugin_backends_are_named_by_a_dns_label() {
+        let pool = |backend: &str| {
+            Pool::from_yaml(&format!(
+                "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: {{ name: p }}\nspec:\n  provider: {{ backend: \"{backend}\" }}\n  template: {{ capacity: {{ cpu: \"2\", memory: 4Gi }} }}\n  limits: {{ maxNodes: 3 }}\n"
+            ))
+        };
+        assert!(pool("plugin:procs").is_ok());
+        let bad = pool("plugin:Bad_Name").expect_err("not a DNS label");
+        assert_eq!(bad.errors[0].path, "spec.provider.backend");
+        assert!(
+            bad.errors[0]
+                .reason
+                .contains("lower-case letters, digits and -"),
+            "{bad}"
+        );
+        assert!(pool("plugin:").is_err());
     }
 
     #[test]

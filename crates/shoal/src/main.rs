@@ -16,6 +16,7 @@ use shoal_runtime::{
 };
 use tokio_util::sync::CancellationToken;
 
+mod plugin_check;
 mod view;
 
 #[global_allocator]
@@ -38,6 +39,17 @@ enum Command {
     },
     /// Run all four services in this process on loopback, for a trial.
     Demo(DemoArgs),
+    /// Out-of-tree backends (`plugin:<name>`).
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run the NodeProvider contract against a plugin and print pass/fail per point.
+    Check(plugin_check::CheckArgs),
 }
 
 #[derive(Subcommand)]
@@ -81,6 +93,21 @@ fn main() -> ExitCode {
             }
             Service::Reconciler(args) => shoal_runtime::run_service(args, shoal_reconciler::serve),
         },
+        Command::Plugin {
+            command: PluginCommand::Check(args),
+        } => {
+            let checked = tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(plugin_check::check(args)));
+            match checked {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(err) => {
+                    eprintln!("shoal plugin check: {err:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Demo(args) => match demo(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {

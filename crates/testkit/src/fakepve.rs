@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 
 use crate::{ServiceProcess, free_port, http_get, http_request, wait_for};
 
-/// The Python that has fakepve: `$SHOAL_VENV/bin/python`, default `~/.cache/shoal/venv`.
+/// The Python that has fakepve and grpcio: `$SHOAL_VENV/bin/python`, default
+/// `~/.cache/shoal/venv`.
 pub fn python() -> PathBuf {
     let venv = std::env::var_os("SHOAL_VENV")
         .map(PathBuf::from)
@@ -29,12 +30,12 @@ pub fn python() -> PathBuf {
         });
     let python = venv.join("bin/python");
     let has_fakepve = std::process::Command::new(&python)
-        .args(["-c", "import fakepve, cryptography"])
+        .args(["-c", "import fakepve, cryptography, grpc, grpc_tools"])
         .output()
         .is_ok_and(|o| o.status.success());
     assert!(
         has_fakepve,
-        "{} has no fakepve: run scripts/install-deps.sh (it makes that venv with fakepve and cryptography)",
+        "{} lacks fakepve or grpcio: run scripts/install-deps.sh (it makes that venv with fakepve, cryptography, grpcio and grpcio-tools)",
         python.display()
     );
     python

@@ -60,6 +60,9 @@ pub struct Backends {
     /// Proxmox VE VMs cloned from templates.
     #[serde(default)]
     pub proxmox: Option<backend::proxmox::config::ProxmoxBackend>,
+    /// Out-of-tree `shoal.v1.NodeProvider` servers; a pool names one as `plugin:<name>`.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, backend::plugin::PluginBackend>,
 }
 
 /// Methods only the leader carries out; a standby forwards them to it.
@@ -182,6 +185,16 @@ impl ServiceSettings for ProvisionerSettings {
         if let Some(proxmox) = &self.backends.proxmox {
             proxmox.validate("service.backends.proxmox", errors);
         }
+        for (name, plugin) in &self.backends.plugins {
+            let path = format!("service.backends.plugins.{name}");
+            if !backend::plugin::valid_name(name) {
+                errors.add(
+                    path.clone(),
+                    format!("{name:?} is not a plugin name (lower-case letters, digits and -)"),
+                );
+            }
+            plugin.validate(&path, errors);
+        }
         if self.node_ttl < Duration::from_secs(1) {
             errors.add("service.nodeTtl", "must be at least 1s");
         }
@@ -252,6 +265,16 @@ pub async fn serve(
                 message: e.to_string(),
             })?;
         providers.insert(backend::proxmox::BACKEND.into(), Arc::new(provider));
+    }
+    for (name, plugin) in &settings.backends.plugins {
+        let provider = Arc::new(backend::plugin::PluginProvider::new(name, plugin).map_err(
+            |e| HostError::Dependency {
+                what: "plugin backend",
+                message: e.to_string(),
+            },
+        )?);
+        provider.describe_in_background(Duration::from_secs(30));
+        providers.insert(backend::plugin::backend_name(name), provider);
     }
     let backends = providers
         .into_iter()
