@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use serde_json::{Value, json};
-use shoal_e2e::{EtcdReader, Running, grpcurl_ok};
+use shoal_e2e::{EtcdReader, Running};
 use shoal_testkit::{EtcdServer, ServiceProcess, SimServer, bin_path, free_port, wait_for};
 
 fn plugin(sim: &SimServer, addr: SocketAddr, misbehave: bool) -> ServiceProcess {
@@ -88,14 +88,7 @@ fn the_kit_passes_the_example_and_fails_a_broken_plugin_point_by_point() {
 }
 
 fn call(p: &Running, method: &str, body: Value) -> Value {
-    let out = grpcurl_ok(&[
-        "-plaintext",
-        "-d",
-        &body.to_string(),
-        &p.grpc.to_string(),
-        &format!("shoal.v1.ProvisionerService/{method}"),
-    ]);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{method}: {e}: {out}"))
+    shoal_e2e::provisioner_call(p, method, body)
 }
 
 #[test]

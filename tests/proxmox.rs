@@ -139,6 +139,44 @@ service:
         p
     }
 
+    /// The metrics service, a leading provisioner and a decider applying `pool_yaml(8, 5, 0)`
+    /// from a file (`decider_flags` added), each its own process; instances named `<name>-…`.
+    fn control_plane(&self, name: &str, decider_flags: &[&str]) -> (Running, Running, Running) {
+        let kube = format!(
+            "--set=service.kube.kubeconfig={}",
+            self.sim.kubeconfig().display()
+        );
+        let mut metrics = Running::start(
+            "shoal-metrics",
+            &format!("{name}-metrics"),
+            None,
+            &[&kube],
+            &[],
+        );
+        metrics.wait_ready();
+        let provisioner = self.leading(&format!("{name}-provisioner"), &[]);
+        let pools = self.dir.path().join("pools.yaml");
+        std::fs::write(&pools, pool_yaml(8, 5, 0)).expect("pool file");
+        let metrics_flag = format!("--set=service.metricsAddr=http://{}", metrics.grpc);
+        let provisioner_flag = format!("--set=service.provisionerAddr=http://{}", provisioner.grpc);
+        let pools_flag = format!("--set=service.poolFiles={}", pools.display());
+        let mut flags = vec![
+            metrics_flag.as_str(),
+            provisioner_flag.as_str(),
+            pools_flag.as_str(),
+        ];
+        flags.extend_from_slice(decider_flags);
+        let mut decider = Running::start(
+            "shoal-decider",
+            &format!("{name}-decider"),
+            Some(&self.etcd),
+            &flags,
+            &[],
+        );
+        decider.wait_ready();
+        (metrics, provisioner, decider)
+    }
+
     fn reconciler(&self, provisioner: &Running) -> Running {
         let mut r = Running::start(
             "shoal-reconciler",
@@ -174,14 +212,7 @@ service:
 }
 
 fn call(p: &Running, method: &str, body: Value) -> Value {
-    let out = grpcurl_ok(&[
-        "-plaintext",
-        "-d",
-        &body.to_string(),
-        &p.grpc.to_string(),
-        &format!("shoal.v1.ProvisionerService/{method}"),
-    ]);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{method}: {e}: {out}"))
+    shoal_e2e::provisioner_call(p, method, body)
 }
 
 fn wait_op(p: &Running, id: &str, timeout: Duration) -> Value {
@@ -223,28 +254,7 @@ fn running(sim: &SimServer, app: &str) -> usize {
 fn pending_pods_get_vms_that_join_and_the_vms_go_when_the_pods_do() {
     let w = World::start(40, &pool_yaml(8, 5, 0), 0.0);
     let bridge = AgentBridge::start(&w.pve, &w.sim.url());
-    let kube = format!(
-        "--set=service.kube.kubeconfig={}",
-        w.sim.kubeconfig().display()
-    );
-    let mut metrics = Running::start("shoal-metrics", "pve-metrics", None, &[&kube], &[]);
-    metrics.wait_ready();
-    let provisioner = w.leading("pve-provisioner", &[]);
-    let pools = w.dir.path().join("pools.yaml");
-    std::fs::write(&pools, pool_yaml(8, 5, 0)).expect("pool file");
-    let mut decider = Running::start(
-        "shoal-decider",
-        "pve-decider",
-        Some(&w.etcd),
-        &[
-            &format!("--set=service.metricsAddr=http://{}", metrics.grpc),
-            &format!("--set=service.provisionerAddr=http://{}", provisioner.grpc),
-            &format!("--set=service.poolFiles={}", pools.display()),
-            "--set=election.leaseTtl=3s",
-        ],
-        &[],
-    );
-    decider.wait_ready();
+    let (_metrics, provisioner, decider) = w.control_plane("pve", &["--set=election.leaseTtl=3s"]);
     let reconciler = w.reconciler(&provisioner);
 
     // Ten pods of 900m on 2-CPU nodes: two per node, five nodes.
@@ -608,28 +618,8 @@ fn a_pool_whose_clones_fail_backs_off_and_every_decision_says_why() {
         "clone failed: unable to allocate image: no space left on device",
         None,
     );
-    let kube = format!(
-        "--set=service.kube.kubeconfig={}",
-        w.sim.kubeconfig().display()
-    );
-    let mut metrics = Running::start("shoal-metrics", "bo-metrics", None, &[&kube], &[]);
-    metrics.wait_ready();
-    let provisioner = w.leading("bo-provisioner", &[]);
-    let pools = w.dir.path().join("pools.yaml");
-    std::fs::write(&pools, pool_yaml(8, 5, 0)).expect("pool file");
-    let mut decider = Running::start(
-        "shoal-decider",
-        "bo-decider",
-        Some(&w.etcd),
-        &[
-            &format!("--set=service.metricsAddr=http://{}", metrics.grpc),
-            &format!("--set=service.provisionerAddr=http://{}", provisioner.grpc),
-            &format!("--set=service.poolFiles={}", pools.display()),
-            "--set=service.failureBackoff.initial=1m",
-        ],
-        &[],
-    );
-    decider.wait_ready();
+    let (_metrics, _provisioner, decider) =
+        w.control_plane("bo", &["--set=service.failureBackoff.initial=1m"]);
     kubectl(
         &w.sim.kubeconfig(),
         &["apply", "-f", "-"],

@@ -391,6 +391,18 @@ pub fn running_pods(sim: SocketAddr, path: &str) -> usize {
         .count()
 }
 
+/// `ProvisionerService/<method>` with a JSON `body`, answered as JSON (panics on an error).
+pub fn provisioner_call(p: &Running, method: &str, body: serde_json::Value) -> serde_json::Value {
+    let out = grpcurl_ok(&[
+        "-plaintext",
+        "-d",
+        &body.to_string(),
+        &p.grpc.to_string(),
+        &format!("shoal.v1.ProvisionerService/{method}"),
+    ]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{method}: {e}: {out}"))
+}
+
 /// `ProvisionerService/ListNodeClaims` of `pool`, as JSON claims.
 pub fn node_claims(provisioner: &Running, pool: &str) -> Vec<serde_json::Value> {
     let out = grpcurl_ok(&[
