@@ -104,7 +104,7 @@ fn pools_are_validated_and_evaluate_explains_a_json_snapshot() {
     for expected in [
         "spec.limits.maxNodes: 100000000 is not between 1 and 10000",
         "spec.scaleUp.cooldown: 3650000d is longer than the most allowed, 1d",
-        "spec.provider.backend: \"aws\" is not a backend this build has (it has: docker, proxmox, sim, and plugin:<name>)",
+        "spec.provider.backend: \"aws\" is not a backend this build has (it has: docker, proxmox, sim, plugin:<name> and externalgrpc:<name>)",
     ] {
         assert!(stderr.contains(expected), "{expected:?} in {stderr}");
     }

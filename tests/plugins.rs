@@ -1,36 +1,53 @@
-//! Out-of-tree backends: the Python example plugin (examples/plugins/python, grpcio) as its own
-//! process, checked by `shoal plugin check` (and a deliberately broken one failed point by point),
-//! then used as `plugin:procs` by the provisioner — down when nodes are asked for (the breaker
-//! opens, the claims wait), back, nodes Ready, deleted, processes gone.
+//! Out-of-tree backends: the example plugins (examples/plugins/python with grpcio,
+//! examples/plugins/rust with tonic), each its own process, checked by `shoal plugin check` (and a
+//! deliberately broken one failed point by point), then used as `plugin:procs` by the whole
+//! control plane: pending pods → the decider plans → the provisioner calls the plugin → Nodes
+//! register via `shoal-sim agent` → pods Running → the pods go → nodes drained and deleted. The
+//! Python plugin is killed with SIGKILL in the middle of a create: the breaker opens, the claims
+//! wait, and complete once it is back.
 
 use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
-use serde_json::{Value, json};
-use shoal_e2e::{EtcdReader, Running};
-use shoal_testkit::{EtcdServer, ServiceProcess, SimServer, bin_path, free_port, wait_for};
+use shoal_e2e::{ControlPlane, deployment_yaml, kubectl, running_pods, sim_get};
+use shoal_testkit::{ServiceProcess, SimServer, bin_path, free_port, wait_for};
 
-fn plugin(sim: &SimServer, addr: SocketAddr, misbehave: bool) -> ServiceProcess {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/plugins/python/process_pool.py");
+#[derive(Clone, Copy, Debug)]
+enum Example {
+    Python,
+    Rust,
+}
+
+/// Starts an example plugin serving on `addr` for the simulator `sim` (`extra` flags added).
+fn plugin(sim: &SimServer, addr: SocketAddr, example: Example, extra: &[&str]) -> ServiceProcess {
     let mut args = vec![
-        script.display().to_string(),
         format!("--listen={addr}"),
         format!("--api={}", sim.url()),
         format!("--sim-binary={}", bin_path("shoal-sim").display()),
     ];
-    if misbehave {
-        args.push("--misbehave".into());
-    }
-    let p = ServiceProcess::start_program(
-        "process-pool",
-        &shoal_testkit::fakepve::python(),
-        &args,
-        &[],
-    );
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let p = match example {
+        Example::Python => {
+            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../examples/plugins/python/process_pool.py");
+            args.insert(0, script.display().to_string());
+            ServiceProcess::start_program(
+                "process-pool-py",
+                &shoal_testkit::fakepve::python(),
+                &args,
+                &[],
+            )
+        }
+        Example::Rust => ServiceProcess::start_program(
+            "process-pool-rs",
+            &bin_path("process-pool-plugin"),
+            &args,
+            &[],
+        ),
+    };
     let up = wait_for(Duration::from_secs(30), || {
         p.logs().contains("listening on").then_some(())
     });
-    assert!(up.is_some(), "the plugin starts: {}", p.logs());
+    assert!(up.is_some(), "the {example:?} plugin starts: {}", p.logs());
     p
 }
 
@@ -45,162 +62,154 @@ fn check(addr: SocketAddr) -> (bool, String) {
     )
 }
 
+fn point(out: &str, verdict: &str, point: &str) -> bool {
+    out.lines()
+        .any(|l| l.starts_with(verdict) && l.split_whitespace().nth(1) == Some(point))
+}
+
 #[test]
-fn the_kit_passes_the_example_and_fails_a_broken_plugin_point_by_point() {
+fn the_kit_passes_both_examples_and_fails_a_broken_plugin_point_by_point() {
     let sim = SimServer::start(&[]);
-    let good = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let _good = plugin(&sim, good, false);
-    let (ok, out) = check(good);
-    assert!(ok, "{out}");
-    for point in [
-        "describe",
-        "create",
-        "create-is-idempotent",
-        "list-by-labels",
-        "invalid-argument",
-        "delete",
-        "delete-missing-is-ok",
-        "deadlines",
-    ] {
-        assert!(
-            out.lines()
-                .any(|l| l.starts_with("PASS") && l.split_whitespace().nth(1) == Some(point)),
-            "{point} passes:\n{out}"
-        );
+    for example in [Example::Python, Example::Rust] {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let good = plugin(&sim, addr, example, &[]);
+        let (ok, out) = check(addr);
+        assert!(ok, "{example:?}: {out}\n{}", good.logs());
+        for p in [
+            "describe",
+            "create",
+            "create-is-idempotent",
+            "list-by-labels",
+            "invalid-argument",
+            "delete",
+            "delete-missing-is-ok",
+            "deadlines",
+        ] {
+            assert!(point(&out, "PASS", p), "{example:?}: {p} passes:\n{out}");
+        }
     }
 
     let bad = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let _bad = plugin(&sim, bad, true);
+    let _bad = plugin(&sim, bad, Example::Python, &["--misbehave"]);
     let (ok, out) = check(bad);
     assert!(!ok, "a broken plugin is not conformant:\n{out}");
-    for point in [
+    for p in [
         "create-is-idempotent",
         "invalid-argument",
         "delete-missing-is-ok",
     ] {
-        assert!(
-            out.lines()
-                .any(|l| l.starts_with("FAIL") && l.split_whitespace().nth(1) == Some(point)),
-            "{point} fails:\n{out}"
-        );
+        assert!(point(&out, "FAIL", p), "{p} fails:\n{out}");
     }
     assert!(out.contains("NOT conformant: 3 point(s) failed"), "{out}");
 }
 
-fn call(p: &Running, method: &str, body: Value) -> Value {
-    shoal_e2e::provisioner_call(p, method, body)
+const POOL: &str = "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: procs }\nspec:\n  provider: { backend: \"plugin:procs\" }\n  template:\n    labels: { role: worker }\n    capacity: { cpu: \"2\", memory: 4Gi }\n  limits: { minNodes: 0, maxNodes: 5 }\n  scaleUp: { maxConcurrent: 5 }\n  scaleDown: { unneededFor: 5s, cooldown: 2s, maxConcurrent: 5, drainTimeout: 10s }\n";
+
+const WEB: &str = "/api/v1/namespaces/default/pods?labelSelector=app%3Dweb";
+
+/// Pending pods → nodes from the plugin → pods Running → the pods go → nodes gone. With
+/// `kill_mid_create`, the plugin is killed with SIGKILL while it creates the first node and
+/// started again once the breaker is open.
+fn scale_up_and_down_through(example: Example, kill_mid_create: bool) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let cp = ControlPlane::start(
+        POOL,
+        &format!("    plugins:\n      procs: {{ address: \"http://{addr}\" }}\n"),
+    );
+    let delay: &[&str] = if kill_mid_create {
+        &["--create-delay=2s"]
+    } else {
+        &[]
+    };
+    let mut first = plugin(&cp.sim, addr, example, delay);
+    // Six pods of 900m on 2-CPU nodes: two per node, three nodes.
+    kubectl(
+        &cp.sim.kubeconfig(),
+        &["apply", "-f", "-"],
+        &deployment_yaml("web", 6, "900m", "256Mi", None),
+    );
+    let _second = if kill_mid_create {
+        let creating = wait_for(Duration::from_secs(60), || {
+            first.logs().contains("creating ").then_some(())
+        });
+        assert!(
+            creating.is_some(),
+            "the decider asks for nodes\n{}\n{}",
+            first.logs(),
+            cp.logs()
+        );
+        first.kill();
+        let open = wait_for(Duration::from_secs(30), || {
+            cp.breaker_open("plugin:procs").then_some(())
+        });
+        assert!(open.is_some(), "the breaker opens\n{}", cp.logs());
+        let phases = cp.phases();
+        assert!(
+            !phases.is_empty() && phases.iter().all(|p| p == "Pending"),
+            "the claims wait: {phases:?}"
+        );
+        Some(plugin(&cp.sim, addr, example, &[]))
+    } else {
+        None
+    };
+    let plugin_logs = || {
+        format!(
+            "--- plugin\n{}\n{}",
+            _second.as_ref().unwrap_or(&first).logs(),
+            cp.logs()
+        )
+    };
+
+    let all = wait_for(Duration::from_secs(90), || {
+        (running_pods(cp.sim.addr(), WEB) == 6 && cp.phases().iter().all(|p| p == "Ready"))
+            .then_some(())
+    });
+    assert!(
+        all.is_some(),
+        "{example:?}: every pod runs: {} running; claims {:#?}\n{}",
+        running_pods(cp.sim.addr(), WEB),
+        cp.claims(),
+        plugin_logs()
+    );
+    let phases = cp.phases();
+    assert_eq!(phases, ["Ready", "Ready", "Ready"], "{:#?}", cp.claims());
+    assert_eq!(cp.instances("plugin:procs"), 3, "three plugin instances");
+    let nodes = sim_get(
+        cp.sim.addr(),
+        "/api/v1/nodes?labelSelector=shoal.dev%2Fpool%3Dprocs%2Crole%3Dworker",
+    );
+    assert_eq!(nodes["items"].as_array().map(Vec::len), Some(3), "{nodes}");
+
+    // The pods go: the nodes are drained and deleted, the plugin's processes with them.
+    kubectl(
+        &cp.sim.kubeconfig(),
+        &["scale", "deployment/web", "--replicas=0"],
+        "",
+    );
+    let gone = wait_for(Duration::from_secs(90), || {
+        let nodes = sim_get(
+            cp.sim.addr(),
+            "/api/v1/nodes?labelSelector=shoal.dev%2Fpool%3Dprocs",
+        );
+        (cp.phases().iter().all(|p| p == "Deleted")
+            && nodes["items"].as_array().is_some_and(|i| i.is_empty())
+            && cp.instances("plugin:procs") == 0)
+            .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "{example:?}: scaled down: claims {:#?}\n{}",
+        cp.claims(),
+        plugin_logs()
+    );
 }
 
 #[test]
-fn a_plugin_down_while_nodes_are_asked_for_is_waited_for_then_used_end_to_end() {
-    let etcd = EtcdServer::start();
-    let sim = SimServer::start(&["--node-grace-period=5s"]);
-    let store = EtcdReader::new(&etcd);
-    store.put_pool(
-        "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: procs }\nspec:\n  provider: { backend: \"plugin:procs\" }\n  template:\n    labels: { role: worker }\n    capacity: { cpu: \"2\", memory: 4Gi }\n  limits: { minNodes: 0, maxNodes: 5 }\n  scaleUp: { maxConcurrent: 5 }\n  scaleDown: { drainTimeout: 5s }\n",
-    );
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("provisioner.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "election: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends:\n    plugins:\n      procs: {{ address: \"http://{addr}\" }}\n  resilience: {{ callTimeout: 2s, attempts: 2, retryMinDelay: 50ms, retryMaxDelay: 200ms, breakerFailures: 3, breakerRecovery: 1s }}\n  nodeTtl: 60s\n  instanceCheckInterval: 1s\n  drainPollInterval: 200ms\n",
-            sim.kubeconfig().display()
-        ),
-    )
-    .expect("config");
-    // The plugin is down (killed) when the nodes are asked for.
-    let mut down = plugin(&sim, addr, false);
-    down.kill();
-    let mut p = Running::start(
-        "shoal-provisioner",
-        "plug-prov",
-        Some(&etcd),
-        &[&format!("--config={}", config.display())],
-        &[],
-    );
-    p.wait_ready();
-    let leads = wait_for(Duration::from_secs(15), || {
-        (p.metric("shoal_leader{service=\"provisioner\"}") == Some(1.0)).then_some(())
-    });
-    assert!(leads.is_some(), "{}", p.process.logs());
-    let op = call(
-        &p,
-        "CreateNodes",
-        json!({ "pool": "procs", "count": 2, "idempotencyKey": "k" }),
-    );
-    let open = wait_for(Duration::from_secs(20), || {
-        let s = call(&p, "GetBackendStatus", json!({}));
-        let open = s["backends"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|b| b["backend"] == "plugin:procs" && b["breaker"] == "BREAKER_STATE_OPEN");
-        open.then_some(s)
-    });
-    assert!(open.is_some(), "the breaker opens\n{}", p.process.logs());
-    let phases = |s: &EtcdReader| -> Vec<String> {
-        s.json_under("claims/")
-            .iter()
-            .map(|c| c["phase"].as_str().unwrap_or_default().to_string())
-            .collect()
-    };
-    assert_eq!(phases(&store), ["Pending", "Pending"], "the claims wait");
+fn the_python_plugin_killed_mid_create_is_waited_for_then_scales_up_and_down() {
+    scale_up_and_down_through(Example::Python, true);
+}
 
-    // Back: the claims complete.
-    let _up = plugin(&sim, addr, false);
-    let ready = wait_for(Duration::from_secs(40), || {
-        (phases(&store) == ["Ready", "Ready"]).then_some(())
-    });
-    assert!(
-        ready.is_some(),
-        "{:?}\n{}",
-        store.json_under("claims/"),
-        p.process.logs()
-    );
-    let done = call(&p, "GetOperation", json!({ "id": op["id"] }));
-    assert_eq!(done["state"], "OPERATION_STATE_SUCCEEDED", "{done}");
-    let nodes = shoal_e2e::sim_get(
-        sim.addr(),
-        "/api/v1/nodes?labelSelector=shoal.dev%2Fpool%3Dprocs",
-    );
-    assert_eq!(nodes["items"].as_array().map(Vec::len), Some(2), "{nodes}");
-    let info = call(&p, "ListInstances", json!({}));
-    assert_eq!(
-        info.to_string()
-            .matches("\"backend\":\"plugin:procs\"")
-            .count(),
-        2,
-        "{info}"
-    );
-
-    // Deleted: the plugin's processes go, and so do the Nodes.
-    let names: Vec<String> = store
-        .json_under("claims/")
-        .iter()
-        .filter_map(|c| c["nodeName"].as_str().map(String::from))
-        .collect();
-    let del = call(
-        &p,
-        "DeleteNodes",
-        json!({ "nodes": names, "idempotencyKey": "d" }),
-    );
-    let gone = wait_for(Duration::from_secs(30), || {
-        let op = call(&p, "GetOperation", json!({ "id": del["id"] }));
-        let nodes = shoal_e2e::sim_get(
-            sim.addr(),
-            "/api/v1/nodes?labelSelector=shoal.dev%2Fpool%3Dprocs",
-        );
-        (op["state"] == "OPERATION_STATE_SUCCEEDED"
-            && nodes["items"].as_array().is_some_and(|i| i.is_empty()))
-        .then_some(())
-    });
-    assert!(gone.is_some(), "{}", p.process.logs());
-    let listed = call(&p, "ListInstances", json!({}));
-    assert!(
-        !listed.to_string().contains("plugin:procs"),
-        "the plugin lists nothing: {listed}"
-    );
-    p.process.kill();
+#[test]
+fn the_rust_plugin_scales_up_and_down() {
+    scale_up_and_down_through(Example::Rust, false);
 }

@@ -415,3 +415,132 @@ pub fn node_claims(provisioner: &Running, pool: &str) -> Vec<serde_json::Value> 
     let v: serde_json::Value = serde_json::from_str(&out).expect("claims JSON");
     v["claims"].as_array().cloned().unwrap_or_default()
 }
+
+/// etcd, a simulator, and the metrics service, a leading provisioner and a decider, each its own
+/// process: `pool` (a NodePool document) in the store and in the decider's pool file, and
+/// `backends` (lines under `service.backends:`, indented four spaces) in the provisioner's config.
+pub struct ControlPlane {
+    /// etcd.
+    pub etcd: EtcdServer,
+    /// The simulator.
+    pub sim: shoal_testkit::SimServer,
+    /// etcd, read directly.
+    pub store: EtcdReader,
+    /// The provisioner.
+    pub provisioner: Running,
+    /// The decider.
+    pub decider: Running,
+    /// The metrics service.
+    pub metrics: Running,
+    _dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    /// Starts it all (see the type).
+    pub fn start(pool: &str, backends: &str) -> ControlPlane {
+        ControlPlane::start_with(pool, backends, &[])
+    }
+
+    /// [`ControlPlane::start`], with more environment for the provisioner (e.g. credentials).
+    pub fn start_with(pool: &str, backends: &str, env: &[(&str, &str)]) -> ControlPlane {
+        let etcd = EtcdServer::start();
+        let sim = shoal_testkit::SimServer::start(&["--node-grace-period=5s"]);
+        let store = EtcdReader::new(&etcd);
+        store.put_pool(pool);
+        let dir = tempfile::tempdir().expect("dir");
+        let config = dir.path().join("provisioner.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "election: {{ leaseTtl: 2s, recordInterval: 500ms }}\nservice:\n  kube: {{ kubeconfig: {} }}\n  backends:\n{backends}  resilience: {{ callTimeout: 5s, attempts: 2, retryMinDelay: 50ms, retryMaxDelay: 200ms, breakerFailures: 3, breakerRecovery: 1s }}\n  nodeTtl: 60s\n  instanceCheckInterval: 1s\n  drainPollInterval: 200ms\n",
+                sim.kubeconfig().display()
+            ),
+        )
+        .expect("config");
+        let pools = dir.path().join("pools.yaml");
+        std::fs::write(&pools, pool).expect("pool file");
+        let kube = format!(
+            "--set=service.kube.kubeconfig={}",
+            sim.kubeconfig().display()
+        );
+        let mut metrics = Running::start("shoal-metrics", "plug-metrics", None, &[&kube], &[]);
+        metrics.wait_ready();
+        let mut provisioner = Running::start(
+            "shoal-provisioner",
+            "plug-prov",
+            Some(&etcd),
+            &[&format!("--config={}", config.display())],
+            env,
+        );
+        provisioner.wait_ready();
+        let leads = wait_for(Duration::from_secs(15), || {
+            (provisioner.metric("shoal_leader{service=\"provisioner\"}") == Some(1.0)).then_some(())
+        });
+        assert!(leads.is_some(), "{}", provisioner.process.logs());
+        let mut decider = Running::start(
+            "shoal-decider",
+            "plug-decider",
+            Some(&etcd),
+            &[
+                &format!("--set=service.metricsAddr=http://{}", metrics.grpc),
+                &format!("--set=service.provisionerAddr=http://{}", provisioner.grpc),
+                &format!("--set=service.poolFiles={}", pools.display()),
+                "--set=election.leaseTtl=3s",
+            ],
+            &[],
+        );
+        decider.wait_ready();
+        ControlPlane {
+            etcd,
+            sim,
+            store,
+            provisioner,
+            decider,
+            metrics,
+            _dir: dir,
+        }
+    }
+
+    /// Every claim in the store.
+    pub fn claims(&self) -> Vec<serde_json::Value> {
+        self.store.json_under("claims/")
+    }
+
+    /// Every claim's phase.
+    pub fn phases(&self) -> Vec<String> {
+        self.claims()
+            .iter()
+            .map(|c| c["phase"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// How many instances the provisioner lists on `backend`.
+    pub fn instances(&self, backend: &str) -> usize {
+        let listed = provisioner_call(&self.provisioner, "ListInstances", serde_json::json!({}));
+        listed["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["backend"] == backend)
+            .count()
+    }
+
+    /// Whether `backend`'s circuit breaker is open.
+    pub fn breaker_open(&self, backend: &str) -> bool {
+        let s = provisioner_call(&self.provisioner, "GetBackendStatus", serde_json::json!({}));
+        s["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|b| b["backend"] == backend && b["breaker"] == "BREAKER_STATE_OPEN")
+    }
+
+    /// The decider's and the provisioner's logs.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- decider\n{}\n--- provisioner\n{}",
+            self.decider.process.logs(),
+            self.provisioner.process.logs()
+        )
+    }
+}

@@ -13,7 +13,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "provider",
         "audit",
     ]
-    .map(|name| proto_root.join(format!("shoal/v1/{name}.proto")));
+    .map(|name| proto_root.join(format!("shoal/v1/{name}.proto")))
+    .into_iter()
+    // Cluster Autoscaler's externalgrpc protocol, and the part of a v1.Node its template needs.
+    .chain(
+        ["cloudprovider", "k8s_node"]
+            .map(|name| proto_root.join(format!("externalgrpc/{name}.proto"))),
+    )
+    .collect::<Vec<_>>();
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }

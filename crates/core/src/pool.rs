@@ -888,7 +888,10 @@ impl Pool {
         let default_spec = pb::NodePoolSpec::default();
         let spec = pool.spec.as_ref().unwrap_or(&default_spec);
         let provider = spec.provider.clone().unwrap_or_default();
-        let plugin = provider.backend.strip_prefix("plugin:");
+        let plugin = provider
+            .backend
+            .strip_prefix("plugin:")
+            .or_else(|| provider.backend.strip_prefix("externalgrpc:"));
         if let Some(name) = plugin {
             let valid = !name.is_empty()
                 && name.len() <= 63
@@ -910,7 +913,7 @@ impl Pool {
             errors.add(
                 "spec.provider.backend",
                 format!(
-                    "{:?} is not a backend this build has (it has: {}, and plugin:<name>)",
+                    "{:?} is not a backend this build has (it has: {}, plugin:<name> and externalgrpc:<name>)",
                     provider.backend,
                     BACKENDS.join(", ")
                 ),
@@ -1548,7 +1551,7 @@ spec:
         assert!(text.contains("5 is above maxNodes (3)"), "{text}");
         assert!(
             text.contains(
-                "\"openstack\" is not a backend this build has (it has: docker, proxmox, sim, and plugin:<name>)"
+                "\"openstack\" is not a backend this build has (it has: docker, proxmox, sim, plugin:<name> and externalgrpc:<name>)"
             ),
             "{text}"
         );
@@ -1603,7 +1606,7 @@ spec:
         assert!(at("spec.scaleDown.cooldown").contains("25h is longer"));
         assert_eq!(
             at("spec.provider.backend"),
-            "\"aws\" is not a backend this build has (it has: docker, proxmox, sim, and plugin:<name>)"
+            "\"aws\" is not a backend this build has (it has: docker, proxmox, sim, plugin:<name> and externalgrpc:<name>)"
         );
         assert!(
             paths(&pool("maxNodes: 10000, minNodes: 0", "", "sim")).is_empty(),
@@ -1628,6 +1631,8 @@ spec:
             "{bad}"
         );
         assert!(pool("plugin:").is_err());
+        assert!(pool("externalgrpc:ca-plugin").is_ok());
+        assert!(pool("externalgrpc:").is_err());
     }
 
     #[test]

@@ -170,6 +170,36 @@ impl NodeOps {
         }
     }
 
+    /// Finds the Node whose `spec.providerID` is `provider_id` and merges `labels` into its
+    /// labels (nodes from backends that cannot label them, found by what their cloud calls them).
+    /// Returns the Node's name; `None` while no Node reports that id.
+    pub async fn label_by_provider_id(
+        &self,
+        provider_id: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<String>, KubeError> {
+        // The API cannot select on spec.providerID: list and look.
+        let list = self.nodes().list(&ListParams::default()).await?;
+        let Some(name) = list
+            .items
+            .iter()
+            .find(|n| n.spec.as_ref().and_then(|s| s.provider_id.as_deref()) == Some(provider_id))
+            .and_then(|n| n.metadata.name.clone())
+        else {
+            return Ok(None);
+        };
+        let patch = json!({ "metadata": { "labels": labels } });
+        match self
+            .nodes()
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(Some(name)),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Deletes the Node object; absent is fine.
     pub async fn delete(&self, name: &str) -> Result<(), KubeError> {
         match self.nodes().delete(name, &DeleteParams::default()).await {

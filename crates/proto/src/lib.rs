@@ -7,7 +7,19 @@ pub mod v1 {
     tonic::include_proto!("shoal.v1");
 }
 
-/// Encoded `FileDescriptorSet` of every `shoal.v1` file, for tonic-reflection.
+/// Cluster Autoscaler's `clusterautoscaler.cloudprovider.v1.externalgrpc` protocol (Shoal's own
+/// wire-compatible definition): the `CloudProvider` client and server.
+pub mod externalgrpc {
+    tonic::include_proto!("clusterautoscaler.cloudprovider.v1.externalgrpc");
+}
+
+/// The part of Kubernetes' protobuf encoding of a `core/v1` Node that template nodes need.
+pub mod k8s {
+    tonic::include_proto!("shoal.k8s.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every `shoal.v1` file and the externalgrpc protocol, for
+/// tonic-reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("shoal_v1_descriptor");
 
 /// Fully qualified gRPC service names, as health checks and reflection know them.
@@ -26,4 +38,6 @@ pub mod service_names {
     pub const NODE_PROVIDER: &str = "shoal.v1.NodeProvider";
     /// `shoal.v1.AuditService`
     pub const AUDIT: &str = "shoal.v1.AuditService";
+    /// Cluster Autoscaler's external gRPC cloud provider.
+    pub const EXTERNAL_GRPC: &str = "clusterautoscaler.cloudprovider.v1.externalgrpc.CloudProvider";
 }

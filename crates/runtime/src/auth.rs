@@ -81,6 +81,19 @@ pub fn required_role(path: &str) -> Role {
         {
             Role::Viewer
         }
+        // Cluster Autoscaler's externalgrpc reads (its IncreaseSize, DeleteNodes and
+        // DecreaseTargetSize change nodes: admin, like CreateNodes).
+        "NodeGroups"
+        | "NodeGroupForNode"
+        | "NodeGroupTargetSize"
+        | "NodeGroupNodes"
+        | "NodeGroupTemplateNodeInfo"
+        | "NodeGroupGetOptions"
+        | "PricingNodePrice"
+        | "PricingPodPrice"
+        | "GPULabel"
+        | "Refresh"
+        | "Cleanup" => Role::Viewer,
         _ => Role::Admin,
     }
 }
@@ -88,7 +101,8 @@ pub fn required_role(path: &str) -> Role {
 /// Whether a method changes something (audited): Shoal's own methods above `viewer` (all
 /// unary), not health, reflection or reading the audit log.
 pub fn is_mutating(path: &str) -> bool {
-    path.starts_with("/shoal.v1.")
+    (path.starts_with("/shoal.v1.")
+        || path.starts_with("/clusterautoscaler.cloudprovider.v1.externalgrpc."))
         && required_role(path) > Role::Viewer
         && !path.ends_with("/ListAudit")
 }
@@ -719,6 +733,16 @@ mod tests {
             Role::Admin
         );
         assert!(is_mutating("/shoal.v1.PoolService/DeletePool"));
+        // Cluster Autoscaler's protocol: reads for viewers; changing sizes is admin and audited.
+        let ca = "/clusterautoscaler.cloudprovider.v1.externalgrpc.CloudProvider";
+        assert_eq!(required_role(&format!("{ca}/NodeGroupNodes")), Role::Viewer);
+        assert_eq!(required_role(&format!("{ca}/Refresh")), Role::Viewer);
+        assert_eq!(
+            required_role(&format!("{ca}/NodeGroupIncreaseSize")),
+            Role::Admin
+        );
+        assert!(is_mutating(&format!("{ca}/NodeGroupDeleteNodes")));
+        assert!(!is_mutating(&format!("{ca}/NodeGroupTargetSize")));
         assert!(!is_mutating("/shoal.v1.AuditService/ListAudit"));
         assert!(!is_mutating("/shoal.v1.PoolService/ListPools"));
         // A stream is never buffered for the audit log.

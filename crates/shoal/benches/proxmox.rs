@@ -95,6 +95,7 @@ fn play_guests(
                     taints,
                     heartbeat_interval: Duration::from_secs(5),
                     pod_start_delay: Duration::from_millis(200),
+                    provider_id: String::new(),
                 };
                 started.lock().expect("lock").insert(vmid);
                 runtime.spawn(shoal_sim::agent::run(agent, stop.clone()));

@@ -31,6 +31,8 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Bound pod → Running.
     pub pod_start_delay: Duration,
+    /// `spec.providerID` to register with (empty: none).
+    pub provider_id: String,
 }
 
 /// Why the agent stopped.
@@ -88,6 +90,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         "spec": { "taints": taints },
         "status": { "capacity": capacity, "allocatable": capacity },
     });
+    let mut node = node;
+    if !config.provider_id.is_empty() {
+        node["spec"]["providerID"] = json!(config.provider_id);
+    }
     // Register, retrying while the API server is unreachable.
     loop {
         match http

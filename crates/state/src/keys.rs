@@ -60,6 +60,12 @@ pub fn reserved_id(backend: &str, id: &str) -> String {
     format!("ids/{backend}/{id}")
 }
 
+/// `backends/<backend>/<key>`: what a backend must remember itself (e.g. which instance of a
+/// Cluster Autoscaler node group realises which claim).
+pub fn backend_record(backend: &str, key: &str) -> String {
+    format!("backends/{backend}/{key}")
+}
+
 /// `idempotency/<key>`: the operation created for a caller's idempotency key.
 pub fn idempotency(key: &str) -> String {
     format!("idempotency/{key}")

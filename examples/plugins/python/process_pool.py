@@ -34,15 +34,14 @@ import grpc
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def die_with_parent():
-    """Linux: the node process gets SIGKILL when this plugin dies (a plugin killed -9 must not
-    leave its nodes running unseen)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 VERSION = "0.1.0"
+
+
+def seconds(text):
+    """A duration: "2s", "500ms" or plain seconds."""
+    if text.endswith("ms"):
+        return float(text[:-2]) / 1000
+    return float(text[:-1] if text.endswith("s") else text)
 
 
 def load_stubs(proto_root):
@@ -77,13 +76,21 @@ def make_servicer(pb, pb_grpc, common, args):
         def __init__(self):
             self.lock = threading.Lock()
             self.by_claim = {}  # claim id -> instance record
+            self.logs = tempfile.mkdtemp(prefix="process-pool-")
 
         def Describe(self, request, context):
             return pb.ProviderInfo(name="process-pool/" + VERSION, classes=["default"],
                                    capabilities=["node-names", "idempotent-by-claim"])
 
         def _instance(self, rec):
-            state = "running" if rec["proc"].poll() is None else "exited"
+            code = rec["proc"].poll()
+            state = "running" if code is None else "exited"
+            if code is not None and not rec.get("reported"):
+                rec["reported"] = True
+                with open(rec["log"], errors="replace") as f:
+                    tail = f.read()[-2000:]
+                print("instance %s (node %s) exited with %s:\n%s" % (rec["id"], rec["name"], code, tail),
+                      flush=True)
             return common.Instance(id=rec["id"], pool=rec["pool"], claim_id=rec["claim"], state=state,
                                    labels=rec["labels"], node_name=rec["name"])
 
@@ -102,21 +109,28 @@ def make_servicer(pb, pb_grpc, common, args):
                 with self.lock:
                     rec = None if args.misbehave else self.by_claim.get(spec.claim_id)
                     if rec is None:
+                        print("creating %s for claim %s" % (spec.node_name, spec.claim_id), flush=True)
+                        time.sleep(args.create_delay)
                         cpu = "%dm" % (spec.capacity.cpu_millis or 1000)
                         memory = "%d" % (spec.capacity.memory_bytes or (1 << 30))
+                        # --exit-with-parent: the node dies with this plugin, even on SIGKILL.
                         cmd = [args.sim_binary, "agent", "--api", args.api, "--name", spec.node_name,
-                               "--cpu", cpu, "--memory", memory, "--heartbeat-interval", "2s"]
+                               "--cpu", cpu, "--memory", memory, "--heartbeat-interval", "2s",
+                               "--exit-with-parent"]
                         for key, value in sorted(spec.labels.items()):
                             cmd += ["--label", "%s=%s" % (key, value)]
                         for taint in spec.startup_taints:
                             cmd += ["--taint", taint_flag(taint, common)]
+                        instance_id = "proc-" + uuid.uuid4().hex[:12]
+                        log = os.path.join(self.logs, instance_id + ".log")
                         try:
-                            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                                    preexec_fn=die_with_parent)
+                            with open(log, "wb") as out_file:
+                                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out_file,
+                                                        stderr=subprocess.STDOUT)
                         except OSError as e:
                             context.abort(grpc.StatusCode.UNAVAILABLE, "cannot start the node process: %s" % e)
-                        rec = {"id": "proc-" + uuid.uuid4().hex[:12], "claim": spec.claim_id, "pool": request.pool,
-                               "name": spec.node_name, "labels": dict(spec.labels), "proc": proc}
+                        rec = {"id": instance_id, "claim": spec.claim_id, "pool": request.pool,
+                               "name": spec.node_name, "labels": dict(spec.labels), "proc": proc, "log": log}
                         key = spec.claim_id + ("/" + rec["id"] if args.misbehave else "")
                         self.by_claim[key] = rec
                     out.instances.append(self._instance(rec))
@@ -159,6 +173,8 @@ def main():
     parser.add_argument("--api", required=True, help="the simulator's API, http://host:port")
     parser.add_argument("--sim-binary", default="shoal-sim")
     parser.add_argument("--proto-root", default=os.path.join(HERE, "..", "..", "..", "proto"))
+    parser.add_argument("--create-delay", type=seconds, default=0.0,
+                        help="how long (e.g. 2s, 500ms) to wait before starting each new node process (a slow cloud API)")
     parser.add_argument("--misbehave", action="store_true",
                         help="break the contract on purpose (to see `shoal plugin check` fail): a new "
                              "instance per Create, no INVALID_ARGUMENT, deleting a missing instance fails")

@@ -27,7 +27,7 @@ pub struct ProvisionerApi {
     pub provisioner: Arc<Provisioner>,
 }
 
-fn status(err: RequestError) -> Status {
+pub(crate) fn status(err: RequestError) -> Status {
     match err {
         RequestError::Invalid { field, reason } => {
             let mut errors = ValidationErrors::default();

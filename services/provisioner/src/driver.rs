@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    backend::ProviderError,
+    backend::{CLAIM_LABEL, CLUSTER_LABEL, POOL_LABEL, ProviderError},
     drain::DrainError,
     lifecycle::{DISRUPTED_TAINT, Provisioner, retry_in_term},
     store,
@@ -375,7 +375,7 @@ impl Provisioner {
                                     id,
                                     ClaimPhase::Registered,
                                     "node registered",
-                                    |_| {},
+                                    |c| c.node_name.clone_from(&view.name),
                                 )
                                 .await?;
                             continue;
@@ -401,7 +401,7 @@ impl Provisioner {
                                     id,
                                     ClaimPhase::Ready,
                                     "node Ready",
-                                    |_| {},
+                                    |c| c.node_name.clone_from(&view.name),
                                 )
                                 .await?;
                             if claim.phase == ClaimPhase::Ready {
@@ -435,6 +435,28 @@ impl Provisioner {
                                 return self
                                     .roll_back(leadership, &claim, &why, "boot_failed", term)
                                     .await;
+                            }
+                            // A backend that cannot label its nodes names the providerID they
+                            // report: find that Node and give it the claim's labels.
+                            Ok(Some(i)) if !i.provider_id.is_empty() && node.borrow().is_none() => {
+                                let mut labels =
+                                    pool.map(|p| self.ownership(p)).unwrap_or_default();
+                                labels.insert(CLUSTER_LABEL.into(), self.cluster.clone());
+                                labels.insert(POOL_LABEL.into(), claim.pool.clone());
+                                labels.insert(CLAIM_LABEL.into(), claim.id.clone());
+                                match self
+                                    .kube
+                                    .label_by_provider_id(&i.provider_id, &labels)
+                                    .await
+                                {
+                                    Ok(Some(name)) => {
+                                        tracing::info!(claim = id, node = %name, provider_id = %i.provider_id, "labelled the node its backend started")
+                                    }
+                                    Ok(None) => {}
+                                    Err(e) => {
+                                        tracing::warn!(claim = id, provider_id = %i.provider_id, error = %e, "cannot label the node yet")
+                                    }
+                                }
                             }
                             _ => {}
                         }

@@ -7,6 +7,7 @@ mod api;
 pub mod backend;
 mod drain;
 mod driver;
+pub mod externalgrpc;
 pub mod guard;
 pub mod lifecycle;
 pub mod nodes;
@@ -19,7 +20,10 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use shoal_kube::KubeSettings;
-use shoal_proto::{service_names, v1::provisioner_service_server::ProvisionerServiceServer};
+use shoal_proto::{
+    externalgrpc::cloud_provider_server::CloudProviderServer, service_names,
+    v1::provisioner_service_server::ProvisionerServiceServer,
+};
 use shoal_runtime::{Config, Host, HostError, ServiceSettings, ValidationErrors, validate_address};
 use shoal_state::{PrefixCache, keys, records::Retention};
 use tokio_util::sync::CancellationToken;
@@ -63,6 +67,10 @@ pub struct Backends {
     /// Out-of-tree `shoal.v1.NodeProvider` servers; a pool names one as `plugin:<name>`.
     #[serde(default)]
     pub plugins: BTreeMap<String, backend::plugin::PluginBackend>,
+    /// Cluster Autoscaler externalgrpc plugins; a pool names one as `externalgrpc:<name>` and
+    /// one of its node groups as `provider.class`.
+    #[serde(default)]
+    pub external_grpc: BTreeMap<String, backend::externalgrpc::ExternalGrpcBackend>,
 }
 
 /// Methods only the leader carries out; a standby forwards them to it.
@@ -139,6 +147,10 @@ pub struct ProvisionerSettings {
     /// Retention of finished records.
     #[serde(default)]
     pub retention: RetentionSettings,
+    /// Also serve Cluster Autoscaler's externalgrpc `CloudProvider` (node groups = pools), so a
+    /// stock Cluster Autoscaler can drive this provisioner's backends.
+    #[serde(default)]
+    pub external_grpc: bool,
 }
 
 fn default_ttl() -> Duration {
@@ -161,6 +173,7 @@ impl Default for ProvisionerSettings {
             instance_check_interval: default_check(),
             drain_poll_interval: default_poll(),
             retention: RetentionSettings::default(),
+            external_grpc: false,
         }
     }
 }
@@ -187,6 +200,16 @@ impl ServiceSettings for ProvisionerSettings {
         }
         for (name, plugin) in &self.backends.plugins {
             let path = format!("service.backends.plugins.{name}");
+            if !backend::plugin::valid_name(name) {
+                errors.add(
+                    path.clone(),
+                    format!("{name:?} is not a plugin name (lower-case letters, digits and -)"),
+                );
+            }
+            plugin.validate(&path, errors);
+        }
+        for (name, plugin) in &self.backends.external_grpc {
+            let path = format!("service.backends.externalGrpc.{name}");
             if !backend::plugin::valid_name(name) {
                 errors.add(
                     path.clone(),
@@ -222,6 +245,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), HostError> {
     let settings = config.service.clone();
+    let external_grpc = settings.external_grpc;
     let Some(mut host) = Host::start(config, &shutdown).await? else {
         return Ok(());
     };
@@ -276,6 +300,19 @@ pub async fn serve(
         provider.describe_in_background(Duration::from_secs(30));
         providers.insert(backend::plugin::backend_name(name), provider);
     }
+    for (name, plugin) in &settings.backends.external_grpc {
+        let provider =
+            backend::externalgrpc::ExternalGrpcProvider::new(name, plugin, store.clone()).map_err(
+                |e| HostError::Dependency {
+                    what: "externalgrpc backend",
+                    message: e.to_string(),
+                },
+            )?;
+        providers.insert(
+            backend::externalgrpc::backend_name(name),
+            Arc::new(provider),
+        );
+    }
     let backends = providers
         .into_iter()
         .map(|(name, provider)| {
@@ -322,12 +359,17 @@ pub async fn serve(
         }
     });
     host.leader_only(&[leader_only::REPAIR]);
-    let routes = Routes::new(ProvisionerServiceServer::new(api::ProvisionerApi {
-        provisioner,
+    let mut names = vec![service_names::PROVISIONER];
+    let mut routes = Routes::new(ProvisionerServiceServer::new(api::ProvisionerApi {
+        provisioner: provisioner.clone(),
     }));
-    let result = host
-        .serve(routes, &[service_names::PROVISIONER], shutdown)
-        .await;
+    if external_grpc {
+        routes = routes.add_service(CloudProviderServer::new(externalgrpc::CloudProviderApi {
+            provisioner,
+        }));
+        names.push(service_names::EXTERNAL_GRPC);
+    }
+    let result = host.serve(routes, &names, shutdown).await;
     tasks.cancel();
     result
 }

@@ -23,6 +23,8 @@ pub struct NodeView {
     pub ready: bool,
     /// Taint keys.
     pub taints: Vec<String>,
+    /// `spec.providerID` (empty when the node reports none).
+    pub provider_id: String,
 }
 
 /// Nodes by claim id.
@@ -59,6 +61,11 @@ fn view(node: &Node) -> Option<(String, NodeView)> {
                 .as_ref()
                 .and_then(|s| s.taints.as_ref())
                 .map(|t| t.iter().map(|t| t.key.clone()).collect())
+                .unwrap_or_default(),
+            provider_id: node
+                .spec
+                .as_ref()
+                .and_then(|s| s.provider_id.clone())
                 .unwrap_or_default(),
         },
     ))

@@ -373,10 +373,23 @@ impl ClaimStore {
     ) -> Result<NodeClaim, Error> {
         for _ in 0..20 {
             let (mut claim, revision) = self.claim(id).await?;
+            let reserved = claim.node_name.clone();
             if !edit(&mut claim) {
                 return Ok(claim);
             }
             let mut success = vec![records::put_claim(&claim)];
+            // The node registered under a name of its backend's choosing: the reservation
+            // moves with it.
+            if claim.node_name != reserved {
+                success.push(records::delete_reservation(&claim.backend, &reserved));
+                if !claim.phase.is_terminal() {
+                    success.push(records::put_reservation(
+                        &claim.backend,
+                        &claim.node_name,
+                        &claim.id,
+                    ));
+                }
+            }
             if claim.phase.is_terminal() {
                 success.push(records::delete_reservation(
                     &claim.backend,

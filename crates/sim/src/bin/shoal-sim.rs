@@ -70,6 +70,13 @@ enum Command {
         /// Lease renewal interval.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         heartbeat_interval: Duration,
+        /// Node `spec.providerID`, e.g. `fake://i-123` (how a cloud names its instance).
+        #[arg(long, default_value = "")]
+        provider_id: String,
+        /// Exit when the process that started this one exits (a plugin's nodes die with it, even
+        /// when it is killed with SIGKILL).
+        #[arg(long)]
+        exit_with_parent: bool,
     },
 }
 
@@ -135,6 +142,8 @@ fn main() -> ExitCode {
             labels,
             taints,
             heartbeat_interval,
+            provider_id,
+            exit_with_parent,
         } => {
             let mut label_map = std::collections::BTreeMap::new();
             for label in labels {
@@ -158,10 +167,14 @@ fn main() -> ExitCode {
                 taints,
                 heartbeat_interval,
                 pod_start_delay: Duration::from_millis(200),
+                provider_id,
             };
             runtime.block_on(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
+                if exit_with_parent {
+                    tokio::spawn(stop_when_orphaned(shutdown.clone()));
+                }
                 match shoal_sim::agent::run(config, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(err) => {
@@ -172,6 +185,25 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// Cancels `shutdown` once this process is re-parented (its parent exited, however it died).
+async fn stop_when_orphaned(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        let parent = std::os::unix::process::parent_id();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            if parent == 1 || std::os::unix::process::parent_id() != parent {
+                tracing::info!(parent, "the parent process exited; stopping");
+                shutdown.cancel();
+                return;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

@@ -3,6 +3,7 @@
 //! can always answer "which instances are ours" — after a crash too.
 
 pub mod docker;
+pub mod externalgrpc;
 pub mod plugin;
 pub mod proxmox;
 pub mod sim;
