@@ -89,7 +89,7 @@ fn pools_are_validated_and_evaluate_explains_a_json_snapshot() {
     // not have are refused, each with its field path (and the backends it does have).
     let absurd = GENERAL
         .replace("maxNodes: 10", "maxNodes: 100000000")
-        .replace("backend: sim", "backend: aws")
+        .replace("backend: sim", "backend: gcp")
         + "  scaleUp: { cooldown: 87600000h }\n";
     let body = serde_json::json!({ "yaml": absurd }).to_string();
     let out = grpcurl(&[
@@ -104,7 +104,7 @@ fn pools_are_validated_and_evaluate_explains_a_json_snapshot() {
     for expected in [
         "spec.limits.maxNodes: 100000000 is not between 1 and 10000",
         "spec.scaleUp.cooldown: 3650000d is longer than the most allowed, 1d",
-        "spec.provider.backend: \"aws\" is not a backend this build has (it has: docker, proxmox, sim, plugin:<name> and externalgrpc:<name>)",
+        "spec.provider.backend: \"gcp\" is not a backend this build has (it has: aws, docker, proxmox, sim, plugin:<name> and externalgrpc:<name>)",
     ] {
         assert!(stderr.contains(expected), "{expected:?} in {stderr}");
     }

@@ -23,7 +23,7 @@ use crate::{
 /// `apiVersion` of NodePool documents.
 pub const API_VERSION: &str = "shoal.dev/v1alpha1";
 /// Backends this build has; a pool naming another is refused.
-pub const BACKENDS: [&str; 3] = ["docker", "proxmox", "sim"];
+pub const BACKENDS: [&str; 4] = ["aws", "docker", "proxmox", "sim"];
 /// Pod slots of a node whose template does not say.
 pub const DEFAULT_PODS: i64 = 110;
 /// Default `scaleUp.batchSize`: the nodes one decision may add to a pool. Large, so a burst is
@@ -1551,7 +1551,7 @@ spec:
         assert!(text.contains("5 is above maxNodes (3)"), "{text}");
         assert!(
             text.contains(
-                "\"openstack\" is not a backend this build has (it has: docker, proxmox, sim, plugin:<name> and externalgrpc:<name>)"
+                "\"openstack\" is not a backend this build has (it has: aws, docker, proxmox, sim, plugin:<name> and externalgrpc:<name>)"
             ),
             "{text}"
         );
@@ -1578,7 +1578,7 @@ spec:
         let found = paths(&pool(
             "maxNodes: 100000000, minNodes: 200000",
             "  scaleUp: { cooldown: 87600000h, maxConcurrent: 5000, batchSize: 20000 }\n  scaleDown: { unneededFor: 720h, drainTimeout: 48h, cooldown: 25h }\n",
-            "aws",
+            "gcp",
         ));
         let at = |path: &str| {
             found
@@ -1606,7 +1606,7 @@ spec:
         assert!(at("spec.scaleDown.cooldown").contains("25h is longer"));
         assert_eq!(
             at("spec.provider.backend"),
-            "\"aws\" is not a backend this build has (it has: docker, proxmox, sim, plugin:<name> and externalgrpc:<name>)"
+            "\"gcp\" is not a backend this build has (it has: aws, docker, proxmox, sim, plugin:<name> and externalgrpc:<name>)"
         );
         assert!(
             paths(&pool("maxNodes: 10000, minNodes: 0", "", "sim")).is_empty(),

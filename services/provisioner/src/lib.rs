@@ -64,6 +64,9 @@ pub struct Backends {
     /// Proxmox VE VMs cloned from templates.
     #[serde(default)]
     pub proxmox: Option<backend::proxmox::config::ProxmoxBackend>,
+    /// AWS EC2 instances.
+    #[serde(default)]
+    pub aws: Option<backend::aws::config::AwsBackend>,
     /// Out-of-tree `shoal.v1.NodeProvider` servers; a pool names one as `plugin:<name>`.
     #[serde(default)]
     pub plugins: BTreeMap<String, backend::plugin::PluginBackend>,
@@ -198,6 +201,9 @@ impl ServiceSettings for ProvisionerSettings {
         if let Some(proxmox) = &self.backends.proxmox {
             proxmox.validate("service.backends.proxmox", errors);
         }
+        if let Some(aws) = &self.backends.aws {
+            aws.validate("service.backends.aws", errors);
+        }
         for (name, plugin) in &self.backends.plugins {
             let path = format!("service.backends.plugins.{name}");
             if !backend::plugin::valid_name(name) {
@@ -289,6 +295,10 @@ pub async fn serve(
                 message: e.to_string(),
             })?;
         providers.insert(backend::proxmox::BACKEND.into(), Arc::new(provider));
+    }
+    if let Some(aws) = &settings.backends.aws {
+        let provider = backend::aws::AwsProvider::new(aws.clone()).await;
+        providers.insert(backend::aws::BACKEND.into(), Arc::new(provider));
     }
     for (name, plugin) in &settings.backends.plugins {
         let provider = Arc::new(backend::plugin::PluginProvider::new(name, plugin).map_err(

@@ -35,7 +35,22 @@ pub fn start(
     etcd: &str,
     extra: &[String],
 ) -> Service {
+    start_with_env(bench, service, grpc, admin, etcd, extra, &[])
+}
+
+/// [`start`] with more environment (e.g. credentials).
+#[allow(dead_code)]
+pub fn start_with_env(
+    bench: &str,
+    service: &str,
+    grpc: u16,
+    admin: u16,
+    etcd: &str,
+    extra: &[String],
+    env: &[(&str, &str)],
+) -> Service {
     let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .envs(env.iter().copied())
         .args(["run", service])
         .env("SHOAL_GRPC__PLAINTEXT", "true")
         .arg(format!("--grpc-addr=127.0.0.1:{grpc}"))

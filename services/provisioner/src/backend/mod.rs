@@ -2,6 +2,7 @@
 //! the ownership labels `shoal.dev/cluster`, `shoal.dev/pool` and `shoal.dev/claim`, so a backend
 //! can always answer "which instances are ours" — after a crash too.
 
+pub mod aws;
 pub mod docker;
 pub mod externalgrpc;
 pub mod plugin;
