@@ -40,17 +40,18 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   done
 fi
 
-# fakepve (a stateful fake of the Proxmox VE API) for the proxmox backend's tests, and grpcio with
-# grpcio-tools for the Python plugin example, in a venv of our own so nothing touches the system
-# Python; the tests find it at $SHOAL_VENV.
+# fakepve (a stateful fake of the Proxmox VE API) for the proxmox backend's tests, moto's EC2
+# server (with boto3) for the aws backend's, and grpcio with grpcio-tools for the Python plugins,
+# in a venv of our own so nothing touches the system Python; the tests find it at $SHOAL_VENV.
 venv="${SHOAL_VENV:-$HOME/.cache/shoal/venv}"
-if ! "$venv/bin/python" -c 'import fakepve, cryptography, grpc, grpc_tools' >/dev/null 2>&1; then
-  echo "install-deps: fakepve, cryptography, grpcio and grpcio-tools into $venv"
+modules='import fakepve, cryptography, grpc, grpc_tools, moto.server, boto3'
+if ! "$venv/bin/python" -c "$modules" >/dev/null 2>&1; then
+  echo "install-deps: fakepve, moto[server], cryptography, grpcio and grpcio-tools into $venv"
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'fakepve==0.5.*' 'cryptography>=42' 'grpcio>=1.60' 'grpcio-tools>=1.60'
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'fakepve==0.5.*' 'moto[server]==5.1.*' 'cryptography>=42' 'grpcio>=1.60' 'grpcio-tools>=1.60'
 fi
-"$venv/bin/python" -c 'import fakepve, cryptography, grpc, grpc_tools' || { echo "install-deps: fakepve or grpcio is still missing from $venv" >&2; exit 1; }
-printf 'install-deps: %-10s %s\n' fakepve "$venv"
+"$venv/bin/python" -c "$modules" || { echo "install-deps: fakepve, moto or grpcio is still missing from $venv" >&2; exit 1; }
+printf 'install-deps: %-10s %s\n' "fakepve, moto" "$venv"
 
 for tool in protoc etcd prometheus grpcurl; do
   if command -v "$tool" >/dev/null 2>&1; then
