@@ -170,16 +170,22 @@ impl NodeOps {
         }
     }
 
-    /// Finds the Node whose `spec.providerID` is `provider_id` and merges `labels` into its
-    /// labels (nodes from backends that cannot label them, found by what their cloud calls them).
-    /// Returns the Node's name; `None` while no Node reports that id.
+    /// Finds the Node whose `spec.providerID` is `provider_id` among those without the label
+    /// `unclaimed_by` and merges `labels` into its labels (nodes from backends that cannot label
+    /// them, found by what their cloud calls them). Returns the Node's name; `None` while no such
+    /// Node reports that id.
     pub async fn label_by_provider_id(
         &self,
         provider_id: &str,
+        unclaimed_by: &str,
         labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<Option<String>, KubeError> {
-        // The API cannot select on spec.providerID: list and look.
-        let list = self.nodes().list(&ListParams::default()).await?;
+        // The API cannot select on spec.providerID: list the nodes not labelled yet and look.
+        let unclaimed = format!("!{unclaimed_by}");
+        let list = self
+            .nodes()
+            .list(&ListParams::default().labels(&unclaimed))
+            .await?;
         let Some(name) = list
             .items
             .iter()

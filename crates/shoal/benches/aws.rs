@@ -93,7 +93,7 @@ fn play_machines(
         let started: Arc<Mutex<BTreeSet<String>>> = Arc::default();
         let mut first_seen: BTreeMap<String, Instant> = BTreeMap::new();
         while !stop.is_cancelled() {
-            let instances: Vec<Value> = match http_get(moto, "/_shoal/instances") {
+            let instances: Vec<Value> = match http_get(moto, "/_shoal/instances?brief") {
                 Ok((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
                 _ => Vec::new(),
             };

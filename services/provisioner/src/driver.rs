@@ -446,7 +446,7 @@ impl Provisioner {
                                 labels.insert(CLAIM_LABEL.into(), claim.id.clone());
                                 match self
                                     .kube
-                                    .label_by_provider_id(&i.provider_id, &labels)
+                                    .label_by_provider_id(&i.provider_id, CLAIM_LABEL, &labels)
                                     .await
                                 {
                                     Ok(Some(name)) => {
