@@ -143,10 +143,7 @@ fn a_cluster_autoscaler_plugin_is_a_shoal_backend_end_to_end() {
         &["apply", "-f", "-"],
         &deployment_yaml("web", 4, "900m", "256Mi", None),
     );
-    let all = wait_for(Duration::from_secs(90), || {
-        (running_pods(cp.sim.addr(), WEB) == 4 && cp.phases().iter().all(|p| p == "Ready"))
-            .then_some(())
-    });
+    let all = wait_for(Duration::from_secs(90), || cp.serving(WEB, 4).then_some(()));
     assert!(
         all.is_some(),
         "every pod runs: {} running; claims {:#?}\n--- plugin\n{}\n{}",
@@ -185,14 +182,7 @@ fn a_cluster_autoscaler_plugin_is_a_shoal_backend_end_to_end() {
         "",
     );
     let gone = wait_for(Duration::from_secs(90), || {
-        let nodes = sim_get(
-            cp.sim.addr(),
-            "/api/v1/nodes?labelSelector=shoal.dev%2Fpool%3Dworkers",
-        );
-        (cp.phases().iter().all(|p| p == "Deleted")
-            && nodes["items"].as_array().is_some_and(|i| i.is_empty())
-            && cp.instances("externalgrpc:fake") == 0)
-            .then_some(())
+        cp.scaled_down("workers", "externalgrpc:fake").then_some(())
     });
     assert!(
         gone.is_some(),

@@ -160,10 +160,7 @@ fn scale_up_and_down_through(example: Example, kill_mid_create: bool) {
         )
     };
 
-    let all = wait_for(Duration::from_secs(90), || {
-        (running_pods(cp.sim.addr(), WEB) == 6 && cp.phases().iter().all(|p| p == "Ready"))
-            .then_some(())
-    });
+    let all = wait_for(Duration::from_secs(90), || cp.serving(WEB, 6).then_some(()));
     assert!(
         all.is_some(),
         "{example:?}: every pod runs: {} running; claims {:#?}\n{}",
@@ -187,14 +184,7 @@ fn scale_up_and_down_through(example: Example, kill_mid_create: bool) {
         "",
     );
     let gone = wait_for(Duration::from_secs(90), || {
-        let nodes = sim_get(
-            cp.sim.addr(),
-            "/api/v1/nodes?labelSelector=shoal.dev%2Fpool%3Dprocs",
-        );
-        (cp.phases().iter().all(|p| p == "Deleted")
-            && nodes["items"].as_array().is_some_and(|i| i.is_empty())
-            && cp.instances("plugin:procs") == 0)
-            .then_some(())
+        cp.scaled_down("procs", "plugin:procs").then_some(())
     });
     assert!(
         gone.is_some(),

@@ -525,6 +525,27 @@ impl ControlPlane {
             .count()
     }
 
+    /// Nodes of `pool` in the simulator.
+    pub fn pool_nodes(&self, pool: &str) -> usize {
+        let nodes = sim_get(
+            self.sim.addr(),
+            &format!("/api/v1/nodes?labelSelector=shoal.dev%2Fpool%3D{pool}"),
+        );
+        nodes["items"].as_array().map_or(0, Vec::len)
+    }
+
+    /// `want` pods of `pods` (a pod list URL) Running and every claim Ready.
+    pub fn serving(&self, pods: &str, want: usize) -> bool {
+        running_pods(self.sim.addr(), pods) == want && self.phases().iter().all(|p| p == "Ready")
+    }
+
+    /// Every claim Deleted, no node of `pool` left, no instance listed on `backend`.
+    pub fn scaled_down(&self, pool: &str, backend: &str) -> bool {
+        self.phases().iter().all(|p| p == "Deleted")
+            && self.pool_nodes(pool) == 0
+            && self.instances(backend) == 0
+    }
+
     /// Whether `backend`'s circuit breaker is open.
     pub fn breaker_open(&self, backend: &str) -> bool {
         let s = provisioner_call(&self.provisioner, "GetBackendStatus", serde_json::json!({}));

@@ -24,26 +24,6 @@ use tokio_util::sync::CancellationToken;
 
 mod common;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn grpcurl(addr: &str, method: &str, body: Value) -> Value {
-    let out = Command::new("grpcurl")
-        .args(["-plaintext", "-d", &body.to_string(), addr, method])
-        .output()
-        .expect("grpcurl (scripts/install-deps.sh installs it)");
-    assert!(
-        out.status.success(),
-        "{method}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
-
 /// moto + the fault proxy, killed on drop.
 struct Moto(Child, u16, Value);
 
@@ -188,12 +168,7 @@ fn run_case(
             ("AWS_SECRET_ACCESS_KEY", "bench"),
         ],
     );
-    let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
-    wait_for(Duration::from_secs(30), || {
-        matches!(http_get(admin_addr, "/metrics"), Ok((200, body)) if body.contains("shoal_leader{service=\"provisioner\"} 1"))
-            .then_some(())
-    })
-    .expect("the provisioner leads");
+    common::wait_provisioner_leads(admin);
     let machines = play_machines(
         std::net::SocketAddr::from(([127, 0, 0, 1], moto.1)),
         sim.url(),
@@ -203,27 +178,12 @@ fn run_case(
     );
     let addr = format!("127.0.0.1:{grpc}");
     let started = Instant::now();
-    grpcurl(
+    common::grpcurl(
         &addr,
         "shoal.v1.ProvisionerService/CreateNodes",
         json!({ "pool": "ec2", "count": count, "idempotencyKey": "bench" }),
     );
-    let ready = wait_for(Duration::from_secs(3600), || {
-        let claims = grpcurl(
-            &addr,
-            "shoal.v1.ProvisionerService/ListNodeClaims",
-            json!({ "pool": "ec2" }),
-        );
-        let all = claims["claims"].as_array().cloned().unwrap_or_default();
-        let failed = all.iter().find(|c| c["phase"] == "CLAIM_PHASE_FAILED");
-        assert!(failed.is_none(), "a claim failed: {failed:?}");
-        (all.iter()
-            .filter(|c| c["phase"] == "CLAIM_PHASE_READY")
-            .count()
-            == count as usize)
-            .then(Instant::now)
-    })
-    .expect("every instance Ready");
+    let ready = common::wait_pool_ready(&addr, "ec2", count);
     shutdown.cancel();
     let _ = machines.join();
     ready.duration_since(started)
@@ -231,9 +191,9 @@ fn run_case(
 
 fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let count = env_or("AWS_BENCH_INSTANCES", 50u32);
-    let baseline = env_or("AWS_BENCH_BASELINE", 20u32);
-    let boot = Duration::from_secs_f64(env_or("AWS_BENCH_BOOT", 2.0f64));
+    let count = common::env_or("AWS_BENCH_INSTANCES", 50u32);
+    let baseline = common::env_or("AWS_BENCH_BASELINE", 20u32);
+    let boot = Duration::from_secs_f64(common::env_or("AWS_BENCH_BOOT", 2.0f64));
     println!(
         "aws bench: moto EC2 through its proxy, every instance boots in {:.1} s",
         boot.as_secs_f64()

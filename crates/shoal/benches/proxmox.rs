@@ -14,36 +14,15 @@
 
 use std::{
     collections::BTreeSet,
-    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
-use shoal_testkit::{EtcdServer, PveServer, free_port, http_get, wait_for};
+use shoal_testkit::{EtcdServer, PveServer, free_port, http_get};
 use tokio_util::sync::CancellationToken;
 
 mod common;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn grpcurl(addr: &str, method: &str, body: Value) -> Value {
-    let out = Command::new("grpcurl")
-        .args(["-plaintext", "-d", &body.to_string(), addr, method])
-        .output()
-        .expect("grpcurl (scripts/install-deps.sh installs it)");
-    assert!(
-        out.status.success(),
-        "{method}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
 
 /// Runs a simulated kubelet for every running VM of `pve` until `stop`.
 fn play_guests(
@@ -151,12 +130,7 @@ fn run_case(
         &etcd.endpoint(),
         &[format!("--config={}", config.display())],
     );
-    let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
-    wait_for(Duration::from_secs(30), || {
-        matches!(http_get(admin_addr, "/metrics"), Ok((200, body)) if body.contains("shoal_leader{service=\"provisioner\"} 1"))
-            .then_some(())
-    })
-    .expect("the provisioner leads");
+    common::wait_provisioner_leads(admin);
     let guests = play_guests(
         pve.control,
         sim.url(),
@@ -165,33 +139,12 @@ fn run_case(
     );
     let addr = format!("127.0.0.1:{grpc}");
     let started = Instant::now();
-    grpcurl(
+    common::grpcurl(
         &addr,
         "shoal.v1.ProvisionerService/CreateNodes",
         json!({ "pool": "vms", "count": count, "idempotencyKey": "bench" }),
     );
-    let ready = wait_for(Duration::from_secs(3600), || {
-        let claims = grpcurl(
-            &addr,
-            "shoal.v1.ProvisionerService/ListNodeClaims",
-            json!({ "pool": "vms" }),
-        );
-        let ready = claims["claims"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| c["phase"] == "CLAIM_PHASE_READY")
-            .count();
-        let failed = claims["claims"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["phase"] == "CLAIM_PHASE_FAILED")
-            .cloned();
-        assert!(failed.is_none(), "a claim failed: {failed:?}");
-        (ready == count as usize).then(Instant::now)
-    })
-    .expect("every VM Ready");
+    let ready = common::wait_pool_ready(&addr, "vms", count);
     let nodes: BTreeSet<String> = pve
         .vms()
         .iter()
@@ -204,9 +157,9 @@ fn run_case(
 
 fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let count = env_or("PVE_BENCH_VMS", 50u32);
-    let baseline = env_or("PVE_BENCH_BASELINE_VMS", 50u32);
-    let latency = env_or("PVE_BENCH_TASK_LATENCY", 2.0f64);
+    let count = common::env_or("PVE_BENCH_VMS", 50u32);
+    let baseline = common::env_or("PVE_BENCH_BASELINE_VMS", 50u32);
+    let latency = common::env_or("PVE_BENCH_TASK_LATENCY", 2.0f64);
     println!(
         "proxmox bench: every PVE task takes {latency} s (clone, config, resize, start: 4 tasks per VM)"
     );

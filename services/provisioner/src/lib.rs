@@ -204,18 +204,10 @@ impl ServiceSettings for ProvisionerSettings {
         if let Some(aws) = &self.backends.aws {
             aws.validate("service.backends.aws", errors);
         }
-        for (name, plugin) in &self.backends.plugins {
-            let path = format!("service.backends.plugins.{name}");
-            if !backend::plugin::valid_name(name) {
-                errors.add(
-                    path.clone(),
-                    format!("{name:?} is not a plugin name (lower-case letters, digits and -)"),
-                );
-            }
-            plugin.validate(&path, errors);
-        }
-        for (name, plugin) in &self.backends.external_grpc {
-            let path = format!("service.backends.externalGrpc.{name}");
+        let plugins = (self.backends.plugins.iter()).map(|(n, p)| ("plugins", n, p));
+        let external = (self.backends.external_grpc.iter()).map(|(n, p)| ("externalGrpc", n, p));
+        for (kind, name, plugin) in plugins.chain(external) {
+            let path = format!("service.backends.{kind}.{name}");
             if !backend::plugin::valid_name(name) {
                 errors.add(
                     path.clone(),

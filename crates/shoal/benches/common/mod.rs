@@ -39,7 +39,6 @@ pub fn start(
 }
 
 /// [`start`] with more environment (e.g. credentials).
-#[allow(dead_code)]
 pub fn start_with_env(
     bench: &str,
     service: &str,
@@ -114,4 +113,57 @@ pub async fn put_pool(store: &EtcdStore, yaml: &str) {
         .put(&keys::pool(&pool.name), pool.encode_to_vec(), None)
         .await
         .expect("pool");
+}
+
+/// `name` from the environment, parsed, or `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A unary call with grpcurl (plaintext), answered as JSON; panics on an error.
+pub fn grpcurl(addr: &str, method: &str, body: serde_json::Value) -> serde_json::Value {
+    let out = Command::new("grpcurl")
+        .args(["-plaintext", "-d", &body.to_string(), addr, method])
+        .output()
+        .expect("grpcurl (scripts/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{method}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until the provisioner whose admin port is `admin` leads.
+pub fn wait_provisioner_leads(admin: u16) {
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    shoal_testkit::wait_for(Duration::from_secs(30), || {
+        matches!(shoal_testkit::http_get(admin, "/metrics"), Ok((200, body)) if body.contains("shoal_leader{service=\"provisioner\"} 1"))
+            .then_some(())
+    })
+    .expect("the provisioner leads");
+}
+
+/// Waits until the provisioner at `addr` lists `count` claims of `pool` Ready (panics on a
+/// Failed one) and returns when.
+pub fn wait_pool_ready(addr: &str, pool: &str, count: u32) -> std::time::Instant {
+    shoal_testkit::wait_for(Duration::from_secs(3600), || {
+        let claims = grpcurl(
+            addr,
+            "shoal.v1.ProvisionerService/ListNodeClaims",
+            serde_json::json!({ "pool": pool }),
+        );
+        let all = claims["claims"].as_array().cloned().unwrap_or_default();
+        let failed = all.iter().find(|c| c["phase"] == "CLAIM_PHASE_FAILED");
+        assert!(failed.is_none(), "a claim failed: {failed:?}");
+        (all.iter()
+            .filter(|c| c["phase"] == "CLAIM_PHASE_READY")
+            .count()
+            == count as usize)
+            .then(std::time::Instant::now)
+    })
+    .expect("every claim Ready")
 }

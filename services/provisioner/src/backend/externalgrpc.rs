@@ -19,45 +19,18 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use shoal_core::ValidationErrors;
 use shoal_proto::{
     externalgrpc::{self as ca, cloud_provider_client::CloudProviderClient},
     v1 as pb,
 };
-use shoal_runtime::{
-    layers::TracedChannel,
-    tls::{Tls, TlsConfig},
-};
+use shoal_runtime::layers::TracedChannel;
 use shoal_state::{Compare, SharedStore, Txn, TxnOp, keys};
 
 use super::{CLAIM_LABEL, InstanceSpec, NodeProvider, POOL_LABEL, ProviderError};
 
-/// `service.backends.externalGrpc.<name>`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ExternalGrpcBackend {
-    /// `http://host:port`, or `https://host:port` with `tls`.
-    pub address: String,
-    /// mTLS to the plugin (Cluster Autoscaler's plugins are meant to be called over mTLS).
-    #[serde(default)]
-    pub tls: TlsConfig,
-}
-
-impl ExternalGrpcBackend {
-    /// Adds problems under `path` to `errors`.
-    pub fn validate(&self, path: &str, errors: &mut ValidationErrors) {
-        shoal_runtime::validate_address(&format!("{path}.address"), &self.address, errors);
-        if self.address.starts_with("https://") && !self.tls.is_set() {
-            errors.add(
-                format!("{path}.tls"),
-                "an https:// plugin needs certFile, keyFile and caFile",
-            );
-        }
-        if self.tls.is_set() {
-            self.tls.validate(&format!("{path}.tls"), errors);
-        }
-    }
-}
+/// `service.backends.externalGrpc.<name>`: where the plugin is and the mTLS to it (Cluster
+/// Autoscaler's plugins are meant to be called over mTLS) — the same settings as a `plugin:`.
+pub type ExternalGrpcBackend = super::plugin::PluginBackend;
 
 /// The backend's name for plugin `name`.
 pub fn backend_name(name: &str) -> String {
@@ -114,16 +87,7 @@ impl ExternalGrpcProvider {
         settings: &ExternalGrpcBackend,
         store: SharedStore,
     ) -> Result<ExternalGrpcProvider, ProviderError> {
-        let tls =
-            if settings.tls.is_set() {
-                Some(Tls::load(&settings.tls).map_err(|e| {
-                    ProviderError::Permanent(format!("externalgrpc {name} tls: {e}"))
-                })?)
-            } else {
-                None
-            };
-        let channel = shoal_runtime::layers::traced_channel(&settings.address, tls.as_ref())
-            .map_err(|e| ProviderError::Permanent(format!("externalgrpc {name}: {e}")))?;
+        let channel = settings.channel(&format!("externalgrpc {name}"))?;
         Ok(ExternalGrpcProvider {
             name: name.to_string(),
             client: CloudProviderClient::new(channel),

@@ -56,6 +56,22 @@ impl PluginBackend {
     }
 }
 
+impl PluginBackend {
+    /// A lazily connecting channel to the plugin (mTLS when `tls` is set); errors name `what`.
+    pub fn channel(&self, what: &str) -> Result<TracedChannel, ProviderError> {
+        let tls = if self.tls.is_set() {
+            Some(
+                Tls::load(&self.tls)
+                    .map_err(|e| ProviderError::Permanent(format!("{what} tls: {e}")))?,
+            )
+        } else {
+            None
+        };
+        shoal_runtime::layers::traced_channel(&self.address, tls.as_ref())
+            .map_err(|e| ProviderError::Permanent(format!("{what}: {e}")))
+    }
+}
+
 /// Whether `name` may follow `plugin:` (a DNS label).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -113,16 +129,7 @@ fn failure_error(plugin: &str, what: &str, f: &pb::InstanceFailure) -> ProviderE
 impl PluginProvider {
     /// A provider for plugin `name` at `settings.address` (no connection is made yet).
     pub fn new(name: &str, settings: &PluginBackend) -> Result<PluginProvider, ProviderError> {
-        let tls = if settings.tls.is_set() {
-            Some(
-                Tls::load(&settings.tls)
-                    .map_err(|e| ProviderError::Permanent(format!("plugin {name} tls: {e}")))?,
-            )
-        } else {
-            None
-        };
-        let channel = shoal_runtime::layers::traced_channel(&settings.address, tls.as_ref())
-            .map_err(|e| ProviderError::Permanent(format!("plugin {name}: {e}")))?;
+        let channel = settings.channel(&format!("plugin {name}"))?;
         Ok(PluginProvider {
             name: name.to_string(),
             client: NodeProviderClient::new(channel),
