@@ -7,11 +7,28 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use shoal_testkit::{ServiceProcess, free_port, wait_for};
 
+/// A base port whose next three are free too (all four bound at once, then released), outside
+/// `avoid`: the demo takes four consecutive ports from each base.
+fn four_free_ports(avoid: std::ops::Range<u16>) -> u16 {
+    for _ in 0..200 {
+        let base = free_port();
+        if base > u16::MAX - 4 || (base..base + 4).any(|p| avoid.contains(&p)) {
+            continue;
+        }
+        let held: Vec<_> = (base..base + 4)
+            .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == 4 {
+            return base;
+        }
+    }
+    panic!("no four consecutive free loopback ports");
+}
+
 #[test]
 fn the_demo_scales_the_simulated_cluster_and_stops_cleanly_on_sigint() {
-    let grpc = free_port();
-    let admin = free_port();
-    // Consecutive ports from the bases; free_port gives one, the next three are very likely free.
+    let grpc = four_free_ports(0..0);
+    let admin = four_free_ports(grpc..grpc + 4);
     let args = vec![
         "demo".to_string(),
         format!("--grpc-base-port={grpc}"),
