@@ -42,15 +42,16 @@ fi
 
 # fakepve (a stateful fake of the Proxmox VE API) for the proxmox backend's tests, moto's EC2
 # server (with boto3) for the aws backend's, and grpcio with grpcio-tools for the Python plugins,
-# in a venv of our own so nothing touches the system Python; the tests find it at $SHOAL_VENV.
+# the official Kubernetes Python client (the tests use it as a user's client of NodePools), in a
+# venv of our own so nothing touches the system Python; the tests find it at $SHOAL_VENV.
 venv="${SHOAL_VENV:-$HOME/.cache/shoal/venv}"
-modules='import fakepve, cryptography, grpc, grpc_tools, moto.server, boto3'
+modules='import fakepve, cryptography, grpc, grpc_tools, moto.server, boto3, kubernetes'
 if ! "$venv/bin/python" -c "$modules" >/dev/null 2>&1; then
-  echo "install-deps: fakepve, moto[server], cryptography, grpcio and grpcio-tools into $venv"
+  echo "install-deps: fakepve, moto[server], cryptography, grpcio, grpcio-tools and kubernetes into $venv"
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'fakepve==0.5.*' 'moto[server]==5.1.*' 'cryptography>=42' 'grpcio>=1.60' 'grpcio-tools>=1.60'
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'fakepve==0.5.*' 'moto[server]==5.1.*' 'cryptography>=42' 'grpcio>=1.60' 'grpcio-tools>=1.60' 'kubernetes>=31'
 fi
-"$venv/bin/python" -c "$modules" || { echo "install-deps: fakepve, moto or grpcio is still missing from $venv" >&2; exit 1; }
+"$venv/bin/python" -c "$modules" || { echo "install-deps: fakepve, moto, grpcio or kubernetes is still missing from $venv" >&2; exit 1; }
 printf 'install-deps: %-10s %s\n' "fakepve, moto" "$venv"
 
 for tool in protoc etcd prometheus grpcurl; do

@@ -4,6 +4,7 @@
 //! field-path validation errors.
 
 pub mod claim;
+pub mod crd;
 pub mod fit;
 pub mod labels;
 pub mod phase;

@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use shoal_proto::v1 as pb;
 
@@ -57,6 +58,47 @@ pub enum QuantityDoc {
     Text(String),
 }
 
+/// A Kubernetes quantity in a schema: an integer or a string, as `IntOrString` is published.
+fn quantity_schema() -> schemars::Schema {
+    schemars::json_schema!({
+        "x-kubernetes-int-or-string": true,
+        "anyOf": [{ "type": "integer" }, { "type": "string" }]
+    })
+}
+
+impl JsonSchema for QuantityDoc {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Quantity".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        quantity_schema()
+    }
+}
+
+/// Resource amounts are a map in the schema (`cpu`, `memory`, `pods`, `ephemeral-storage` and
+/// extended resources alike): a structural schema cannot mix fixed and free keys.
+impl JsonSchema for ResourcesDoc {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Resources".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "additionalProperties": quantity_schema()
+        })
+    }
+}
+
 impl QuantityDoc {
     fn text(&self) -> String {
         match self {
@@ -91,7 +133,7 @@ pub struct ResourcesDoc {
 }
 
 /// A taint as YAML gives it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TaintDoc {
     /// Key.
@@ -104,7 +146,7 @@ pub struct TaintDoc {
 }
 
 /// `spec.provider`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProviderDoc {
     /// sim, docker, proxmox, aws or plugin:<name>.
@@ -119,7 +161,7 @@ fn on_demand() -> String {
 }
 
 /// `spec.template`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TemplateDoc {
     /// Node labels.
@@ -146,7 +188,7 @@ pub struct TemplateDoc {
 }
 
 /// `spec.limits`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LimitsDoc {
     /// Fewest nodes.
@@ -163,7 +205,7 @@ pub struct LimitsDoc {
 }
 
 /// `spec.scaleUp`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ScaleUpDoc {
     /// Nodes per decision.
@@ -172,9 +214,11 @@ pub struct ScaleUpDoc {
     pub max_concurrent: u32,
     /// After a scale-up.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub cooldown: Duration,
     /// How long a trigger must hold.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub stabilization_window: Duration,
     /// Pending pods that trigger.
     pub pending_pods: u32,
@@ -199,7 +243,7 @@ impl Default for ScaleUpDoc {
 }
 
 /// `spec.scaleDown`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ScaleDownDoc {
     /// Whether the pool shrinks at all.
@@ -212,14 +256,17 @@ pub struct ScaleDownDoc {
     pub memory_below: f64,
     /// How long a node must be unneeded.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub unneeded_for: Duration,
     /// After a scale-up or scale-down.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub cooldown: Duration,
     /// Nodes per decision.
     pub max_concurrent: u32,
     /// How long evictions may be retried.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub drain_timeout: Duration,
     /// lifo or least-utilized.
     pub order: String,
@@ -230,6 +277,7 @@ pub struct ScaleDownDoc {
     pub disruption_budget: String,
     /// Consolidate nodes with pods only after the pool's pods stop changing for this long.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub consolidate_after: Duration,
     /// Budgets that apply only while a recurring window is active.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -237,7 +285,7 @@ pub struct ScaleDownDoc {
 }
 
 /// One `spec.scaleDown.disruptionBudgets` entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BudgetWindowDoc {
     /// Shown in decisions.
@@ -275,7 +323,7 @@ impl Default for ScaleDownDoc {
 }
 
 /// One `spec.schedule` entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WindowDoc {
     /// Name.
@@ -296,16 +344,18 @@ pub struct WindowDoc {
 }
 
 /// `spec.predictive`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct PredictiveDoc {
     /// Whether forecasts adjust the bounds.
     pub enabled: bool,
     /// History looked at.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub lookback: Duration,
     /// How far ahead.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub horizon: Duration,
 }
 
@@ -319,8 +369,21 @@ impl Default for PredictiveDoc {
     }
 }
 
-/// `spec`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `spec`. Also the spec of the `NodePool` custom resource (`kubectl get nodepools`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, kube::CustomResource)]
+#[kube(
+    group = "shoal.dev",
+    version = "v1alpha1",
+    kind = "NodePool",
+    shortname = "np",
+    status = "crate::crd::NodePoolStatus",
+    printcolumn = r#"{"name":"Nodes","type":"integer","jsonPath":".status.nodes"}"#,
+    printcolumn = r#"{"name":"Min","type":"integer","jsonPath":".spec.limits.minNodes"}"#,
+    printcolumn = r#"{"name":"Max","type":"integer","jsonPath":".spec.limits.maxNodes"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyNodes"}"#,
+    printcolumn = r#"{"name":"Backend","type":"string","jsonPath":".spec.provider.backend","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SpecDoc {
     /// Where nodes come from.
@@ -350,7 +413,7 @@ pub struct SpecDoc {
 }
 
 /// `metadata`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MetadataDoc {
     /// The pool's name.
@@ -358,7 +421,7 @@ pub struct MetadataDoc {
 }
 
 /// A NodePool document.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PoolDocument {
     /// `shoal.dev/v1alpha1`.

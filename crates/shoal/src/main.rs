@@ -39,6 +39,8 @@ enum Command {
     },
     /// Run all four services in this process on loopback, for a trial.
     Demo(DemoArgs),
+    /// Print the NodePool and NodeClaim CustomResourceDefinitions (`kubectl apply -f -`).
+    Crds,
     /// Out-of-tree backends (`plugin:<name>`).
     Plugin {
         #[command(subcommand)]
@@ -93,6 +95,10 @@ fn main() -> ExitCode {
             }
             Service::Reconciler(args) => shoal_runtime::run_service(args, shoal_reconciler::serve),
         },
+        Command::Crds => {
+            print!("{}", shoal_core::crd::definitions_yaml());
+            ExitCode::SUCCESS
+        }
         Command::Plugin {
             command: PluginCommand::Check(args),
         } => {

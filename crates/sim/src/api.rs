@@ -19,7 +19,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::{
     error::ApiError,
     patch::{self, PatchType},
-    resources::{self, KINDS, ResourceKind},
+    resources::{self, ResourceKind},
     selector::{FieldSelector, LabelSelector},
     store::{Change, EventType, ListPage, Store, Stored},
     validation::FieldValidation,
@@ -39,6 +39,7 @@ pub struct ApiState {
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/version", get(version))
+        .route("/version/", get(version))
         .route("/healthz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
@@ -47,13 +48,19 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route(
             "/openapi/v3",
-            get(|| async { json_response(StatusCode::OK, crate::openapi::index().to_string()) }),
+            get(|State(state): State<Arc<ApiState>>| async move {
+                json_response(
+                    StatusCode::OK,
+                    crate::openapi::index(&state.store.kinds()).to_string(),
+                )
+            }),
         )
         .route(
             "/openapi/v3/{*path}",
             get(
-                |axum::extract::Path(path): axum::extract::Path<String>| async move {
-                    match crate::openapi::group_version(&path) {
+                |State(state): State<Arc<ApiState>>,
+                 axum::extract::Path(path): axum::extract::Path<String>| async move {
+                    match crate::openapi::group_version(&state.store.kinds(), &path) {
                         Some(doc) => json_response(StatusCode::OK, doc.to_string()),
                         None => ApiError::NoSuchPath(format!("/openapi/v3/{path}")).into_response(),
                     }
@@ -122,13 +129,13 @@ async fn core_versions() -> Response {
     )
 }
 
-async fn groups() -> Response {
-    let mut names: Vec<(&str, &str)> = KINDS
-        .iter()
-        .filter(|k| !k.group.is_empty())
-        .map(|k| (k.group, k.version))
-        .collect();
-    names.dedup();
+async fn groups(State(state): State<Arc<ApiState>>) -> Response {
+    let mut names: Vec<(&str, &str)> = Vec::new();
+    for k in state.store.kinds() {
+        if !k.group.is_empty() && !names.contains(&(k.group, k.version)) {
+            names.push((k.group, k.version));
+        }
+    }
     let groups: Vec<Value> = names
         .iter()
         .map(|(g, v)| {
@@ -142,9 +149,9 @@ async fn groups() -> Response {
     )
 }
 
-fn resource_list(group: &str, version: &str) -> Option<Value> {
+fn resource_list(kinds: &[&'static ResourceKind], group: &str, version: &str) -> Option<Value> {
     let mut resources = Vec::new();
-    for k in KINDS
+    for k in kinds
         .iter()
         .filter(|k| k.group == group && k.version == version)
     {
@@ -206,7 +213,7 @@ enum Target {
     },
 }
 
-fn parse_target(path: &str) -> Result<Target, ApiError> {
+fn parse_target(store: &Store, path: &str) -> Result<Target, ApiError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let not_found = || ApiError::NoSuchPath(path.to_string());
     let (group, version, rest) = match segments.as_slice() {
@@ -219,7 +226,11 @@ fn parse_target(path: &str) -> Result<Target, ApiError> {
         ["apis", group, version, rest @ ..] => (*group, *version, rest),
         _ => return Err(not_found()),
     };
-    let kind = |plural: &str| resources::find(group, version, plural).ok_or_else(not_found);
+    let kind = |plural: &str| {
+        store
+            .find_kind(group, version, plural)
+            .ok_or_else(not_found)
+    };
     Ok(match rest {
         [] => Target::Resources {
             group: group.into(),
@@ -366,7 +377,24 @@ fn check_fields(
     object: &mut Value,
     mode: FieldValidation,
 ) -> Result<Vec<String>, ApiError> {
-    let unknown = crate::validation::unknown_fields(kind, object);
+    let unknown = match kind.custom {
+        Some(custom) => {
+            let checked = crate::crd::check(custom, object);
+            if !checked.invalid.is_empty() {
+                return Err(ApiError::Invalid {
+                    kind: kind.kind.into(),
+                    name: object
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .into(),
+                    causes: checked.invalid,
+                });
+            }
+            checked.unknown
+        }
+        None => crate::validation::unknown_fields(kind, object),
+    };
     if unknown.is_empty() {
         return Ok(Vec::new());
     }
@@ -520,15 +548,16 @@ async fn handle(
     let store = &state.store;
     let mode = FieldValidation::parse(parse_query(uri)?.field_validation.as_deref())
         .map_err(ApiError::BadRequest)?;
-    match parse_target(uri.path())? {
+    match parse_target(store, uri.path())? {
         Target::Resources { group, version } => {
-            let list = resource_list(&group, &version)
+            let list = resource_list(&store.kinds(), &group, &version)
                 .ok_or_else(|| ApiError::NoSuchPath(uri.path().into()))?;
             Ok(json_response(StatusCode::OK, list.to_string()))
         }
         Target::Group { group } => {
-            let versions: Vec<Value> = KINDS
-                .iter()
+            let versions: Vec<Value> = store
+                .kinds()
+                .into_iter()
                 .filter(|k| k.group == group)
                 .take(1)
                 .map(|k| json!({ "groupVersion": format!("{}/{}", k.group, k.version), "version": k.version }))
@@ -617,6 +646,19 @@ async fn handle(
                 ))
             }
             Method::DELETE => {
+                if kind.kind == "Namespace" {
+                    if crate::namespaces::PROTECTED.contains(&name.as_str()) {
+                        return Err(ApiError::Forbidden(format!(
+                            "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
+                        )));
+                    }
+                    let stamp =
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+                    return Ok(object_response(
+                        StatusCode::OK,
+                        store.mark_terminating(kind, "", &name, &stamp, 0)?,
+                    ));
+                }
                 if kind.kind == "Pod" {
                     let grace = grace_period(uri, &body)?;
                     if let Some(terminating) =
@@ -644,10 +686,17 @@ async fn handle(
                 StatusCode::OK,
                 store.get(kind, &namespace, &name)?,
             )),
-            ("status", Method::PUT) => Ok(object_response(
-                StatusCode::OK,
-                store.update(kind, &namespace, &name, parse_body(&body)?, true)?,
-            )),
+            ("status", Method::PUT) => {
+                let mut object = parse_body(&body)?;
+                let warnings = check_fields(kind, &mut object, mode)?;
+                Ok(with_warnings(
+                    object_response(
+                        StatusCode::OK,
+                        store.update(kind, &namespace, &name, object, true)?,
+                    ),
+                    &warnings,
+                ))
+            }
             ("status", Method::PATCH) => {
                 let patch_type = patch_type(headers)?;
                 let (patched, warnings) = patch_object(
@@ -1055,6 +1104,8 @@ mod tests {
 
     #[test]
     fn paths_map_to_targets() {
+        let store = Store::new(16);
+        let parse_target = |path: &str| super::parse_target(&store, path);
         let pods = resources::by_kind("Pod").unwrap();
         let nodes = resources::by_kind("Node").unwrap();
         let namespaces = resources::by_kind("Namespace").unwrap();

@@ -56,6 +56,9 @@ pub enum ApiError {
         /// The oldest still available.
         oldest: u64,
     },
+    /// 403: e.g. new objects in a namespace being deleted.
+    #[error("{0}")]
+    Forbidden(String),
     /// 429: e.g. an eviction a PodDisruptionBudget forbids.
     #[error("{0}")]
     TooManyRequests(String),
@@ -79,6 +82,7 @@ impl ApiError {
             ApiError::Invalid { .. } => 422,
             ApiError::BadRequest(_) => 400,
             ApiError::Gone { .. } => 410,
+            ApiError::Forbidden(_) => 403,
             ApiError::TooManyRequests(_) => 429,
             ApiError::MethodNotAllowed(_) => 405,
             ApiError::UnsupportedMediaType(_) => 415,
@@ -95,6 +99,7 @@ impl ApiError {
             ApiError::Invalid { .. } => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
             ApiError::Gone { .. } => "Expired",
+            ApiError::Forbidden(_) => "Forbidden",
             ApiError::TooManyRequests(_) => "TooManyRequests",
             ApiError::MethodNotAllowed(_) => "MethodNotAllowed",
             ApiError::UnsupportedMediaType(_) => "UnsupportedMediaType",

@@ -164,6 +164,26 @@ fn react(store: &Arc<Store>, timing: KubeletTiming, change: &Change, shutdown: &
             if local_node(store, &node_name).is_none() {
                 return;
             }
+            if change
+                .prev
+                .as_ref()
+                .is_some_and(|p| !p.value()["metadata"]["deletionTimestamp"].is_null())
+            {
+                // Already being stopped.
+                return;
+            }
+            let container = object
+                .pointer("/spec/containers/0/name")
+                .and_then(Value::as_str)
+                .unwrap_or("main");
+            crate::events::record(
+                store,
+                &object,
+                "Normal",
+                "Killing",
+                &format!("Stopping container {container}"),
+                "kubelet",
+            );
             let (store, ns, name) = (
                 store.clone(),
                 change.object.namespace.clone(),

@@ -11,13 +11,16 @@
 pub mod agent;
 pub mod api;
 pub mod cloud;
+pub mod crd;
 pub mod deployments;
 pub mod disruption;
 pub mod error;
+pub mod events;
 pub mod kubeconfig;
 pub mod kubelet;
 pub mod lifecycle;
 pub mod metrics;
+pub mod namespaces;
 pub mod openapi;
 pub mod patch;
 pub mod resources;
@@ -97,6 +100,7 @@ impl Sim {
         ));
         tokio::spawn(deployments::run(store.clone(), shutdown.clone()));
         tokio::spawn(disruption::run(store.clone(), shutdown.clone()));
+        tokio::spawn(namespaces::run(store.clone(), shutdown.clone()));
         tokio::spawn(lifecycle::run_heartbeats(
             store.clone(),
             config.lifecycle,

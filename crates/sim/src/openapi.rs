@@ -6,12 +6,12 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::resources::{KINDS, ResourceKind};
+use crate::resources::ResourceKind;
 
 /// `api/v1`, `apis/apps/v1`, … for every served group version.
-fn group_versions() -> Vec<(String, &'static str, &'static str)> {
+fn group_versions(kinds: &[&'static ResourceKind]) -> Vec<(String, &'static str, &'static str)> {
     let mut out: Vec<(String, &'static str, &'static str)> = Vec::new();
-    for k in KINDS {
+    for k in kinds {
         let path = if k.group.is_empty() {
             format!("api/{}", k.version)
         } else {
@@ -25,13 +25,25 @@ fn group_versions() -> Vec<(String, &'static str, &'static str)> {
 }
 
 /// The discovery index.
-pub fn index() -> Value {
-    let paths: Map<String, Value> = group_versions()
+pub fn index(kinds: &[&'static ResourceKind]) -> Value {
+    let paths: Map<String, Value> = group_versions(kinds)
         .into_iter()
-        .map(|(path, _, _)| {
+        .map(|(path, group, version)| {
+            // The hash changes with the kinds served (kubectl caches documents by it).
+            let served: Vec<&str> = kinds
+                .iter()
+                .filter(|k| k.group == group && k.version == version)
+                .map(|k| k.plural)
+                .collect();
+            let hash = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                served.hash(&mut h);
+                h.finish()
+            };
             (
                 path.clone(),
-                json!({ "serverRelativeURL": format!("/openapi/v3/{path}?hash=shoal-sim-1") }),
+                json!({ "serverRelativeURL": format!("/openapi/v3/{path}?hash={hash:016x}") }),
             )
         })
         .collect();
@@ -53,12 +65,12 @@ fn operation(kind: &ResourceKind, action: &str) -> Value {
 }
 
 /// The document of one group version (`api/v1`, `apis/apps/v1`), or `None` if not served.
-pub fn group_version(path: &str) -> Option<Value> {
-    let (_, group, version) = group_versions()
+pub fn group_version(kinds: &[&'static ResourceKind], path: &str) -> Option<Value> {
+    let (_, group, version) = group_versions(kinds)
         .into_iter()
         .find(|(p, _, _)| p == path.trim_matches('/'))?;
     let mut paths = Map::new();
-    for kind in KINDS
+    for kind in kinds
         .iter()
         .filter(|k| k.group == group && k.version == version)
     {

@@ -21,6 +21,8 @@ pub struct ResourceKind {
     pub subresources: &'static [&'static str],
     /// Field selectors supported beyond `metadata.name` and `metadata.namespace`.
     pub fields: &'static [&'static str],
+    /// Schema and printer columns of a kind a CustomResourceDefinition serves.
+    pub custom: Option<&'static crate::crd::CustomInfo>,
 }
 
 impl ResourceKind {
@@ -67,6 +69,7 @@ pub const KINDS: &[ResourceKind] = &[
         short_names: &["ns"],
         subresources: &["status"],
         fields: &["status.phase"],
+        custom: None,
     },
     ResourceKind {
         group: "",
@@ -78,6 +81,7 @@ pub const KINDS: &[ResourceKind] = &[
         short_names: &["no"],
         subresources: &["status"],
         fields: &["spec.unschedulable"],
+        custom: None,
     },
     ResourceKind {
         group: "",
@@ -89,6 +93,7 @@ pub const KINDS: &[ResourceKind] = &[
         short_names: &["po"],
         subresources: &["status", "eviction", "binding"],
         fields: &["spec.nodeName", "status.phase"],
+        custom: None,
     },
     ResourceKind {
         group: "",
@@ -99,7 +104,19 @@ pub const KINDS: &[ResourceKind] = &[
         namespaced: true,
         short_names: &["ev"],
         subresources: &[],
-        fields: &["involvedObject.name", "involvedObject.kind", "reason"],
+        fields: &[
+            "involvedObject.name",
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "type",
+            "reportingComponent",
+        ],
+        custom: None,
     },
     ResourceKind {
         group: "apps",
@@ -111,6 +128,7 @@ pub const KINDS: &[ResourceKind] = &[
         short_names: &["deploy"],
         subresources: &["status", "scale"],
         fields: &[],
+        custom: None,
     },
     ResourceKind {
         group: "policy",
@@ -122,6 +140,7 @@ pub const KINDS: &[ResourceKind] = &[
         short_names: &["pdb"],
         subresources: &["status"],
         fields: &[],
+        custom: None,
     },
     ResourceKind {
         group: "coordination.k8s.io",
@@ -133,6 +152,31 @@ pub const KINDS: &[ResourceKind] = &[
         short_names: &[],
         subresources: &[],
         fields: &[],
+        custom: None,
+    },
+    ResourceKind {
+        group: "",
+        version: "v1",
+        plural: "podtemplates",
+        singular: "podtemplate",
+        kind: "PodTemplate",
+        namespaced: true,
+        short_names: &[],
+        subresources: &[],
+        fields: &[],
+        custom: None,
+    },
+    ResourceKind {
+        group: "apiextensions.k8s.io",
+        version: "v1",
+        plural: "customresourcedefinitions",
+        singular: "customresourcedefinition",
+        kind: "CustomResourceDefinition",
+        namespaced: false,
+        short_names: &["crd", "crds"],
+        subresources: &["status"],
+        fields: &[],
+        custom: None,
     },
 ];
 

@@ -216,6 +216,16 @@ impl Cache {
                 let written = store.modify(pods, &namespace, &name, true, |pod| {
                     set_scheduled(pod, "False", Some("Unschedulable"), Some(&message))
                 });
+                if let Ok(Some(pod)) = &written {
+                    crate::events::record(
+                        store,
+                        &pod.value(),
+                        "Warning",
+                        "FailedScheduling",
+                        &message,
+                        "default-scheduler",
+                    );
+                }
                 if written.is_ok()
                     && let Some(entry) = self.pending.get_mut(&(namespace, name))
                 {

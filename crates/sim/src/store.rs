@@ -98,6 +98,8 @@ struct Inner {
     log_capacity: usize,
     /// Highest resourceVersion no longer in `log`.
     compacted: u64,
+    /// Kinds served by CustomResourceDefinitions.
+    custom: Vec<&'static ResourceKind>,
 }
 
 /// The table key of an object: cluster-scoped kinds have no namespace.
@@ -235,6 +237,7 @@ impl Store {
                 log: VecDeque::new(),
                 log_capacity: log_capacity.max(16),
                 compacted: base,
+                custom: Vec::new(),
             }),
             changes,
             epoch: tokio::sync::watch::Sender::new(0),
@@ -248,6 +251,89 @@ impl Store {
             }
         }
         store
+    }
+
+    /// The kind served at `group`/`version`/`plural`: built in, or from a CRD.
+    pub fn find_kind(
+        &self,
+        group: &str,
+        version: &str,
+        plural: &str,
+    ) -> Option<&'static ResourceKind> {
+        crate::resources::find(group, version, plural).or_else(|| {
+            self.read()
+                .custom
+                .iter()
+                .find(|k| k.group == group && k.version == version && k.plural == plural)
+                .copied()
+        })
+    }
+
+    /// Every object in `namespace`, of every namespaced kind.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<(&'static ResourceKind, Arc<Stored>)> {
+        let kinds = self.kinds();
+        let inner = self.read();
+        kinds
+            .into_iter()
+            .filter(|k| k.namespaced)
+            .flat_map(|k| {
+                inner
+                    .tables
+                    .get(k.plural)
+                    .into_iter()
+                    .flat_map(|t| t.values())
+                    .filter(|o| o.namespace == namespace)
+                    .map(move |o| (k, o.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Every served kind: the built-in ones, then those of CRDs.
+    pub fn kinds(&self) -> Vec<&'static ResourceKind> {
+        let mut kinds: Vec<&'static ResourceKind> = crate::resources::KINDS.iter().collect();
+        kinds.extend(self.read().custom.iter().copied());
+        kinds
+    }
+
+    /// The kind a CRD object would serve, refused (422) when it is invalid or its plural is
+    /// already served by something else.
+    fn crd_kind(inner: &Inner, crd: &Value) -> Result<&'static ResourceKind, ApiError> {
+        let name = string_at(crd, &["metadata", "name"])
+            .unwrap_or_default()
+            .to_string();
+        let invalid = |causes| ApiError::Invalid {
+            kind: "CustomResourceDefinition".into(),
+            name: name.clone(),
+            causes,
+        };
+        let kind = crate::crd::kind_from_crd(crd).map_err(invalid)?;
+        let taken = crate::resources::KINDS
+            .iter()
+            .any(|k| k.plural == kind.plural)
+            || inner
+                .custom
+                .iter()
+                .any(|k| k.plural == kind.plural && k.custom.is_some_and(|c| c.crd_name != name));
+        if taken {
+            return Err(invalid(vec![(
+                "spec.names.plural".into(),
+                format!(
+                    "Invalid value: {:?}: is already served by another resource",
+                    kind.plural
+                ),
+            )]));
+        }
+        Ok(kind)
+    }
+
+    /// Serves `kind` (replacing what the same CRD served before).
+    fn register(inner: &mut Inner, kind: &'static ResourceKind) {
+        let name = kind.custom.map(|c| c.crd_name.clone());
+        inner
+            .custom
+            .retain(|k| k.custom.map(|c| c.crd_name.clone()) != name);
+        inner.custom.push(kind);
     }
 
     /// The current resourceVersion.
@@ -479,16 +565,23 @@ impl Store {
     ) -> Result<Arc<Stored>, ApiError> {
         let name = self.check_identity(kind, namespace, &mut object)?;
         let mut inner = self.write();
-        if kind.namespaced
-            && !inner
+        if kind.namespaced {
+            let Some(ns) = inner
                 .tables
                 .get("namespaces")
-                .is_some_and(|t| t.contains_key(&(String::new(), namespace.to_string())))
-        {
-            return Err(ApiError::NotFound {
-                resource: "namespaces".into(),
-                name: namespace.into(),
-            });
+                .and_then(|t| t.get(&(String::new(), namespace.to_string())))
+            else {
+                return Err(ApiError::NotFound {
+                    resource: "namespaces".into(),
+                    name: namespace.into(),
+                });
+            };
+            if ns.field("status.phase").as_deref() == Some("Terminating") {
+                return Err(ApiError::Forbidden(format!(
+                    "{} \"{name}\" is forbidden: unable to create new content in namespace {namespace} because it is being terminated",
+                    kind.plural
+                )));
+            }
         }
         if inner
             .current(kind, &object_key(kind, namespace, &name))
@@ -499,6 +592,24 @@ impl Store {
                 name,
             });
         }
+        let served = if kind.kind == "CustomResourceDefinition" {
+            let served = Self::crd_kind(&inner, &object)?;
+            let names = object
+                .pointer("/spec/names")
+                .cloned()
+                .unwrap_or(Value::Null);
+            object["status"] = json!({
+                "acceptedNames": names,
+                "storedVersions": [served.version],
+                "conditions": [
+                    { "type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": now_rfc3339() },
+                    { "type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": now_rfc3339() }
+                ]
+            });
+            Some(served)
+        } else {
+            None
+        };
         let metadata = &mut object["metadata"];
         metadata["uid"] = Value::String(random_uid());
         metadata["creationTimestamp"] = Value::String(now_rfc3339());
@@ -514,7 +625,11 @@ impl Store {
             "Namespace" => object["status"] = json!({ "phase": "Active" }),
             _ => {}
         }
-        Ok(self.commit(&mut inner, kind, EventType::Added, object))
+        let stored = self.commit(&mut inner, kind, EventType::Added, object);
+        if let Some(served) = served {
+            Self::register(&mut inner, served);
+        }
+        Ok(stored)
     }
 
     /// Reads one object.
@@ -644,7 +759,16 @@ impl Store {
             // A no-op write does not bump the resourceVersion, as in Kubernetes.
             return Ok(current);
         }
-        Ok(self.commit(&mut inner, kind, EventType::Modified, next))
+        let served = if kind.kind == "CustomResourceDefinition" && !status_only {
+            Some(Self::crd_kind(&inner, &next)?)
+        } else {
+            None
+        };
+        let stored = self.commit(&mut inner, kind, EventType::Modified, next);
+        if let Some(served) = served {
+            Self::register(&mut inner, served);
+        }
+        Ok(stored)
     }
 
     /// Marks an object as being deleted (graceful deletion): sets `deletionTimestamp` and
@@ -666,6 +790,9 @@ impl Store {
         }
         object["metadata"]["deletionTimestamp"] = json!(deletion_timestamp);
         object["metadata"]["deletionGracePeriodSeconds"] = json!(grace_seconds);
+        if kind.kind == "Namespace" {
+            object["status"]["phase"] = json!("Terminating");
+        }
         Ok(self.commit(&mut inner, kind, EventType::Modified, object))
     }
 
@@ -681,6 +808,31 @@ impl Store {
         let current = inner.current(kind, &key)?;
         let mut object = current.value();
         object["metadata"]["deletionTimestamp"] = Value::String(now_rfc3339());
+        if kind.kind == "CustomResourceDefinition" {
+            // The CRD's objects go with it, and its resource stops being served.
+            let crd_name = current.name.clone();
+            let served: Vec<&'static ResourceKind> = inner
+                .custom
+                .iter()
+                .filter(|k| k.custom.is_some_and(|c| c.crd_name == crd_name))
+                .copied()
+                .collect();
+            for served in &served {
+                let objects: Vec<Arc<Stored>> = inner
+                    .tables
+                    .get(served.plural)
+                    .map(|t| t.values().cloned().collect())
+                    .unwrap_or_default();
+                for o in objects {
+                    let mut gone = o.value();
+                    gone["metadata"]["deletionTimestamp"] = Value::String(now_rfc3339());
+                    self.commit(&mut inner, served, EventType::Deleted, gone);
+                }
+            }
+            inner
+                .custom
+                .retain(|k| k.custom.is_none_or(|c| c.crd_name != crd_name));
+        }
         Ok(self.commit(&mut inner, kind, EventType::Deleted, object))
     }
 

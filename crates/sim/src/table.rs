@@ -279,13 +279,52 @@ fn cells(kind: &ResourceKind, v: &Value) -> Vec<Value> {
     }
 }
 
+/// Columns of a custom kind: Name, then its `additionalPrinterColumns` (Age when it has none).
+fn custom_columns(custom: &crate::crd::CustomInfo) -> Vec<(String, String, i64)> {
+    let mut out = vec![("Name".to_string(), "string".to_string(), 0)];
+    if custom.columns.is_empty() {
+        out.push(("Age".into(), "date".into(), 0));
+    }
+    out.extend(
+        custom
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.column_type.clone(), c.priority)),
+    );
+    out
+}
+
+fn custom_cells(custom: &crate::crd::CustomInfo, v: &Value) -> Vec<Value> {
+    let mut cells = vec![json!(s(v, "/metadata/name"))];
+    if custom.columns.is_empty() {
+        cells.push(json!(age(v)));
+    }
+    for c in &custom.columns {
+        let value = crate::crd::column_value(v, &c.json_path);
+        cells.push(match (c.column_type.as_str(), &value) {
+            (_, Value::Null) => Value::Null,
+            ("date", Value::String(_)) => {
+                json!(age(&json!({ "metadata": { "creationTimestamp": value } })))
+            }
+            ("string", Value::String(_)) => value,
+            ("string", other) => json!(other.to_string()),
+            _ => value,
+        });
+    }
+    cells
+}
+
 fn row(kind: &ResourceKind, object: &Value, include_object: bool) -> Value {
     let embedded = if include_object {
         object.clone()
     } else {
         json!({ "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"] })
     };
-    json!({ "cells": cells(kind, object), "object": embedded })
+    let cells = match kind.custom {
+        Some(custom) => custom_cells(custom, object),
+        None => cells(kind, object),
+    };
+    json!({ "cells": cells, "object": embedded })
 }
 
 /// A Table of `objects`.
@@ -297,9 +336,16 @@ pub fn render(
     with_columns: bool,
 ) -> Value {
     let definitions: Vec<Value> = if with_columns {
-        columns(kind)
+        let columns: Vec<(String, String, i64)> = match kind.custom {
+            Some(custom) => custom_columns(custom),
+            None => columns(kind)
+                .into_iter()
+                .map(|(n, t, p)| (n.to_string(), t.to_string(), i64::from(p)))
+                .collect(),
+        };
+        columns
             .iter()
-            .map(|(name, ty, priority)| json!({ "name": name, "type": ty, "format": if *name == "Name" { "name" } else { "" }, "description": "", "priority": priority }))
+            .map(|(name, ty, priority)| json!({ "name": name, "type": ty, "format": if name == "Name" { "name" } else { "" }, "description": "", "priority": priority }))
             .collect()
     } else {
         Vec::new()

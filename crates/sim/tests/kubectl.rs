@@ -4,63 +4,10 @@
 
 mod common;
 
-use common::{add_node, eventually, start};
+use common::{Kubectl, add_node, eventually, start};
 use std::{process::Command, time::Duration};
 
 use serde_json::json;
-use shoal_sim::Sim;
-
-struct Kubectl {
-    kubeconfig: tempfile::NamedTempFile,
-}
-
-impl Kubectl {
-    fn new(sim: &Sim) -> Kubectl {
-        let kubeconfig = tempfile::NamedTempFile::new().expect("temp kubeconfig");
-        shoal_sim::kubeconfig::write(kubeconfig.path(), &sim.url()).expect("write kubeconfig");
-        Kubectl { kubeconfig }
-    }
-
-    /// Runs kubectl; returns (success, stdout, stderr).
-    async fn run(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-        let binary = shoal_testkit::require_tool("kubectl", "install kubectl");
-        let mut command = tokio::process::Command::new(binary);
-        command
-            .env("KUBECONFIG", self.kubeconfig.path())
-            .env("HOME", std::env::temp_dir())
-            .args(args);
-        command
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = command.spawn().expect("kubectl starts");
-        if let Some(input) = stdin {
-            use tokio::io::AsyncWriteExt;
-            let mut pipe = child.stdin.take().expect("stdin");
-            pipe.write_all(input.as_bytes()).await.expect("write stdin");
-        } else {
-            drop(child.stdin.take());
-        }
-        let out = child.wait_with_output().await.expect("kubectl output");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    async fn ok(&self, args: &[&str]) -> String {
-        let (ok, stdout, stderr) = self.run(args, None).await;
-        assert!(ok, "kubectl {args:?} failed:\n{stdout}\n{stderr}");
-        stdout
-    }
-
-    async fn apply(&self, manifest: &str) -> String {
-        let (ok, stdout, stderr) = self.run(&["apply", "-f", "-"], Some(manifest)).await;
-        assert!(ok, "kubectl apply failed:\n{stdout}\n{stderr}");
-        stdout
-    }
-}
 
 fn deployment(replicas: u32) -> String {
     format!(

@@ -469,6 +469,17 @@ async fn probe_upstreams(upstreams: &[Upstream]) -> Vec<pb::UpstreamStatus> {
 /// The PoolService handlers.
 pub struct PoolApi {
     pub(crate) store: store::DeciderStore,
+    /// Why pools cannot be changed through this API (their source is elsewhere).
+    pub(crate) read_only: Option<&'static str>,
+}
+
+impl PoolApi {
+    fn writable(&self) -> Result<(), Status> {
+        match self.read_only {
+            Some(why) => Err(Status::failed_precondition(why)),
+            None => Ok(()),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -497,6 +508,7 @@ impl PoolService for PoolApi {
         &self,
         request: Request<ApplyPoolRequest>,
     ) -> Result<Response<NodePool>, Status> {
+        self.writable()?;
         let r = request.into_inner();
         let pool = match r.source {
             Some(Source::Pool(pool)) => pool,
@@ -519,6 +531,7 @@ impl PoolService for PoolApi {
         &self,
         request: Request<DeletePoolRequest>,
     ) -> Result<Response<DeletePoolResponse>, Status> {
+        self.writable()?;
         let r = request.into_inner();
         if r.name.is_empty() {
             return Err(Status::invalid_argument("name: must not be empty"));

@@ -94,6 +94,8 @@ pub struct Decider {
     /// Where the decider records the actions it takes on its own.
     audit: Option<shoal_runtime::audit::AuditLog>,
     pub(crate) last_decision_at: std::sync::Mutex<Option<SystemTime>>,
+    /// NodePool resources and Events, when the decider talks to Kubernetes.
+    kube: Option<Arc<crate::k8s::KubeFace>>,
 }
 
 fn decision_id() -> String {
@@ -147,6 +149,7 @@ impl Decider {
             published: std::sync::Mutex::new(None),
             audit: None,
             last_decision_at: std::sync::Mutex::new(None),
+            kube: None,
         }
     }
 
@@ -183,6 +186,12 @@ impl Decider {
             })
             .await?
             .into_inner())
+    }
+
+    /// Talks to Kubernetes through `kube` (NodePool resources, Events).
+    pub fn with_kube(mut self, kube: Option<Arc<crate::k8s::KubeFace>>) -> Decider {
+        self.kube = kube;
+        self
     }
 
     /// Records the decider's own actions in `audit`.
@@ -371,6 +380,9 @@ impl Decider {
             }
         }
         drop(guard);
+        if let Some(kube) = &self.kube {
+            kube.publish(&decision, snapshot);
+        }
 
         // Metrics and status.
         for action in &decision.actions {
@@ -609,7 +621,15 @@ impl Decider {
                 );
                 shoal_runtime::supervise::panic_point("control-loop");
                 me.apply_pool_files().await;
-                me.follow_snapshots().await;
+                match me.kube.clone() {
+                    Some(kube) => {
+                        tokio::select! {
+                            _ = me.follow_snapshots() => {}
+                            _ = kube.run(me.clone()) => {}
+                        }
+                    }
+                    None => me.follow_snapshots().await,
+                }
                 Ok(())
             }
         })

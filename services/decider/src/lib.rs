@@ -4,6 +4,7 @@
 
 mod api;
 pub mod control;
+pub mod k8s;
 pub mod planner;
 pub mod stats;
 pub mod store;
@@ -26,6 +27,19 @@ pub use planner::Expander;
 pub mod leader_only {
     /// `RequestCapacity` plans and creates nodes as the leader.
     pub const REQUEST_CAPACITY: &str = "/shoal.v1.DeciderService/RequestCapacity";
+}
+
+/// Where the decider takes NodePools from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolSource {
+    /// The store, written through `PoolService` (and `poolFiles`, applied on election).
+    #[default]
+    Store,
+    /// Only `poolFiles`: `ApplyPool`/`DeletePool` are refused.
+    Files,
+    /// NodePool custom resources (`kubectl apply -f`): `ApplyPool`/`DeletePool` are refused.
+    Crd,
 }
 
 /// `service:` settings of the decider.
@@ -55,6 +69,13 @@ pub struct DeciderSettings {
     /// How long a pool whose launches failed waits before growing again (doubling per failed
     /// scale-up in a row).
     pub failure_backoff: planner::Backoff,
+    /// Where pools come from: store, files or crd.
+    pub pool_source: PoolSource,
+    /// The Kubernetes API, for NodePool resources (their status, and pools with
+    /// `poolSource: crd`) and Events on pods and nodes. Unset: the decider does not talk to
+    /// Kubernetes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<shoal_kube::KubeSettings>,
 }
 
 impl Default for DeciderSettings {
@@ -69,6 +90,8 @@ impl Default for DeciderSettings {
             history_limit: 500,
             history_max_age: std::time::Duration::from_secs(7 * 24 * 3600),
             failure_backoff: planner::Backoff::default(),
+            pool_source: PoolSource::Store,
+            kube: None,
         }
     }
 }
@@ -109,6 +132,24 @@ impl ServiceSettings for DeciderSettings {
         if b.max > std::time::Duration::from_secs(24 * 3600) {
             errors.add("service.failureBackoff.max", "must be at most 24h");
         }
+        if let Some(kube) = &self.kube {
+            kube.validate("service.kube", errors);
+        }
+        match self.pool_source {
+            PoolSource::Crd if self.kube.is_none() => errors.add(
+                "service.kube",
+                "required with poolSource: crd (the decider reads NodePool resources); `kube: {}` uses what kubectl would",
+            ),
+            PoolSource::Crd if !self.pool_files.is_empty() => errors.add(
+                "service.poolFiles",
+                "must be empty with poolSource: crd (pools come from NodePool resources)",
+            ),
+            PoolSource::Files if self.pool_files.is_empty() => errors.add(
+                "service.poolFiles",
+                "must name at least one file with poolSource: files",
+            ),
+            _ => {}
+        }
         for (i, file) in self.pool_files.iter().enumerate() {
             if let Err(why) = control::load_pool_file(file) {
                 errors.add(format!("service.poolFiles[{i}]"), format!("{file}: {why}"));
@@ -140,6 +181,35 @@ pub async fn serve(
             service_names::PROVISIONER,
         )?,
     ];
+    let kube = match &settings.kube {
+        Some(kube_settings) => {
+            let dependency = |e: shoal_kube::KubeError| HostError::Dependency {
+                what: "kubernetes",
+                message: e.to_string(),
+            };
+            let client = shoal_kube::connect(kube_settings)
+                .await
+                .map_err(dependency)?;
+            let watch_client = shoal_kube::connect_for_watch(kube_settings)
+                .await
+                .map_err(dependency)?;
+            Some(Arc::new(k8s::KubeFace::new(
+                client,
+                watch_client,
+                settings.pool_source == PoolSource::Crd,
+            )))
+        }
+        None => None,
+    };
+    let read_only_pools = match settings.pool_source {
+        PoolSource::Store => None,
+        PoolSource::Files => Some(
+            "pools come from files (service.poolSource: files); edit the files named in service.poolFiles",
+        ),
+        PoolSource::Crd => Some(
+            "pools come from NodePool resources (service.poolSource: crd); use kubectl apply/delete",
+        ),
+    };
     let tasks = shutdown.child_token();
     let pools = PrefixCache::start(store.clone(), keys::POOLS, tasks.clone());
     let claims = PrefixCache::start(store.clone(), keys::CLAIMS, tasks.clone());
@@ -156,7 +226,8 @@ pub async fn serve(
             host.election(),
             stats,
         )
-        .with_audit(host.audit_log()),
+        .with_audit(host.audit_log())
+        .with_kube(kube),
     );
     host.supervisor().spawn("control-loop", {
         let decider = decider.clone();
@@ -167,6 +238,7 @@ pub async fn serve(
     let routes = Routes::new(DeciderServiceServer::new(api).max_decoding_message_size(256 << 20))
         .add_service(PoolServiceServer::new(api::PoolApi {
             store: decider_store,
+            read_only: read_only_pools,
         }));
     let result = host
         .serve(

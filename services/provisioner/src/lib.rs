@@ -10,6 +10,7 @@ mod driver;
 pub mod externalgrpc;
 pub mod guard;
 pub mod lifecycle;
+mod mirror;
 pub mod nodes;
 mod repair;
 pub mod requests;
@@ -154,6 +155,10 @@ pub struct ProvisionerSettings {
     /// stock Cluster Autoscaler can drive this provisioner's backends.
     #[serde(default)]
     pub external_grpc: bool,
+    /// Mirror claim records as NodeClaim resources (`kubectl get nodeclaims`); needs the CRDs
+    /// of deploy/k8s/crds installed.
+    #[serde(default)]
+    pub node_claims: bool,
 }
 
 fn default_ttl() -> Duration {
@@ -177,6 +182,7 @@ impl Default for ProvisionerSettings {
             drain_poll_interval: default_poll(),
             retention: RetentionSettings::default(),
             external_grpc: false,
+            node_claims: false,
         }
     }
 }
@@ -244,6 +250,7 @@ pub async fn serve(
 ) -> Result<(), HostError> {
     let settings = config.service.clone();
     let external_grpc = settings.external_grpc;
+    let node_claims = settings.node_claims;
     let Some(mut host) = Host::start(config, &shutdown).await? else {
         return Ok(());
     };
@@ -335,6 +342,8 @@ pub async fn serve(
             message: e.to_string(),
         })?;
     let nodes = nodes::NodeIndex::start(watch_client, tasks.clone());
+    let claims_cache = caches[1].clone();
+    let mirror_client = client.clone();
     let provisioner = Arc::new(lifecycle::Provisioner::new(
         settings,
         cluster,
@@ -360,6 +369,17 @@ pub async fn serve(
             }
         }
     });
+    if node_claims {
+        let leader = host.leader();
+        host.supervisor().spawn("nodeclaim-mirror", move |token| {
+            mirror::run(
+                mirror_client.clone(),
+                claims_cache.clone(),
+                leader.clone(),
+                token,
+            )
+        });
+    }
     host.leader_only(&[leader_only::REPAIR]);
     let mut names = vec![service_names::PROVISIONER];
     let mut routes = Routes::new(ProvisionerServiceServer::new(api::ProvisionerApi {
