@@ -312,9 +312,9 @@ fn parse_query(uri: &Uri) -> Result<Query, ApiError> {
                 })?
             }
             "continue" if !value.is_empty() => q.continue_token = Some(value),
-            "watch" => q.watch = value == "true" || value == "1",
+            "watch" => q.watch = parse_bool(&value),
             "resourceVersion" => q.resource_version = Some(value),
-            "allowWatchBookmarks" => q.allow_bookmarks = value == "true" || value == "1",
+            "allowWatchBookmarks" => q.allow_bookmarks = parse_bool(&value),
             "fieldValidation" => q.field_validation = Some(value),
             "includeObject" => q.include_object = value == "Object",
             "timeoutSeconds" => {
@@ -327,6 +327,12 @@ fn parse_query(uri: &Uri) -> Result<Query, ApiError> {
         }
     }
     Ok(q)
+}
+
+/// A boolean query parameter as the API server reads it (Go's `strconv.ParseBool`: the Python
+/// client sends `watch=True`).
+fn parse_bool(value: &str) -> bool {
+    matches!(value, "1" | "t" | "T" | "true" | "TRUE" | "True")
 }
 
 /// Decodes `a=b&c=d` (percent-decoding, `+` as space).

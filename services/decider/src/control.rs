@@ -662,8 +662,25 @@ impl Decider {
                 .await;
             let Ok(stream) = opened else { continue };
             let mut stream = stream.into_inner();
+            // A pool applied or changed is planned for at once, not at the next snapshot.
+            let mut pools_changed = self.pools.changes();
+            pools_changed.borrow_and_update();
             loop {
-                match stream.message().await {
+                let message = tokio::select! {
+                    message = stream.message() => message,
+                    changed = pools_changed.changed() => {
+                        if changed.is_ok() {
+                            match self.fetch_snapshot().await {
+                                Ok(snapshot) => self.decide_snapshot(snapshot).await,
+                                Err(status) => tracing::debug!(code = ?status.code(), "no snapshot after a pool change"),
+                            }
+                        } else {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        continue;
+                    }
+                };
+                match message {
                     Ok(Some(snapshot)) => {
                         self.decide_snapshot(snapshot).await;
                     }

@@ -49,8 +49,10 @@ pub struct KubeFace {
     client: Client,
     /// Without a read deadline, for the NodePool watch.
     watch_client: Client,
-    /// Pools come from NodePool resources.
+    /// Pools come from NodePool resources (whose status this face writes).
     pub crd_pools: bool,
+    /// Events are written.
+    pub events: bool,
     tx: mpsc::Sender<Published>,
     rx: tokio::sync::Mutex<mpsc::Receiver<Published>>,
     /// Last decision that acted on each pool: (id, reason).
@@ -61,12 +63,13 @@ pub struct KubeFace {
 
 impl KubeFace {
     /// A face on `client`.
-    pub fn new(client: Client, watch_client: Client, crd_pools: bool) -> KubeFace {
+    pub fn new(client: Client, watch_client: Client, crd_pools: bool, events: bool) -> KubeFace {
         let (tx, rx) = mpsc::channel(QUEUE);
         KubeFace {
             client,
             watch_client,
             crd_pools,
+            events,
             tx,
             rx: tokio::sync::Mutex::new(rx),
             last_action: Mutex::new(HashMap::new()),
@@ -87,8 +90,8 @@ impl KubeFace {
                 last.insert(pool.clone(), (decision.id.clone(), reason.clone()));
             }
         }
-        let interesting =
-            !decision.actions.is_empty() || decision.outcomes.iter().any(|o| o.unplaced > 0);
+        let interesting = self.events
+            && (!decision.actions.is_empty() || decision.outcomes.iter().any(|o| o.unplaced > 0));
         if !interesting {
             return;
         }
@@ -103,14 +106,18 @@ impl KubeFace {
 
     /// The leader's work until dropped: pool sync (CRD source), status, Events.
     pub async fn run(self: Arc<Self>, decider: Arc<Decider>) {
-        let sync = async {
+        let pools = async {
             if self.crd_pools {
-                self.sync_pools(&decider).await
-            } else {
-                futures::future::pending().await
+                tokio::join!(self.sync_pools(&decider), self.keep_status(&decider));
             }
         };
-        tokio::join!(sync, self.keep_status(&decider), self.write_events());
+        let events = async {
+            if self.events {
+                self.write_events().await
+            }
+        };
+        tokio::join!(pools, events);
+        futures::future::pending::<()>().await
     }
 
     /// Applies every NodePool resource to the store and deletes stored pools that have none.

@@ -71,11 +71,19 @@ pub struct DeciderSettings {
     pub failure_backoff: planner::Backoff,
     /// Where pools come from: store, files or crd.
     pub pool_source: PoolSource,
-    /// The Kubernetes API, for NodePool resources (their status, and pools with
-    /// `poolSource: crd`) and Events on pods and nodes. Unset: the decider does not talk to
-    /// Kubernetes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kube: Option<shoal_kube::KubeSettings>,
+    /// Write Events like Cluster Autoscaler's (TriggeredScaleUp, NotTriggerScaleUp, ScaleDown)
+    /// on pods and nodes, naming the decision.
+    pub events: bool,
+    /// The Kubernetes API, used with `poolSource: crd` (NodePool resources and their status)
+    /// and `events: true`; otherwise the decider does not talk to Kubernetes.
+    pub kube: shoal_kube::KubeSettings,
+}
+
+impl DeciderSettings {
+    /// Whether the decider talks to the Kubernetes API.
+    pub fn uses_kube(&self) -> bool {
+        self.events || self.pool_source == PoolSource::Crd
+    }
 }
 
 impl Default for DeciderSettings {
@@ -91,7 +99,8 @@ impl Default for DeciderSettings {
             history_max_age: std::time::Duration::from_secs(7 * 24 * 3600),
             failure_backoff: planner::Backoff::default(),
             pool_source: PoolSource::Store,
-            kube: None,
+            events: false,
+            kube: shoal_kube::KubeSettings::default(),
         }
     }
 }
@@ -132,14 +141,10 @@ impl ServiceSettings for DeciderSettings {
         if b.max > std::time::Duration::from_secs(24 * 3600) {
             errors.add("service.failureBackoff.max", "must be at most 24h");
         }
-        if let Some(kube) = &self.kube {
-            kube.validate("service.kube", errors);
+        if self.uses_kube() {
+            self.kube.validate("service.kube", errors);
         }
         match self.pool_source {
-            PoolSource::Crd if self.kube.is_none() => errors.add(
-                "service.kube",
-                "required with poolSource: crd (the decider reads NodePool resources); `kube: {}` uses what kubectl would",
-            ),
             PoolSource::Crd if !self.pool_files.is_empty() => errors.add(
                 "service.poolFiles",
                 "must be empty with poolSource: crd (pools come from NodePool resources)",
@@ -181,7 +186,7 @@ pub async fn serve(
             service_names::PROVISIONER,
         )?,
     ];
-    let kube = match &settings.kube {
+    let kube = match settings.uses_kube().then_some(&settings.kube) {
         Some(kube_settings) => {
             let dependency = |e: shoal_kube::KubeError| HostError::Dependency {
                 what: "kubernetes",
@@ -197,6 +202,7 @@ pub async fn serve(
                 client,
                 watch_client,
                 settings.pool_source == PoolSource::Crd,
+                settings.events,
             )))
         }
         None => None,
