@@ -58,6 +58,7 @@ fn the_kustomization_renders_hardened_least_privilege_manifests() {
             .entry(o["kind"].as_str().unwrap_or("?").to_string())
             .or_default() += 1;
         if o["kind"] != "Namespace"
+            && o["kind"] != "CustomResourceDefinition"
             && o["kind"] != "ClusterRole"
             && o["kind"] != "ClusterRoleBinding"
         {
@@ -157,12 +158,22 @@ fn the_kustomization_renders_hardened_least_privilege_manifests() {
         rules("shoal-reconciler"),
         [("nodes".to_string(), "list".to_string())]
     );
-    assert!(
-        !objects
-            .iter()
-            .any(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "shoal-decider"),
-        "the decider makes no Kubernetes call"
+    let pair = |r: &str, v: &str| (r.to_string(), v.to_string());
+    assert_eq!(
+        rules("shoal-decider"),
+        [
+            pair("nodepools", "get"),
+            pair("nodepools", "list"),
+            pair("nodepools", "watch"),
+            pair("nodepools/status", "patch"),
+            pair("pods", "list"),
+            pair("events", "create"),
+        ],
+        "the decider reads NodePools, writes their status and Events, nothing else"
     );
+    for crd in ["nodepools.shoal.dev", "nodeclaims.shoal.dev"] {
+        find(&objects, "CustomResourceDefinition", crd);
+    }
 
     let etcd = find(&objects, "StatefulSet", "shoal-etcd");
     assert_eq!(etcd["spec"]["replicas"], 3);
