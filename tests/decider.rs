@@ -391,7 +391,7 @@ fn a_deployment_that_does_not_fit_gets_a_scale_up_decision_within_a_second() {
         decision
             .reasons
             .iter()
-            .any(|r| r.contains("default/web ×4")),
+            .any(|r| r.contains("default/web-") && r.contains(" ×4")),
         "{:?}",
         decision.reasons
     );

@@ -2,7 +2,8 @@
 //! that the `kube` crate, `kubectl` and Shoal's services work against it unchanged.
 //!
 //! Served: the API-server subset (discovery, Namespaces, Nodes, Pods + status/binding, Events,
-//! Deployments + status/scale, PodDisruptionBudgets, Leases; get/list with selectors and
+//! PodTemplates, Deployments and ReplicaSets + status/scale, PodDisruptionBudgets, Leases,
+//! CustomResourceDefinitions and their resources; get/list with selectors and
 //! pagination, watch with resourceVersion/bookmarks/410, create/update/patch/delete, `Status`
 //! errors), a scheduler with the real filters, simulated kubelets, a deployment controller, and
 //! the sim cloud API, and pod eviction honouring PodDisruptionBudgets. Metrics in node-exporter/kube-state-metrics/cAdvisor form on `/metrics`. Not yet: node

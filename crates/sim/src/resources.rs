@@ -131,6 +131,18 @@ pub const KINDS: &[ResourceKind] = &[
         custom: None,
     },
     ResourceKind {
+        group: "apps",
+        version: "v1",
+        plural: "replicasets",
+        singular: "replicaset",
+        kind: "ReplicaSet",
+        namespaced: true,
+        short_names: &["rs"],
+        subresources: &["status", "scale"],
+        fields: &[],
+        custom: None,
+    },
+    ResourceKind {
         group: "policy",
         version: "v1",
         plural: "poddisruptionbudgets",

@@ -115,6 +115,16 @@ fn columns(kind: &ResourceKind) -> Vec<(&'static str, &'static str, u8)> {
             ("Images", "string", 1),
             ("Selector", "string", 1),
         ],
+        "ReplicaSet" => vec![
+            ("Name", "string", 0),
+            ("Desired", "integer", 0),
+            ("Current", "integer", 0),
+            ("Ready", "integer", 0),
+            ("Age", "string", 0),
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
+        ],
         "PodDisruptionBudget" => vec![
             ("Name", "string", 0),
             ("Min Available", "string", 0),
@@ -245,6 +255,39 @@ fn cells(kind: &ResourceKind, v: &Value) -> Vec<Value> {
                 json!(age(v)),
                 json!(containers.join(",")),
                 json!(images.join(",")),
+                json!(selector.join(",")),
+            ]
+        }
+        "ReplicaSet" => {
+            let n = |p: &str| v.pointer(p).and_then(Value::as_i64).unwrap_or(0);
+            let list = |field: &str| -> String {
+                v.pointer("/spec/template/spec/containers")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c[field].as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let selector: Vec<String> = v
+                .pointer("/spec/selector/matchLabels")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .map(|(k, val)| format!("{k}={}", val.as_str().unwrap_or_default()))
+                .collect();
+            vec![
+                json!(name),
+                json!(
+                    v.pointer("/spec/replicas")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(1)
+                ),
+                json!(n("/status/replicas")),
+                json!(n("/status/readyReplicas")),
+                json!(age(v)),
+                json!(list("name")),
+                json!(list("image")),
                 json!(selector.join(",")),
             ]
         }

@@ -4,7 +4,7 @@
 //! in the real API server.
 
 use k8s_openapi::api::{
-    apps::v1::Deployment,
+    apps::v1::{Deployment, ReplicaSet},
     coordination::v1::Lease,
     core::v1::{Event, Namespace, Node, Pod},
     policy::v1::PodDisruptionBudget,
@@ -72,6 +72,11 @@ pub fn unknown_fields(kind: &ResourceKind, object: &Value) -> Vec<String> {
         "Namespace" => ignored::<Namespace>(object),
         "Event" => ignored::<Event>(object),
         "Deployment" => ignored::<Deployment>(object),
+        "ReplicaSet" => ignored::<ReplicaSet>(object),
+        "PodTemplate" => ignored::<k8s_openapi::api::core::v1::PodTemplate>(object),
+        "CustomResourceDefinition" => ignored::<
+            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+        >(object),
         "PodDisruptionBudget" => ignored::<PodDisruptionBudget>(object),
         "Lease" => ignored::<Lease>(object),
         _ => Vec::new(),

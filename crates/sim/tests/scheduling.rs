@@ -115,8 +115,12 @@ async fn unschedulable_until_a_cloud_node_arrives_then_running() {
         (running == 3).then_some(())
     })
     .await;
-    let d = deployments.get("web").await.expect("deployment");
-    assert_eq!(d.status.as_ref().and_then(|s| s.ready_replicas), Some(3));
+    // The Deployment's status follows its ReplicaSet's.
+    eventually("the deployment reports 3 ready", async || {
+        let d = deployments.get("web").await.ok()?;
+        (d.status.as_ref().and_then(|s| s.ready_replicas) == Some(3)).then_some(())
+    })
+    .await;
 
     // Scale down through the scale subresource; the controller removes pods.
     deployments
