@@ -166,11 +166,19 @@ fn collect_garbage(store: &Store, kind: &'static ResourceKind, owner: &Stored, o
 /// load, not the pod spec: they do not count, so a load change rolls nothing out.
 pub fn template_hash(template: &Value) -> String {
     let mut template = template.clone();
-    if let Some(annotations) = template
-        .pointer_mut("/metadata/annotations")
-        .and_then(Value::as_object_mut)
-    {
-        annotations.retain(|k, _| !k.starts_with("sim.shoal.dev/"));
+    if let Some(metadata) = template.get_mut("metadata").and_then(Value::as_object_mut) {
+        if let Some(annotations) = metadata
+            .get_mut("annotations")
+            .and_then(Value::as_object_mut)
+        {
+            annotations.retain(|k, _| !k.starts_with("sim.shoal.dev/"));
+            if annotations.is_empty() {
+                metadata.remove("annotations");
+            }
+        }
+        if metadata.is_empty() {
+            template.as_object_mut().map(|t| t.remove("metadata"));
+        }
     }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     template.to_string().hash(&mut hasher);

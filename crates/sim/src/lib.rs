@@ -30,6 +30,7 @@ pub mod scheduler;
 pub mod selector;
 pub mod store;
 pub mod table;
+pub mod tls;
 pub mod validation;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -51,6 +52,8 @@ pub struct SimConfig {
     pub boot: cloud::BootTiming,
     /// Heartbeats and the node lifecycle controller.
     pub lifecycle: lifecycle::LifecycleTiming,
+    /// Serve HTTPS with a CA generated at start ([`Sim::ca_pem`]).
+    pub tls: bool,
 }
 
 impl Default for SimConfig {
@@ -62,6 +65,7 @@ impl Default for SimConfig {
             kubelet: kubelet::KubeletTiming::default(),
             boot: cloud::BootTiming::default(),
             lifecycle: lifecycle::LifecycleTiming::default(),
+            tls: false,
         }
     }
 }
@@ -74,6 +78,8 @@ pub struct Sim {
     pub store: Arc<store::Store>,
     /// In-process kubelets that are stopped (their nodes stop heartbeating).
     pub killed: lifecycle::KilledNodes,
+    /// The CA of the serving certificate, when serving HTTPS.
+    pub ca_pem: Option<String>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -82,6 +88,12 @@ impl Sim {
     pub async fn start(config: SimConfig, shutdown: CancellationToken) -> std::io::Result<Sim> {
         let listener = tokio::net::TcpListener::bind(config.addr).await?;
         let addr = listener.local_addr()?;
+        let serving = if config.tls {
+            Some(tls::generate(addr).map_err(std::io::Error::other)?)
+        } else {
+            None
+        };
+        let ca_pem = serving.as_ref().map(|s| s.ca_pem.clone());
         let store = store::Store::new(config.watch_history);
         let state = Arc::new(api::ApiState {
             store: store.clone(),
@@ -113,19 +125,30 @@ impl Sim {
             config.lifecycle,
             shutdown.clone(),
         ));
-        let task = tokio::spawn(async move {
-            // Small responses go out at once (Nagle + delayed ACK would add ~40 ms per call).
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        });
+        let task = match serving {
+            Some(serving) => {
+                let listener = tls::TlsListener::new(listener, serving.config, shutdown.clone())?;
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown.cancelled_owned())
+                        .await
+                })
+            }
+            None => tokio::spawn(async move {
+                // Small responses go out at once (Nagle + delayed ACK would add ~40 ms per call).
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+            }),
+        };
         Ok(Sim {
             addr,
             store,
             killed,
+            ca_pem,
             task,
         })
     }
@@ -144,9 +167,19 @@ impl Sim {
         ))
     }
 
-    /// `http://<addr>`.
+    /// `http://<addr>`, or `https://` when serving TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig for this simulator (trusting its CA when it serves HTTPS).
+    pub fn write_kubeconfig(&self, path: &std::path::Path) -> std::io::Result<()> {
+        kubeconfig::write_with_ca(path, &self.url(), self.ca_pem.as_deref())
     }
 
     /// Waits for the server to stop.

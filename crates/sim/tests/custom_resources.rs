@@ -405,3 +405,52 @@ async fn version_with_a_trailing_slash_and_failed_scheduling_events() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_the_generated_ca_in_the_kubeconfig() {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let sim = shoal_sim::Sim::start(
+        shoal_sim::SimConfig {
+            tls: true,
+            ..common::fast_config()
+        },
+        shutdown.clone(),
+    )
+    .await
+    .expect("the simulator starts with TLS");
+    assert!(sim.url().starts_with("https://"), "{}", sim.url());
+    let dir = tempfile::tempdir().expect("dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    sim.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+
+    // kubectl verifies the server with the CA from the kubeconfig.
+    let kubectl = Kubectl::from_file(&kubeconfig);
+    add_node(&sim, "node-a", "4", json!({}), json!([])).await;
+    eventually("kubectl lists the node over HTTPS", async || {
+        kubectl.ok(&["get", "nodes", "-o", "name"]).await.trim() == "node/node-a"
+    })
+    .await;
+    // So does the kube crate, from the same file.
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&kubeconfig).expect("read kubeconfig"),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("config");
+    let client = kube::Client::try_from(config).expect("client");
+    let version = client.apiserver_version().await.expect("version over TLS");
+    assert_eq!(version.major, "1");
+    // A client that does not trust the CA is refused.
+    let untrusting = reqwest::Client::builder()
+        .use_rustls_tls()
+        .build()
+        .expect("client");
+    assert!(
+        untrusting
+            .get(format!("{}/version", sim.url()))
+            .send()
+            .await
+            .is_err()
+    );
+    shutdown.cancel();
+}

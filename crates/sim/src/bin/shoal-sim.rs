@@ -43,6 +43,9 @@ enum Command {
         /// Sim cloud: up to this much more, at random.
         #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
         boot_jitter: Duration,
+        /// Serve HTTPS with a CA generated at start (written into the kubeconfig).
+        #[arg(long)]
+        tls: bool,
     },
     /// Run one simulated node as this process (registers, heartbeats, runs its pods).
     Agent {
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
             scenario,
             boot_delay,
             boot_jitter,
+            tls,
         } => {
             let scenario = match scenario
                 .as_deref()
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
                     delay: boot_delay,
                     jitter: boot_jitter,
                 },
+                tls,
                 ..shoal_sim::SimConfig::default()
             };
             runtime.block_on(serve(config, kubeconfig, scenario))
@@ -241,7 +246,7 @@ async fn serve(
         }
     };
     if let Some(path) = &kubeconfig
-        && let Err(err) = shoal_sim::kubeconfig::write(path, &sim.url())
+        && let Err(err) = sim.write_kubeconfig(path)
     {
         eprintln!(
             "shoal-sim: cannot write kubeconfig {}: {err}",

@@ -81,7 +81,14 @@ pub async fn add_node(
     labels: serde_json::Value,
     taints: serde_json::Value,
 ) -> serde_json::Value {
-    let response = reqwest::Client::new()
+    let mut client = reqwest::Client::builder();
+    if let Some(ca) = &sim.ca_pem {
+        client =
+            client.add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).expect("CA"));
+    }
+    let response = client
+        .build()
+        .expect("client")
         .post(format!("{}/cloud/v1/instances", sim.url()))
         .json(&json!({ "name": name, "labels": labels, "taints": taints, "capacity": { "cpu": cpu, "memory": "8Gi" } }))
         .send()
@@ -102,6 +109,13 @@ impl Kubectl {
     pub fn new(sim: &Sim) -> Kubectl {
         let kubeconfig = tempfile::NamedTempFile::new().expect("temp kubeconfig");
         shoal_sim::kubeconfig::write(kubeconfig.path(), &sim.url()).expect("write kubeconfig");
+        Kubectl { kubeconfig }
+    }
+
+    /// kubectl with (a copy of) the kubeconfig at `path`.
+    pub fn from_file(path: &std::path::Path) -> Kubectl {
+        let kubeconfig = tempfile::NamedTempFile::new().expect("temp kubeconfig");
+        std::fs::copy(path, kubeconfig.path()).expect("copy kubeconfig");
         Kubectl { kubeconfig }
     }
 
