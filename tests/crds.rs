@@ -90,6 +90,8 @@ impl Cluster {
             &[],
         );
         provisioner.wait_ready();
+        // A pool stored before the switch to `poolSource: crd`, with no NodePool: it goes.
+        shoal_e2e::EtcdReader::new(&etcd).put_pool(&pool("legacy", "2"));
         let mut decider = Running::start(
             "shoal-decider",
             "crd-decider",
@@ -182,6 +184,24 @@ fn nodepools_applied_with_kubectl_drive_scaling_and_show_it() {
         (cluster.pods("web", "Pending").len() == 6).then_some(())
     });
     assert!(pending.is_some(), "6 web pods pending");
+
+    // The stored pool without a NodePool is gone once the decider leads.
+    let legacy_gone = wait_for(Duration::from_secs(10), || {
+        let out = grpcurl(&[
+            "-plaintext",
+            "-d",
+            "{}",
+            &cluster.decider.grpc.to_string(),
+            "shoal.v1.PoolService/ListPools",
+        ]);
+        (out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("legacy"))
+            .then_some(())
+    });
+    assert!(
+        legacy_gone.is_some(),
+        "a stored pool without a NodePool is deleted\n{}",
+        cluster.logs()
+    );
 
     // An invalid NodePool is refused by the schema, with the field path.
     let (ok, _, stderr) = kubectl_try(

@@ -59,6 +59,8 @@ pub struct KubeFace {
     last_action: Mutex<HashMap<String, (String, String)>>,
     /// Validation errors of NodePool resources the store refused, by name.
     invalid: Mutex<HashMap<String, String>>,
+    /// The NodePool watch has listed every resource once.
+    synced: std::sync::atomic::AtomicBool,
 }
 
 impl KubeFace {
@@ -74,6 +76,7 @@ impl KubeFace {
             rx: tokio::sync::Mutex::new(rx),
             last_action: Mutex::new(HashMap::new()),
             invalid: Mutex::new(HashMap::new()),
+            synced: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -134,6 +137,8 @@ impl KubeFace {
                 }
                 Ok(watcher::Event::Apply(pool)) => self.apply(decider, &pool).await,
                 Ok(watcher::Event::InitDone) => {
+                    self.synced
+                        .store(true, std::sync::atomic::Ordering::Release);
                     // Pools whose resource is gone (deleted while no decider led).
                     if let Ok(stored) = decider.store.list_pools().await {
                         for pool in stored.iter().filter(|p| !seen.contains(&p.name)) {
@@ -210,10 +215,19 @@ impl KubeFace {
     }
 
     async fn write_status(&self, api: &Api<NodePool>, decider: &Decider) -> Result<(), String> {
+        // Stored pools first, then the resources: a pool stored meanwhile is not in the first
+        // list, so it cannot be mistaken for one whose resource is gone.
+        let stored = decider
+            .store
+            .list_pools()
+            .await
+            .map_err(|e| e.to_string())?;
         let resources = api
             .list(&ListParams::default())
             .await
             .map_err(|e| e.to_string())?;
+        self.remove_orphans(decider, &stored, &resources.items)
+            .await;
         let claims = decider.claims_now().await.map_err(|e| e.to_string())?;
         for resource in resources {
             let Some(name) = resource.metadata.name.clone() else {
@@ -319,6 +333,33 @@ impl KubeFace {
                 .map_err(|e| format!("{name}: {e}"))?;
         }
         Ok(())
+    }
+
+    /// Deletes stored pools that have no NodePool (their removal was refused while they had live
+    /// claims, or they predate `poolSource: crd`), once the first list of resources was seen.
+    async fn remove_orphans(
+        &self,
+        decider: &Decider,
+        stored: &[pb::NodePool],
+        resources: &[NodePool],
+    ) {
+        if !self.synced.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        for pool in stored {
+            if resources
+                .iter()
+                .any(|r| r.metadata.name.as_deref() == Some(pool.name.as_str()))
+            {
+                continue;
+            }
+            match decider.store.delete_pool(&pool.name, 0).await {
+                Ok(()) => tracing::info!(pool = %pool.name, "pool without a NodePool deleted"),
+                Err(err) => {
+                    tracing::debug!(pool = %pool.name, error = %err, "pool without a NodePool kept for now")
+                }
+            }
+        }
     }
 
     /// Writes the Events of each published decision.
