@@ -442,3 +442,64 @@ fn the_python_kubernetes_client_manages_nodepools() {
         "{refused}"
     );
 }
+
+#[test]
+fn a_claim_that_fails_shows_on_its_nodeclaim_and_its_pool() {
+    let cluster = Cluster::start();
+    let kubeconfig = cluster.kubeconfig();
+    // Every instance fails to boot: its claim fails (an unavailable backend would only make
+    // claims wait).
+    let (code, body) = shoal_testkit::http_request(
+        cluster.sim.addr(),
+        "PUT",
+        "/cloud/v1/faults",
+        Some(r#"{"bootFailureRate": 1.0}"#),
+    )
+    .expect("sim faults");
+    assert_eq!(code, 200, "{body}");
+    kubectl(&kubeconfig, &["apply", "-f", "-"], &pool("general", "2"));
+    kubectl(
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        &deployment_yaml("web", 2, "1500m", "1Gi", None),
+    );
+    let failed = wait_for(Duration::from_secs(60), || {
+        let phases = cluster.kubectl(&[
+            "get",
+            "nodeclaims",
+            "-o",
+            "jsonpath={.items[*].status.phase}",
+        ]);
+        phases.contains("Failed").then_some(())
+    });
+    assert!(
+        failed.is_some(),
+        "a NodeClaim shows Failed\n{}",
+        cluster.logs()
+    );
+    let events = wait_for(Duration::from_secs(10), || {
+        let events = cluster.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector=reason=LaunchFailed",
+            "-o",
+            "jsonpath={range .items[*]}{.involvedObject.kind} {.type} {.message}{\"\\n\"}{end}",
+        ]);
+        (!events.trim().is_empty()).then_some(events)
+    })
+    .unwrap_or_else(|| panic!("a LaunchFailed Event\n{}", cluster.logs()));
+    assert!(
+        events.starts_with("NodeClaim Warning claim for pool general failed on backend sim"),
+        "{events}"
+    );
+    let degraded = wait_for(Duration::from_secs(10), || {
+        let d = cluster.pool_field(
+            "general",
+            "{.status.conditions[?(@.type==\"Degraded\")].status}",
+        );
+        (d == "True").then_some(())
+    });
+    assert!(degraded.is_some(), "the pool reports Degraded");
+}
