@@ -157,6 +157,20 @@ impl Cluster {
         .collect()
     }
 
+    /// `PoolService/ListPools` as JSON text, if the decider answered.
+    fn stored_pools(&self) -> Option<String> {
+        let out = grpcurl(&[
+            "-plaintext",
+            "-d",
+            "{}",
+            &self.decider.grpc.to_string(),
+            "shoal.v1.PoolService/ListPools",
+        ]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     fn logs(&self) -> String {
         format!(
             "--- decider\n{}\n--- provisioner\n{}\n--- metrics\n{}",
@@ -187,14 +201,9 @@ fn nodepools_applied_with_kubectl_drive_scaling_and_show_it() {
 
     // The stored pool without a NodePool is gone once the decider leads.
     let legacy_gone = wait_for(Duration::from_secs(10), || {
-        let out = grpcurl(&[
-            "-plaintext",
-            "-d",
-            "{}",
-            &cluster.decider.grpc.to_string(),
-            "shoal.v1.PoolService/ListPools",
-        ]);
-        (out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("legacy"))
+        cluster
+            .stored_pools()
+            .is_some_and(|pools| !pools.contains("legacy"))
             .then_some(())
     });
     assert!(
@@ -368,14 +377,10 @@ fn nodepools_applied_with_kubectl_drive_scaling_and_show_it() {
     // Deleting the NodePool deletes the pool.
     cluster.kubectl(&["delete", "nodepool", "general", "general-2"]);
     let deleted = wait_for(Duration::from_secs(10), || {
-        let out = grpcurl(&[
-            "-plaintext",
-            "-d",
-            "{}",
-            &cluster.decider.grpc.to_string(),
-            "shoal.v1.PoolService/ListPools",
-        ]);
-        (!String::from_utf8_lossy(&out.stdout).contains("general")).then_some(())
+        cluster
+            .stored_pools()
+            .is_some_and(|pools| !pools.contains("general"))
+            .then_some(())
     });
     assert!(
         deleted.is_some(),

@@ -71,6 +71,28 @@ fn s<'a>(v: &'a Value, pointer: &str) -> &'a str {
         .unwrap_or_default()
 }
 
+/// `field` of every container in a workload's pod template, comma-separated.
+fn template_containers(v: &Value, field: &str) -> String {
+    v.pointer("/spec/template/spec/containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c[field].as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A workload's `matchLabels` as `k=v,k=v`.
+fn selector_text(v: &Value) -> String {
+    v.pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, val)| format!("{k}={}", val.as_str().unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn or_none(text: String) -> String {
     if text.is_empty() {
         "<none>".into()
@@ -220,27 +242,6 @@ fn cells(kind: &ResourceKind, v: &Value) -> Vec<Value> {
         }
         "Deployment" => {
             let n = |p: &str| v.pointer(p).and_then(Value::as_i64).unwrap_or(0);
-            let containers: Vec<&str> = v
-                .pointer("/spec/template/spec/containers")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c["name"].as_str())
-                .collect();
-            let images: Vec<&str> = v
-                .pointer("/spec/template/spec/containers")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c["image"].as_str())
-                .collect();
-            let selector: Vec<String> = v
-                .pointer("/spec/selector/matchLabels")
-                .and_then(Value::as_object)
-                .into_iter()
-                .flatten()
-                .map(|(k, val)| format!("{k}={}", val.as_str().unwrap_or_default()))
-                .collect();
             vec![
                 json!(name),
                 json!(format!(
@@ -253,29 +254,13 @@ fn cells(kind: &ResourceKind, v: &Value) -> Vec<Value> {
                 json!(n("/status/updatedReplicas").to_string()),
                 json!(n("/status/availableReplicas").to_string()),
                 json!(age(v)),
-                json!(containers.join(",")),
-                json!(images.join(",")),
-                json!(selector.join(",")),
+                json!(template_containers(v, "name")),
+                json!(template_containers(v, "image")),
+                json!(selector_text(v)),
             ]
         }
         "ReplicaSet" => {
             let n = |p: &str| v.pointer(p).and_then(Value::as_i64).unwrap_or(0);
-            let list = |field: &str| -> String {
-                v.pointer("/spec/template/spec/containers")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|c| c[field].as_str())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            };
-            let selector: Vec<String> = v
-                .pointer("/spec/selector/matchLabels")
-                .and_then(Value::as_object)
-                .into_iter()
-                .flatten()
-                .map(|(k, val)| format!("{k}={}", val.as_str().unwrap_or_default()))
-                .collect();
             vec![
                 json!(name),
                 json!(
@@ -286,9 +271,9 @@ fn cells(kind: &ResourceKind, v: &Value) -> Vec<Value> {
                 json!(n("/status/replicas")),
                 json!(n("/status/readyReplicas")),
                 json!(age(v)),
-                json!(list("name")),
-                json!(list("image")),
-                json!(selector.join(",")),
+                json!(template_containers(v, "name")),
+                json!(template_containers(v, "image")),
+                json!(selector_text(v)),
             ]
         }
         "PodDisruptionBudget" => {

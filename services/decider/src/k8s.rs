@@ -127,25 +127,16 @@ impl KubeFace {
     async fn sync_pools(&self, decider: &Decider) {
         let api: Api<NodePool> = Api::all(self.watch_client.clone());
         let mut events = watcher(api, watcher::Config::default()).boxed();
-        let mut seen: Vec<String> = Vec::new();
         while let Some(event) = events.next().await {
             match event {
-                Ok(watcher::Event::Init) => seen.clear(),
-                Ok(watcher::Event::InitApply(pool)) => {
-                    seen.extend(pool.metadata.name.clone());
-                    self.apply(decider, &pool).await;
+                Ok(watcher::Event::Init) => {}
+                Ok(watcher::Event::InitApply(pool) | watcher::Event::Apply(pool)) => {
+                    self.apply(decider, &pool).await
                 }
-                Ok(watcher::Event::Apply(pool)) => self.apply(decider, &pool).await,
-                Ok(watcher::Event::InitDone) => {
-                    self.synced
-                        .store(true, std::sync::atomic::Ordering::Release);
-                    // Pools whose resource is gone (deleted while no decider led).
-                    if let Ok(stored) = decider.store.list_pools().await {
-                        for pool in stored.iter().filter(|p| !seen.contains(&p.name)) {
-                            self.remove(decider, &pool.name).await;
-                        }
-                    }
-                }
+                // Stored pools without a resource go in the status pass (`remove_orphans`).
+                Ok(watcher::Event::InitDone) => self
+                    .synced
+                    .store(true, std::sync::atomic::Ordering::Release),
                 Ok(watcher::Event::Delete(pool)) => {
                     if let Some(name) = &pool.metadata.name {
                         self.remove(decider, name).await;
