@@ -16,5 +16,12 @@ pub const UNREGISTERED_TAINT: &str = "shoal.dev/unregistered";
 pub const DO_NOT_DISRUPT: &str = "shoal.dev/do-not-disrupt";
 /// Karpenter's name for [`DO_NOT_DISRUPT`], honoured the same way.
 pub const KARPENTER_DO_NOT_DISRUPT: &str = "karpenter.sh/do-not-disrupt";
+
+/// Pods annotated with a ProvisioningRequest's name consume the capacity it booked.
+pub const CONSUME_PROVISIONING_REQUEST: &str = "autoscaling.x-k8s.io/consume-provisioning-request";
+
+/// The older annotation Cluster Autoscaler also reads.
+pub const CONSUME_PROVISIONING_REQUEST_OLD: &str =
+    "cluster-autoscaler.kubernetes.io/consume-provisioning-request";
 /// Pod annotation (Cluster Autoscaler's) that marks a pod safe or unsafe to evict.
 pub const SAFE_TO_EVICT: &str = "cluster-autoscaler.kubernetes.io/safe-to-evict";

@@ -285,6 +285,20 @@ pub fn do_not_disrupt(annotations: Option<&std::collections::BTreeMap<String, St
     })
 }
 
+/// The capacity request a pod consumes: its `autoscaling.x-k8s.io/consume-provisioning-request`
+/// annotation (or the older `cluster-autoscaler.kubernetes.io/…` one), when not empty.
+pub fn consumed_provisioning_request(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Option<String> {
+    let a = annotations?;
+    [
+        shoal_core::labels::CONSUME_PROVISIONING_REQUEST,
+        shoal_core::labels::CONSUME_PROVISIONING_REQUEST_OLD,
+    ]
+    .iter()
+    .find_map(|k| a.get(*k).filter(|v| !v.is_empty()).cloned())
+}
+
 /// The `cluster-autoscaler.kubernetes.io/safe-to-evict` annotation: `Some(true)` or
 /// `Some(false)` when set to "true"/"false", `None` otherwise.
 pub fn safe_to_evict(pod: &Pod) -> Option<bool> {

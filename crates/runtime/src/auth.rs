@@ -36,7 +36,8 @@ use crate::tls::certificate_identity;
 pub enum Role {
     /// Reads: Get, List, Watch, Evaluate, status.
     Viewer,
-    /// Operates: Pause/Resume, Apply/DeletePool, RequestCapacity, Reconcile, reading the audit log.
+    /// Operates: Pause/Resume, Apply/DeletePool, RequestCapacity/CancelCapacityRequest, Reconcile,
+    /// reading the audit log.
     Operator,
     /// Changes nodes directly: CreateNodes, DeleteNodes, Repair.
     Admin,
@@ -70,7 +71,13 @@ pub fn required_role(path: &str) -> Role {
     let method = path.rsplit('/').next().unwrap_or("");
     match method {
         "CreateNodes" | "DeleteNodes" | "Repair" | "Create" | "Delete" => Role::Admin,
-        "Pause" | "Resume" | "ApplyPool" | "DeletePool" | "RequestCapacity" | "Reconcile"
+        "Pause"
+        | "Resume"
+        | "ApplyPool"
+        | "DeletePool"
+        | "RequestCapacity"
+        | "CancelCapacityRequest"
+        | "Reconcile"
         | "ListAudit" => Role::Operator,
         m if m.starts_with("Get")
             || m.starts_with("List")

@@ -89,6 +89,14 @@ pub fn ledger(pool: &str) -> String {
     format!("ledgers/{pool}")
 }
 
+/// `capacity/`: capacity requests (ProvisioningRequests and `RequestCapacity` calls).
+pub const CAPACITY: &str = "capacity/";
+
+/// `capacity/<id>`: one capacity request and its conditions (protobuf `CapacityRequest`).
+pub fn capacity_request(id: &str) -> String {
+    format!("capacity/{id}")
+}
+
 /// `cluster`: this store's cluster identity.
 pub const CLUSTER: &str = "cluster";
 

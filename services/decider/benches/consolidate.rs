@@ -222,6 +222,7 @@ fn run(nodes: usize, max_concurrent: u32) {
             seed: sequence,
             packing_budget: DEFAULT_BUDGET,
             backoff: Default::default(),
+            bookings: Default::default(),
         });
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         history = planned.history;

@@ -324,6 +324,7 @@ fn summary(world: &World) -> String {
         seed: 1,
         packing_budget: shoal_decider::planner::packing::DEFAULT_BUDGET,
         backoff: Default::default(),
+        bookings: Default::default(),
     };
     let p = plan(&input);
     if std::env::var_os("PLAN_BENCH_VERBOSE").is_some() {
@@ -377,6 +378,7 @@ fn main() {
                     seed: 1,
                     packing_budget: shoal_decider::planner::packing::DEFAULT_BUDGET,
                     backoff: Default::default(),
+                    bookings: Default::default(),
                 })
             });
         });

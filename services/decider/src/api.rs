@@ -19,7 +19,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    control::{DecideError, Decider, Mode},
+    capacity,
+    control::{DecideError, Decider},
     store::{self, PauseRecord},
 };
 
@@ -122,6 +123,30 @@ pub struct DeciderApi {
 }
 
 impl DeciderApi {
+    /// A recorded decision by id.
+    async fn find_decision(&self, id: &str) -> Result<Decision, Status> {
+        let suffix = format!("-{id}");
+        let kvs = self
+            .decider
+            .store
+            .raw()
+            .range(keys::DECISIONS)
+            .await
+            .map_err(|e| status_from_store(&e))?;
+        let kv = kvs
+            .kvs
+            .iter()
+            .rev()
+            .find(|kv| kv.key.ends_with(&suffix))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "decision {id} not found (history keeps the latest {})",
+                    self.decider.settings.history_limit
+                ))
+            })?;
+        Ok(store::decode_decision(kv)?)
+    }
+
     async fn status(&self) -> Result<DeciderStatus, Status> {
         let d = &self.decider;
         let (leader, upstreams, paused) = tokio::join!(
@@ -193,7 +218,8 @@ impl DeciderService for DeciderApi {
             .as_ref()
             .map_or_else(SystemTime::now, snapshot::system_time);
         let history = d.history_now().await?;
-        let plan = d.evaluate(&snapshot, &pools, &claims, &history, now);
+        let booked = d.capacity.for_loop(&snapshot, &claims).await;
+        let plan = d.evaluate(&snapshot, &pools, &claims, &history, now, &booked, false);
         Ok(Response::new(plan.decision))
     }
 
@@ -205,26 +231,7 @@ impl DeciderService for DeciderApi {
         if id.is_empty() {
             return Err(Status::invalid_argument("id: must not be empty"));
         }
-        let suffix = format!("-{id}");
-        let kvs = self
-            .decider
-            .store
-            .raw()
-            .range(keys::DECISIONS)
-            .await
-            .map_err(|e| status_from_store(&e))?;
-        let kv = kvs
-            .kvs
-            .iter()
-            .rev()
-            .find(|kv| kv.key.ends_with(&suffix))
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "decision {id} not found (history keeps the latest {})",
-                    self.decider.settings.history_limit
-                ))
-            })?;
-        Ok(Response::new(store::decode_decision(kv)?))
+        Ok(Response::new(self.find_decision(&id).await?))
     }
 
     async fn list_decisions(
@@ -345,83 +352,66 @@ impl DeciderService for DeciderApi {
         if r.requester.len() > 253 {
             errors.add("requester", "must be at most 253 characters");
         }
-        if r.pods.is_empty() {
-            errors.add("pods", "must list at least one pod");
+        if r.idempotency_key.len() > 128 {
+            errors.add("idempotencyKey", "must be at most 128 characters");
         }
-        if r.pods.len() > 100 {
+        if !(0..=7 * 86400).contains(&r.valid_until_seconds) {
             errors.add(
-                "pods",
-                format!("{} pod sets; at most 100 in one request", r.pods.len()),
+                "validUntilSeconds",
+                format!("{} is not between 0 and 604800", r.valid_until_seconds),
             );
         }
-        for (i, item) in r.pods.iter().enumerate() {
-            if item.count <= 0 || item.count > 10_000 {
-                errors.add(
-                    format!("pods[{i}].count"),
-                    format!("{} is not between 1 and 10000", item.count),
-                );
-            }
-            let requests = item
-                .pod
-                .as_ref()
-                .and_then(|p| p.requests.clone())
-                .unwrap_or_default();
-            if requests.cpu_millis <= 0 && requests.memory_bytes <= 0 {
-                errors.add(
-                    format!("pods[{i}].pod.requests"),
-                    "must request some cpu or memory",
-                );
-            }
-            if requests.cpu_millis < 0 || requests.memory_bytes < 0 {
-                errors.add(format!("pods[{i}].pod.requests"), "must not be negative");
-            }
+        let class = pb::CapacityClass::try_from(r.class).unwrap_or_else(|_| {
+            errors.add("class", format!("{} is not a CapacityClass", r.class));
+            pb::CapacityClass::Unspecified
+        });
+        let class = if class == pb::CapacityClass::Unspecified {
+            pb::CapacityClass::AtomicScaleUp
+        } else {
+            class
+        };
+        if class == pb::CapacityClass::CheckCapacity && r.valid_until_seconds != 0 {
+            errors.add(
+                "validUntilSeconds",
+                "applies to ATOMIC_SCALE_UP only (check-capacity never creates nodes)",
+            );
         }
+        capacity::validate_pods(&r.pods, "pods", &mut errors);
         if !errors.is_empty() {
             return Err(invalid_argument(&errors, ""));
         }
         let d = &self.decider;
-        let mut snap = d.fetch_snapshot().await.map_err(|s| {
-            Status::unavailable(format!(
-                "the metrics service did not answer: {}",
-                s.message()
-            ))
-        })?;
-        let pools = d.pools_now().await?;
-        // An explicit request is already stable: it does not wait out stabilization windows.
-        let patience = pools
-            .iter()
-            .map(|p| p.scale_up.stabilization_window)
-            .max()
-            .unwrap_or_default();
-        let since = snapshot::timestamp(SystemTime::now() - patience);
-        let base = snap.classes.iter().map(|c| c.id).max().unwrap_or(0) + 1;
-        for (i, item) in r.pods.iter().enumerate() {
-            let mut class = item.pod.clone().unwrap_or_default();
-            class.id = base + i as u64;
-            if class.namespace.is_empty() {
-                class.namespace = "external".into();
-            }
-            if class.owner.is_none() {
-                class.owner = Some(pb::OwnerRef {
-                    kind: "CapacityRequest".into(),
-                    name: r.requester.clone(),
-                });
-            }
-            snap.pending.push(pb::PendingPods {
-                class_id: class.id,
-                count: item.count,
-                unschedulable_since: Some(since),
-                scheduler_message: format!("capacity requested by {}", r.requester),
-            });
-            snap.classes.push(class);
-        }
+        let now = SystemTime::now();
+        let record = pb::CapacityRequest {
+            id: capacity::request_id(&r.requester, &r.idempotency_key),
+            requester: r.requester.clone(),
+            class: class as i32,
+            pods: r.pods.clone(),
+            valid_until: (r.valid_until_seconds > 0).then(|| {
+                snapshot::timestamp(
+                    now + std::time::Duration::from_secs(r.valid_until_seconds as u64),
+                )
+            }),
+            source: "grpc".into(),
+            ..Default::default()
+        };
         if r.dry_run {
+            let snap = d.fetch_snapshot().await.map_err(|s| {
+                Status::unavailable(format!(
+                    "the metrics service did not answer: {}",
+                    s.message()
+                ))
+            })?;
+            let (snap, _) = capacity::request_snapshot(&snap, std::slice::from_ref(&record));
+            let pools = d.pools_now().await?;
             let claims = d.claims_now().await?;
             let history = d.history_now().await?;
-            let plan = d.evaluate(&snap, &pools, &claims, &history, SystemTime::now());
+            let booked = d.capacity.for_loop(&snap, &claims).await;
+            let plan = d.evaluate(&snap, &pools, &claims, &history, now, &booked, true);
             return Ok(Response::new(RequestCapacityResponse {
                 decision: Some(plan.decision),
                 operation_ids: vec![],
+                request: None,
             }));
         }
         if d.leadership().is_none() {
@@ -432,19 +422,179 @@ impl DeciderService for DeciderApi {
                 leader.leader_id, leader.address
             )));
         }
-        let outcome = d
-            .decide(
-                &snap,
-                Mode::Capacity {
-                    requester: r.requester,
-                },
-            )
+        let stored = d.capacity.submit(d, record).await?;
+        // Answer with the first step taken: the plan made for it, or its verdict.
+        let first = d
+            .capacity
+            .await_step(&stored.id, std::time::Duration::from_secs(10))
             .await?;
+        let decision = match first.decision_ids.first() {
+            Some(id) => self.find_decision(id).await.ok(),
+            None => None,
+        };
         Ok(Response::new(RequestCapacityResponse {
-            decision: Some(outcome.decision),
-            operation_ids: outcome.operations,
+            decision,
+            operation_ids: vec![],
+            request: Some(first),
         }))
     }
+
+    async fn get_capacity_request(
+        &self,
+        request: Request<pb::GetCapacityRequestRequest>,
+    ) -> Result<Response<pb::CapacityRequest>, Status> {
+        let id = request.into_inner().id;
+        validate_request_id(&id)?;
+        Ok(Response::new(self.decider.capacity.get(&id).await?))
+    }
+
+    async fn list_capacity_requests(
+        &self,
+        request: Request<pb::ListCapacityRequestsRequest>,
+    ) -> Result<Response<pb::ListCapacityRequestsResponse>, Status> {
+        let r = request.into_inner();
+        if !(0..=1000).contains(&r.limit) {
+            return Err(Status::invalid_argument(format!(
+                "limit: {} is not between 0 and 1000 (0 means 100)",
+                r.limit
+            )));
+        }
+        let limit = if r.limit == 0 { 100 } else { r.limit as usize };
+        let requests = self
+            .decider
+            .capacity
+            .all()
+            .await?
+            .into_iter()
+            .rev()
+            .filter(|c| r.requester.is_empty() || c.requester == r.requester)
+            .filter(|c| !r.active_only || !c.finished)
+            .take(limit)
+            .collect();
+        Ok(Response::new(pb::ListCapacityRequestsResponse { requests }))
+    }
+
+    type WatchCapacityRequestsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::CapacityRequest, Status>> + Send>>;
+
+    async fn watch_capacity_requests(
+        &self,
+        request: Request<pb::WatchCapacityRequestsRequest>,
+    ) -> Result<Response<Self::WatchCapacityRequestsStream>, Status> {
+        let r = request.into_inner();
+        if !r.id.is_empty() {
+            validate_request_id(&r.id)?;
+        }
+        let store = self.decider.capacity.store().clone();
+        let prefix = if r.id.is_empty() {
+            keys::CAPACITY.to_string()
+        } else {
+            keys::capacity_request(&r.id)
+        };
+        let current = store
+            .range(&prefix)
+            .await
+            .map_err(|e| status_from_store(&e))?;
+        let initial: Vec<Result<pb::CapacityRequest, Status>> = if r.send_initial {
+            current
+                .kvs
+                .iter()
+                .filter(|kv| r.id.is_empty() || kv.key == prefix)
+                .map(|kv| decode_capacity(kv))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let events = store
+            .watch(&prefix, Some(current.revision + 1))
+            .await
+            .map_err(|e| status_from_store(&e))?;
+        let only = r.id.clone();
+        let changes = events.filter_map(move |event| {
+            let only = only.clone();
+            async move {
+                match event {
+                    Ok(e) if e.kind == EventKind::Put => {
+                        let decoded = decode_capacity(&e.kv);
+                        match &decoded {
+                            Ok(c) if !only.is_empty() && c.id != only => None,
+                            _ => Some(decoded),
+                        }
+                    }
+                    Ok(_) => None,
+                    Err(err) => Some(Err(status_from_store(&err))),
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            futures::stream::iter(initial).chain(changes),
+        )))
+    }
+
+    async fn cancel_capacity_request(
+        &self,
+        request: Request<pb::CancelCapacityRequestRequest>,
+    ) -> Result<Response<pb::CapacityRequest>, Status> {
+        let caller = shoal_runtime::auth::Caller::of(&request).cloned();
+        let r = request.into_inner();
+        validate_request_id(&r.id)?;
+        if r.reason.len() > 1024 {
+            return Err(Status::invalid_argument(
+                "reason: must be at most 1024 characters",
+            ));
+        }
+        let d = &self.decider;
+        let existing = d.capacity.get(&r.id).await?;
+        if !existing.name.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "capacity request {} is {}: delete that resource instead",
+                r.id, existing.source
+            )));
+        }
+        if let Some(caller) = caller.filter(|c| {
+            c.by != shoal_runtime::auth::AuthenticatedBy::Anonymous
+                && c.role < shoal_runtime::auth::Role::Admin
+        }) && caller.identity != existing.requester
+        {
+            return Err(Status::permission_denied(format!(
+                "capacity request {} belongs to {:?}: only its requester or an admin may cancel it",
+                r.id, existing.requester
+            )));
+        }
+        Ok(Response::new(d.capacity.cancel(d, &r.id, &r.reason).await?))
+    }
+}
+
+impl From<capacity::Error> for Status {
+    fn from(err: capacity::Error) -> Status {
+        match &err {
+            capacity::Error::Store(e) => status_from_store(e),
+            capacity::Error::Corrupt { .. } => Status::data_loss(err.to_string()),
+            capacity::Error::NotFound(_) => Status::not_found(err.to_string()),
+            capacity::Error::TooMany { .. } => Status::resource_exhausted(err.to_string()),
+            capacity::Error::NotLeader => Status::unavailable(err.to_string()),
+        }
+    }
+}
+
+fn decode_capacity(kv: &shoal_state::KeyValue) -> Result<pb::CapacityRequest, Status> {
+    use prost::Message;
+    pb::CapacityRequest::decode(kv.value.as_slice()).map_err(|e| {
+        Status::data_loss(format!(
+            "{} holds an unreadable capacity request: {e}",
+            kv.key
+        ))
+    })
+}
+
+fn validate_request_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(Status::invalid_argument(format!(
+            "id: {id:?} is not a capacity request id (letters, digits and '-', at most 128)"
+        )));
+    }
+    Ok(())
 }
 
 /// Probes every upstream concurrently, in configuration order.

@@ -62,6 +62,10 @@ pub struct Outcome {
     pub operations: Vec<String>,
     /// Plan again soon: a pool stopped at its batch size.
     pub batch_capped: bool,
+    /// Every action was carried out (false when one was refused or none was carried out).
+    pub executed: bool,
+    /// NodeClaims created.
+    pub claims: Vec<String>,
 }
 
 /// How a decision came about.
@@ -96,6 +100,8 @@ pub struct Decider {
     pub(crate) last_decision_at: std::sync::Mutex<Option<SystemTime>>,
     /// NodePool resources and Events, when the decider talks to Kubernetes.
     kube: Option<Arc<crate::k8s::KubeFace>>,
+    /// Capacity requests and their bookings.
+    pub(crate) capacity: Arc<crate::capacity::Book>,
 }
 
 fn decision_id() -> String {
@@ -134,6 +140,7 @@ impl Decider {
         leader: Option<LeaderWatch>,
         election: Option<Election>,
         stats: Stats,
+        capacity: Arc<crate::capacity::Book>,
     ) -> Decider {
         Decider {
             settings,
@@ -150,6 +157,7 @@ impl Decider {
             audit: None,
             last_decision_at: std::sync::Mutex::new(None),
             kube: None,
+            capacity,
         }
     }
 
@@ -227,6 +235,8 @@ impl Decider {
         claims: &[NodeClaim],
         history: &History,
         now: SystemTime,
+        booked: &crate::capacity::BookedNow,
+        request: bool,
     ) -> Plan {
         let started = Instant::now();
         let mut plan = run_planner(&PlanInput {
@@ -239,6 +249,11 @@ impl Decider {
             seed: snapshot.sequence,
             packing_budget: self.settings.packing_budget,
             backoff: self.settings.failure_backoff,
+            bookings: crate::planner::Bookings {
+                reserved: &booked.reserved,
+                consumers: Some(&booked.consumers),
+                request,
+            },
         });
         plan.decision.id = format!("eval-{}", decision_id());
         plan.decision.dry_run = true;
@@ -262,6 +277,20 @@ impl Decider {
         &self,
         snapshot: &pb::ClusterSnapshot,
         mode: Mode,
+    ) -> Result<Outcome, DecideError> {
+        let claims = self.claims_now().await?;
+        let booked = self.capacity.for_loop(snapshot, &claims).await;
+        self.decide_with(snapshot, mode, &booked, false).await
+    }
+
+    /// [`Decider::decide`] with the bookings to respect; `request`: the snapshot's pending pods
+    /// are capacity requests' (see [`crate::planner::Bookings::request`]).
+    pub(crate) async fn decide_with(
+        &self,
+        snapshot: &pb::ClusterSnapshot,
+        mode: Mode,
+        booked: &crate::capacity::BookedNow,
+        request: bool,
     ) -> Result<Outcome, DecideError> {
         let leadership = self
             .leadership()
@@ -288,7 +317,15 @@ impl Decider {
             seed: snapshot.sequence,
             packing_budget: self.settings.packing_budget,
             backoff: self.settings.failure_backoff,
+            bookings: crate::planner::Bookings {
+                reserved: &booked.reserved,
+                consumers: Some(&booked.consumers),
+                request,
+            },
         });
+        if matches!(mode, Mode::Loop) {
+            self.capacity.note_short(now, &plan.bookings_short);
+        }
         let elapsed = started.elapsed();
         self.stats.plan_seconds.observe(elapsed.as_secs_f64());
         let mut decision = std::mem::take(&mut plan.decision);
@@ -353,8 +390,9 @@ impl Decider {
 
         // Carry it out.
         let mut operations = Vec::new();
+        let mut claim_ids = Vec::new();
+        let mut carried_out = false;
         if acts && !decision.dry_run {
-            let mut claim_ids = Vec::new();
             let executed = self
                 .execute(&decision, &mut operations, &mut claim_ids)
                 .await;
@@ -372,6 +410,7 @@ impl Decider {
             // The next plan must count these claims as in flight: wait (bounded) until the
             // claims cache shows them, so a snapshot arriving meanwhile cannot ask again.
             self.await_claims(&claim_ids, Duration::from_secs(5)).await;
+            carried_out = executed;
             if executed {
                 state.history.record_executed(&decision, now);
                 self.publish_history(state.term, &state.history);
@@ -427,9 +466,11 @@ impl Decider {
             "decision"
         );
         Ok(Outcome {
+            executed: carried_out || !acts,
             decision,
             operations,
             batch_capped: plan.batch_capped,
+            claims: claim_ids,
         })
     }
 
@@ -621,14 +662,21 @@ impl Decider {
                 );
                 shoal_runtime::supervise::panic_point("control-loop");
                 me.apply_pool_files().await;
+                let book = me.capacity.clone().run(me.clone());
                 match me.kube.clone() {
                     Some(kube) => {
                         tokio::select! {
                             _ = me.follow_snapshots() => {}
                             _ = kube.run(me.clone()) => {}
+                            _ = book => {}
                         }
                     }
-                    None => me.follow_snapshots().await,
+                    None => {
+                        tokio::select! {
+                            _ = me.follow_snapshots() => {}
+                            _ = book => {}
+                        }
+                    }
                 }
                 Ok(())
             }

@@ -3,6 +3,7 @@
 //! requests. Only the leader acts; every replica answers reads and what-ifs.
 
 mod api;
+pub mod capacity;
 pub mod control;
 pub mod k8s;
 pub mod planner;
@@ -25,8 +26,10 @@ pub use planner::Expander;
 
 /// Methods only the leader carries out; a standby forwards them to it.
 pub mod leader_only {
-    /// `RequestCapacity` plans and creates nodes as the leader.
+    /// `RequestCapacity` records the request (and plans it) as the leader.
     pub const REQUEST_CAPACITY: &str = "/shoal.v1.DeciderService/RequestCapacity";
+    /// `CancelCapacityRequest` ends a booking as the leader.
+    pub const CANCEL_CAPACITY_REQUEST: &str = "/shoal.v1.DeciderService/CancelCapacityRequest";
 }
 
 /// Where the decider takes NodePools from.
@@ -74,15 +77,19 @@ pub struct DeciderSettings {
     /// Write Events like Cluster Autoscaler's (TriggeredScaleUp, NotTriggerScaleUp, ScaleDown)
     /// on pods and nodes, naming the decision.
     pub events: bool,
-    /// The Kubernetes API, used with `poolSource: crd` (NodePool resources and their status)
-    /// and `events: true`; otherwise the decider does not talk to Kubernetes.
+    /// The Kubernetes API, used with `poolSource: crd` (NodePool resources and their status),
+    /// `events: true` and `capacity.provisioningRequests: true`; otherwise the decider does not
+    /// talk to Kubernetes.
     pub kube: shoal_kube::KubeSettings,
+    /// Capacity requests (ProvisioningRequests and `RequestCapacity`): booking time, retention,
+    /// limits.
+    pub capacity: capacity::CapacitySettings,
 }
 
 impl DeciderSettings {
     /// Whether the decider talks to the Kubernetes API.
     pub fn uses_kube(&self) -> bool {
-        self.events || self.pool_source == PoolSource::Crd
+        self.events || self.pool_source == PoolSource::Crd || self.capacity.provisioning_requests
     }
 }
 
@@ -101,6 +108,7 @@ impl Default for DeciderSettings {
             pool_source: PoolSource::Store,
             events: false,
             kube: shoal_kube::KubeSettings::default(),
+            capacity: capacity::CapacitySettings::default(),
         }
     }
 }
@@ -144,6 +152,7 @@ impl ServiceSettings for DeciderSettings {
         if self.uses_kube() {
             self.kube.validate("service.kube", errors);
         }
+        self.capacity.validate(errors);
         match self.pool_source {
             PoolSource::Crd if !self.pool_files.is_empty() => errors.add(
                 "service.poolFiles",
@@ -219,6 +228,11 @@ pub async fn serve(
     let tasks = shutdown.child_token();
     let pools = PrefixCache::start(store.clone(), keys::POOLS, tasks.clone());
     let claims = PrefixCache::start(store.clone(), keys::CLAIMS, tasks.clone());
+    let book = Arc::new(capacity::Book::new(
+        settings.capacity.clone(),
+        store.clone(),
+        tasks.clone(),
+    ));
     let decider_store = store::DeciderStore::new(store);
     let decider = Arc::new(
         control::Decider::new(
@@ -231,6 +245,7 @@ pub async fn serve(
             host.leader(),
             host.election(),
             stats,
+            book,
         )
         .with_audit(host.audit_log())
         .with_kube(kube),
@@ -239,7 +254,10 @@ pub async fn serve(
         let decider = decider.clone();
         move |token| decider.clone().control_loop(token)
     });
-    host.leader_only(&[leader_only::REQUEST_CAPACITY]);
+    host.leader_only(&[
+        leader_only::REQUEST_CAPACITY,
+        leader_only::CANCEL_CAPACITY_REQUEST,
+    ]);
     let api = api::DeciderApi { decider, upstreams };
     let routes = Routes::new(DeciderServiceServer::new(api).max_decoding_message_size(256 << 20))
         .add_service(PoolServiceServer::new(api::PoolApi {

@@ -69,6 +69,8 @@ pub struct PodSpecKey {
     pub local_storage: bool,
     /// A static pod's mirror.
     pub mirror: bool,
+    /// The capacity request the pod consumes (its consume-provisioning-request annotation).
+    pub provisioning_request: Option<String>,
 }
 
 impl PodSpecKey {
@@ -171,6 +173,9 @@ impl PodFacts {
             do_not_disrupt: convert::do_not_disrupt(pod.metadata.annotations.as_ref()),
             local_storage: convert::uses_local_storage(pod),
             mirror: convert::is_mirror(pod),
+            provisioning_request: convert::consumed_provisioning_request(
+                pod.metadata.annotations.as_ref(),
+            ),
         };
         PodFacts {
             key: (

@@ -610,6 +610,7 @@ impl ClusterState {
                     blockers.push(pb::EvictionBlocker::Pdb);
                 }
                 pb::PodClass {
+                    provisioning_request: key.spec.provisioning_request.clone().unwrap_or_default(),
                     id,
                     namespace: key.spec.namespace.clone(),
                     owner: key.spec.owner.as_ref().map(|(kind, name)| pb::OwnerRef {

@@ -5,6 +5,7 @@
 //! min-node rules, and removes unneeded nodes whose pods can all be placed elsewhere. Every
 //! decision says why — including why nothing happens.
 
+pub mod bookings;
 pub mod expander;
 pub mod packing;
 mod scale_down;
@@ -25,6 +26,7 @@ use shoal_core::{
 };
 use shoal_proto::v1 as pb;
 
+pub use bookings::{Bookings, Reservation};
 pub use expander::Expander;
 
 /// How long after its claim turned Ready a node the snapshot does not show usable still counts
@@ -116,6 +118,8 @@ pub struct PlanInput<'a> {
     pub packing_budget: Duration,
     /// How long a pool waits after launches that failed before it grows again.
     pub backoff: Backoff,
+    /// Capacity booked by capacity requests, and whether this plan answers one.
+    pub bookings: Bookings<'a>,
 }
 
 /// A pool whose launches failed (the backend refused, or nodes never got Ready) does not grow
@@ -199,6 +203,8 @@ pub struct Plan {
     pub batch_capped: bool,
     /// When the oldest pending pod this plan helps became unschedulable.
     pub oldest_helped_since: Option<SystemTime>,
+    /// Bookings that no longer fit the cluster: capacity request id → pods without room.
+    pub bookings_short: BTreeMap<String, i64>,
 }
 
 /// What a node of pool `q` costs, comparably with one of pool `p`: its price when both pools
@@ -499,6 +505,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .pools
         .retain(|name, _| input.pools.iter().any(|p| &p.name == name));
     let mut bins = cluster.bins();
+    // Booked capacity first: pending pods cannot take it, and the nodes holding it stay.
+    let bookings_short = bookings::reserve(&cluster, &mut bins, input.bookings.reserved);
     let up = scale_up::plan(&cluster, &mut bins, input, &mut history);
     let down = scale_down::plan(&cluster, &mut bins, &up, input, &mut history);
 
@@ -547,6 +555,35 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         });
     }
     reasons.extend(down.reasons);
+    if !input.bookings.reserved.is_empty() {
+        let booked: i64 = input
+            .bookings
+            .reserved
+            .iter()
+            .flat_map(|r| r.pods.iter().map(|(_, n)| *n))
+            .sum();
+        reasons.push(format!(
+            "{booked} pod(s) of {} capacity request(s) have booked room",
+            input.bookings.reserved.len()
+        ));
+    }
+    let consuming: i64 = input
+        .snapshot
+        .pending
+        .iter()
+        .filter(|p| input.bookings.consumes(p.class_id))
+        .map(|p| i64::from(p.count))
+        .sum();
+    if consuming > 0 {
+        reasons.push(format!(
+            "{consuming} pending pod(s) consume booked capacity: not planned again"
+        ));
+    }
+    for (id, short) in &bookings_short {
+        reasons.push(format!(
+            "capacity request {id}: {short} booked pod(s) no longer fit the cluster"
+        ));
+    }
     if actions.is_empty() {
         let mut why = vec!["no action".to_string()];
         if up.pending_pods == 0 {
@@ -575,6 +612,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         history,
         batch_capped: up.batch_capped,
         oldest_helped_since: up.oldest_helped_since,
+        bookings_short,
     }
 }
 

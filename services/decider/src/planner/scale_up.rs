@@ -213,6 +213,8 @@ struct ScaleUp<'c, 'a> {
     packing: HashMap<String, pb::PackingReport>,
     /// Per pool: the failed-launch backoff holding it, if one does.
     backoff: Vec<Option<String>>,
+    /// The plan answers a capacity request: no cooldown, window, threshold or batch size.
+    request: bool,
 }
 
 /// A pool's bid for pending pods: what the expander compares, and what the packer placed.
@@ -233,7 +235,7 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
             .snapshot
             .pending
             .iter()
-            .filter(|p| p.count > 0)
+            .filter(|p| p.count > 0 && !input.bookings.consumes(p.class_id))
             .filter_map(|p| {
                 Some(PendingClass {
                     class: *cluster.class_index.get(&p.class_id)?,
@@ -277,6 +279,7 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
                 .iter()
                 .map(|p| input.backoff.holds(&p.name, input.claims, input.now))
                 .collect(),
+            request: input.bookings.request,
         }
     }
 
@@ -289,14 +292,18 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
     /// maxNodes or limits) is what binds.
     fn headroom(&self, p: usize) -> (i64, bool) {
         let by_max = self.cluster.bounds[p].max as i64 - self.total(p) as i64;
-        let by_batch = self.cluster.pools[p].scale_up.batch_size as i64 - self.added[p] as i64;
+        let by_batch = if self.request {
+            i64::MAX
+        } else {
+            self.cluster.pools[p].scale_up.batch_size as i64 - self.added[p] as i64
+        };
         (by_max.min(by_batch).max(0), by_batch < by_max)
     }
 
     /// Why pending class `i` must still wait before pool `p` grows for it, if it must.
     fn stabilized(&self, i: usize, p: usize) -> Option<String> {
         let window = self.cluster.pools[p].scale_up.stabilization_window;
-        if window.is_zero() {
+        if window.is_zero() || self.request {
             return None;
         }
         let now = self.cluster.now;
@@ -373,6 +380,7 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
                 .get(&pool.name)
                 .and_then(|h| h.last_scale_up_ms)
                 && !pool.scale_up.cooldown.is_zero()
+                && !self.request
             {
                 let until = from_ms(last) + pool.scale_up.cooldown;
                 if until > now {
@@ -384,7 +392,7 @@ impl<'c, 'a> ScaleUp<'c, 'a> {
                 self.gate[p] = Some(max_reason(cluster, p));
                 continue;
             }
-            if pool.scale_up.pending_pods <= 1 {
+            if pool.scale_up.pending_pods <= 1 || self.request {
                 continue;
             }
             let wanting: i64 = (0..self.pending.len())

@@ -132,6 +132,7 @@ fn run(
         seed: 1,
         packing_budget: super::packing::DEFAULT_BUDGET,
         backoff: Default::default(),
+        bookings: Default::default(),
     })
 }
 
@@ -671,6 +672,7 @@ fn the_expander_chain_picks_between_pools() {
         seed: 0,
         packing_budget: super::packing::DEFAULT_BUDGET,
         backoff: Default::default(),
+        bookings: Default::default(),
     });
     assert_eq!(
         ups(&by_priority),
@@ -1285,6 +1287,7 @@ fn scale_up_mixes_node_types_when_a_smaller_node_is_cheaper_for_the_rest() {
         seed: 1,
         packing_budget: super::packing::DEFAULT_BUDGET,
         backoff: Default::default(),
+        bookings: Default::default(),
     });
     let mut grown = ups(&plan);
     grown.sort();
@@ -1399,6 +1402,7 @@ fn a_pool_whose_launches_failed_backs_off_doubling_and_others_take_the_pods() {
             seed: 1,
             packing_budget: super::packing::DEFAULT_BUDGET,
             backoff: Default::default(),
+            bookings: Default::default(),
         })
     };
     // Nothing failed: the preferred pool grows.
