@@ -240,6 +240,13 @@ fn finish(r: &mut pb::CapacityRequest, kind: &str, reason: &str, message: String
     r.finished = true;
 }
 
+/// Marks a request refused before it starts (Failed with `reason`), for [`Book::submit`].
+pub fn reject(r: &mut pb::CapacityRequest, reason: &str, message: String) {
+    let now = SystemTime::now();
+    set_condition(r, condition::ACCEPTED, false, reason, message.clone(), now);
+    finish(r, condition::FAILED, reason, message, now);
+}
+
 fn is_check(r: &pb::CapacityRequest) -> bool {
     r.class == pb::CapacityClass::CheckCapacity as i32
 }
@@ -405,6 +412,11 @@ impl Book {
                 .and_then(|v| v.trim().parse::<u64>().ok())
         {
             r.valid_until = Some(now_ts(now + Duration::from_secs(secs)));
+        }
+        if r.finished {
+            // Refused before it started (invalid): recorded so its status says why.
+            self.write(d, &mut r).await?;
+            return Ok(r);
         }
         let pods = pod_total(&r);
         let sets = r.pods.len();

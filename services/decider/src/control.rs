@@ -102,6 +102,8 @@ pub struct Decider {
     kube: Option<Arc<crate::k8s::KubeFace>>,
     /// Capacity requests and their bookings.
     pub(crate) capacity: Arc<crate::capacity::Book>,
+    /// ProvisioningRequest resources, when followed.
+    provreqs: Option<Arc<crate::provreq::ProvisioningRequests>>,
 }
 
 fn decision_id() -> String {
@@ -158,6 +160,7 @@ impl Decider {
             last_decision_at: std::sync::Mutex::new(None),
             kube: None,
             capacity,
+            provreqs: None,
         }
     }
 
@@ -199,6 +202,15 @@ impl Decider {
     /// Talks to Kubernetes through `kube` (NodePool resources, Events).
     pub fn with_kube(mut self, kube: Option<Arc<crate::k8s::KubeFace>>) -> Decider {
         self.kube = kube;
+        self
+    }
+
+    /// Follows ProvisioningRequest resources through `provreqs`.
+    pub fn with_provisioning_requests(
+        mut self,
+        provreqs: Option<Arc<crate::provreq::ProvisioningRequests>>,
+    ) -> Decider {
+        self.provreqs = provreqs;
         self
     }
 
@@ -662,7 +674,20 @@ impl Decider {
                 );
                 shoal_runtime::supervise::panic_point("control-loop");
                 me.apply_pool_files().await;
-                let book = me.capacity.clone().run(me.clone());
+                let book = {
+                    let me = me.clone();
+                    async move {
+                        match me.provreqs.clone() {
+                            Some(provreqs) => {
+                                tokio::join!(
+                                    me.capacity.clone().run(me.clone()),
+                                    provreqs.run(me.clone())
+                                );
+                            }
+                            None => me.capacity.clone().run(me.clone()).await,
+                        }
+                    }
+                };
                 match me.kube.clone() {
                     Some(kube) => {
                         tokio::select! {

@@ -7,6 +7,7 @@ pub mod capacity;
 pub mod control;
 pub mod k8s;
 pub mod planner;
+pub mod provreq;
 pub mod stats;
 pub mod store;
 
@@ -207,15 +208,25 @@ pub async fn serve(
             let watch_client = shoal_kube::connect_for_watch(kube_settings)
                 .await
                 .map_err(dependency)?;
-            Some(Arc::new(k8s::KubeFace::new(
-                client,
-                watch_client,
-                settings.pool_source == PoolSource::Crd,
-                settings.events,
-            )))
+            let provreqs = settings.capacity.provisioning_requests.then(|| {
+                Arc::new(provreq::ProvisioningRequests::new(
+                    client.clone(),
+                    watch_client.clone(),
+                ))
+            });
+            let face = (settings.events || settings.pool_source == PoolSource::Crd).then(|| {
+                Arc::new(k8s::KubeFace::new(
+                    client,
+                    watch_client,
+                    settings.pool_source == PoolSource::Crd,
+                    settings.events,
+                ))
+            });
+            (face, provreqs)
         }
-        None => None,
+        None => (None, None),
     };
+    let (kube, provreqs) = kube;
     let read_only_pools = match settings.pool_source {
         PoolSource::Store => None,
         PoolSource::Files => Some(
@@ -248,7 +259,8 @@ pub async fn serve(
             book,
         )
         .with_audit(host.audit_log())
-        .with_kube(kube),
+        .with_kube(kube)
+        .with_provisioning_requests(provreqs),
     );
     host.supervisor().spawn("control-loop", {
         let decider = decider.clone();

@@ -380,6 +380,28 @@ mod tests {
     }
 
     #[test]
+    fn pods_consuming_a_provisioning_request_form_their_own_class() {
+        let pod = |annotations: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "p", "namespace": "ml", "annotations": annotations },
+                "spec": { "containers": [{ "name": "c", "resources": { "requests": { "cpu": "2" } } }] }
+            }))
+            .expect("pod")
+        };
+        let new = PodFacts::from_pod(&pod(
+            serde_json::json!({ "autoscaling.x-k8s.io/consume-provisioning-request": "job-a" }),
+        ));
+        let old = PodFacts::from_pod(&pod(serde_json::json!({
+            "cluster-autoscaler.kubernetes.io/consume-provisioning-request": "job-b"
+        })));
+        let plain = PodFacts::from_pod(&pod(serde_json::json!({})));
+        assert_eq!(new.spec.provisioning_request.as_deref(), Some("job-a"));
+        assert_eq!(old.spec.provisioning_request.as_deref(), Some("job-b"));
+        assert_eq!(plain.spec.provisioning_request, None);
+        assert_ne!(new.spec, plain.spec, "consumers are a class of their own");
+    }
+
+    #[test]
     fn blockers_follow_cluster_autoscaler_rules() {
         use pb::EvictionBlocker as B;
         let mut spec = PodSpecKey {
@@ -394,6 +416,7 @@ mod tests {
             do_not_disrupt: false,
             local_storage: true,
             mirror: false,
+            provisioning_request: None,
         };
         assert_eq!(
             spec.blockers(None),

@@ -1465,3 +1465,221 @@ fn min_nodes_are_not_forced_on_a_pool_in_backoff() {
     let p = run(&s, &pools, &[c], &History::default(), epoch(70));
     assert_eq!(ups(&p), [("vms".to_string(), 2)], "{}", reasons(&p));
 }
+
+fn plan_with(s: &pb::ClusterSnapshot, pools: &[Pool], bookings: Bookings<'_>) -> Plan {
+    plan(&PlanInput {
+        snapshot: s,
+        pools,
+        claims: &[],
+        history: &History::default(),
+        now: epoch(10),
+        expanders: &[Expander::LeastWaste],
+        seed: 1,
+        packing_budget: super::packing::DEFAULT_BUDGET,
+        backoff: Default::default(),
+        bookings,
+    })
+}
+
+fn booking(id: &str, cpu: i64, count: i64, nodes: &[&str]) -> Reservation {
+    Reservation {
+        id: id.into(),
+        pods: vec![(class(900, "booked", cpu, GI), count)],
+        nodes: nodes.iter().map(|n| n.to_string()).collect(),
+        pools: vec![],
+    }
+}
+
+#[test]
+fn booked_room_is_not_planned_for_pending_pods_and_its_node_stays() {
+    // Two empty nodes; a booking takes node b-1 whole (its own node), so 4 pending pods of 2 CPU
+    // fit on b-0 only half and need one new node; b-1 is never scaled down while booked.
+    let web = class(1, "web", 2000, GI);
+    let s = snap(
+        vec![
+            node("b-0", "general", &[], &[]),
+            node("b-1", "general", &[], &[]),
+        ],
+        vec![web],
+        vec![pending(1, 4, 0)],
+    );
+    let mut general = pool(
+        "general",
+        "  scaleDown: { unneededFor: 0s, cooldown: 0s }\n",
+    );
+    general.scale_down.unneeded_for = Duration::ZERO;
+    let free = plan_with(&s, std::slice::from_ref(&general), Bookings::default());
+    assert!(
+        ups(&free).is_empty(),
+        "without a booking the pods fit: {}",
+        reasons(&free)
+    );
+
+    let reserved = [booking("pr-1", 2000, 2, &["b-1"])];
+    let p = plan_with(
+        &s,
+        std::slice::from_ref(&general),
+        Bookings {
+            reserved: &reserved,
+            ..Default::default()
+        },
+    );
+    assert_eq!(ups(&p), [("general".to_string(), 1)], "{}", reasons(&p));
+    assert!(
+        p.bookings_short.is_empty(),
+        "the booking fits: {:?}",
+        p.bookings_short
+    );
+    assert!(
+        reasons(&p).contains("2 pod(s) of 1 capacity request(s) have booked room"),
+        "{}",
+        reasons(&p)
+    );
+
+    // No pending pods: the booked node stays, the other empty one goes.
+    let idle = snap(
+        vec![
+            node("b-0", "general", &[], &[]),
+            node("b-1", "general", &[], &[]),
+        ],
+        vec![],
+        vec![],
+    );
+    let mut history = History::default();
+    let input = |history: &History| {
+        plan(&PlanInput {
+            snapshot: &idle,
+            pools: std::slice::from_ref(&general),
+            claims: &[],
+            history,
+            now: epoch(10),
+            expanders: &[Expander::LeastWaste],
+            seed: 1,
+            packing_budget: super::packing::DEFAULT_BUDGET,
+            backoff: Default::default(),
+            bookings: Bookings {
+                reserved: &reserved,
+                ..Default::default()
+            },
+        })
+    };
+    for _ in 0..2 {
+        let p = input(&history);
+        history = p.history.clone();
+        if !downs(&p).is_empty() {
+            assert_eq!(
+                downs(&p),
+                [("general".to_string(), vec!["b-0".to_string()])]
+            );
+            return;
+        }
+    }
+    panic!("the unbooked empty node is removed");
+}
+
+#[test]
+fn consuming_pending_pods_are_not_planned_again_and_lost_room_is_reported() {
+    let consumer = pb::PodClass {
+        provisioning_request: "job-a".into(),
+        ..class(1, "job", 2000, GI)
+    };
+    let s = snap(vec![], vec![consumer], vec![pending(1, 4, 0)]);
+    let general = pool("general", "");
+    let consumers: std::collections::HashSet<u64> = [1].into_iter().collect();
+    // The booking's nodes went away: nothing holds its 2 pods any more.
+    let reserved = [booking("pr-1", 2000, 2, &["gone-1"])];
+    let p = plan_with(
+        &s,
+        std::slice::from_ref(&general),
+        Bookings {
+            reserved: &reserved,
+            consumers: Some(&consumers),
+            request: false,
+        },
+    );
+    assert!(
+        ups(&p).is_empty(),
+        "consumers wait for their booking: {}",
+        reasons(&p)
+    );
+    assert!(
+        reasons(&p).contains("4 pending pod(s) consume booked capacity"),
+        "{}",
+        reasons(&p)
+    );
+    assert_eq!(p.bookings_short.get("pr-1"), Some(&2));
+}
+
+#[test]
+fn a_capacity_request_plan_ignores_batch_size_cooldown_and_threshold() {
+    let job = class(1, "job", 2000, GI);
+    let s = snap(vec![], vec![job], vec![pending(1, 20, 9)]);
+    let general = pool(
+        "general",
+        "  scaleUp: { batchSize: 2, cooldown: 10m, pendingPods: 50, stabilizationWindow: 5m }\n",
+    )
+    .with_max(20);
+    let mut history = History::default();
+    history
+        .pools
+        .entry("general".into())
+        .or_default()
+        .last_scale_up_ms = Some(ms(epoch(5)));
+    let input = |request: bool| {
+        plan(&PlanInput {
+            snapshot: &s,
+            pools: std::slice::from_ref(&general),
+            claims: &[],
+            history: &history,
+            now: epoch(10),
+            expanders: &[Expander::LeastWaste],
+            seed: 1,
+            packing_budget: super::packing::DEFAULT_BUDGET,
+            backoff: Default::default(),
+            bookings: Bookings {
+                request,
+                ..Default::default()
+            },
+        })
+    };
+    assert!(ups(&input(false)).is_empty(), "the loop waits");
+    let p = input(true);
+    assert_eq!(ups(&p), [("general".to_string(), 10)], "{}", reasons(&p));
+}
+
+#[test]
+fn room_now_books_asks_in_order_on_usable_nodes_only() {
+    let s = snap(
+        vec![
+            node("r-0", "general", &[], &[]),
+            node("r-1", "general", &[], &[]),
+        ],
+        vec![],
+        vec![],
+    );
+    let general = pool("general", "");
+    // A booking elsewhere takes one node; a claim still booting is not room "now".
+    let others = [booking("pr-0", 4000, 1, &["r-0"])];
+    let claims = [claim("c-9", "general", "r-9", ClaimPhase::Launched)];
+    let input = PlanInput {
+        snapshot: &s,
+        pools: std::slice::from_ref(&general),
+        claims: &claims,
+        history: &History::default(),
+        now: epoch(10),
+        expanders: &[Expander::LeastWaste],
+        seed: 1,
+        packing_budget: Duration::ZERO,
+        backoff: Default::default(),
+        bookings: Bookings {
+            reserved: &others,
+            ..Default::default()
+        },
+    };
+    let asks = [
+        booking("a", 2000, 2, &[]),
+        booking("b", 1000, 1, &[]),
+        booking("c", 1000, 5, &[]),
+    ];
+    assert_eq!(bookings::room_now(&input, &asks), [0, 1, 5]);
+}
