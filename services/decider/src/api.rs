@@ -219,7 +219,14 @@ impl DeciderService for DeciderApi {
             .map_or_else(SystemTime::now, snapshot::system_time);
         let history = d.history_now().await?;
         let booked = d.capacity.for_loop(&snapshot, &claims).await;
-        let plan = d.evaluate(&snapshot, &pools, &claims, &history, now, &booked, false);
+        let plan = d.evaluate(
+            &snapshot,
+            &pools,
+            &claims,
+            &history,
+            now,
+            booked.bookings(false),
+        );
         Ok(Response::new(plan.decision))
     }
 
@@ -407,7 +414,7 @@ impl DeciderService for DeciderApi {
             let claims = d.claims_now().await?;
             let history = d.history_now().await?;
             let booked = d.capacity.for_loop(&snap, &claims).await;
-            let plan = d.evaluate(&snap, &pools, &claims, &history, now, &booked, true);
+            let plan = d.evaluate(&snap, &pools, &claims, &history, now, booked.bookings(true));
             return Ok(Response::new(RequestCapacityResponse {
                 decision: Some(plan.decision),
                 operation_ids: vec![],
@@ -500,7 +507,7 @@ impl DeciderService for DeciderApi {
                 .kvs
                 .iter()
                 .filter(|kv| r.id.is_empty() || kv.key == prefix)
-                .map(|kv| decode_capacity(kv))
+                .map(decode_capacity)
                 .collect()
         } else {
             Vec::new()

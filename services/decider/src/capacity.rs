@@ -1182,6 +1182,17 @@ pub fn validate_pods(
     }
 }
 
+impl BookedNow {
+    /// These bookings for a plan (`request`: see [`planner::Bookings::request`]).
+    pub fn bookings(&self, request: bool) -> planner::Bookings<'_> {
+        planner::Bookings {
+            reserved: &self.reserved,
+            consumers: Some(&self.consumers),
+            request,
+        }
+    }
+}
+
 /// The decider's planning entry points for capacity requests.
 impl Decider {
     /// Plans one batch of atomic requests (see the module docs) and carries the plan out.

@@ -247,8 +247,7 @@ impl Decider {
         claims: &[NodeClaim],
         history: &History,
         now: SystemTime,
-        booked: &crate::capacity::BookedNow,
-        request: bool,
+        bookings: crate::planner::Bookings<'_>,
     ) -> Plan {
         let started = Instant::now();
         let mut plan = run_planner(&PlanInput {
@@ -261,11 +260,7 @@ impl Decider {
             seed: snapshot.sequence,
             packing_budget: self.settings.packing_budget,
             backoff: self.settings.failure_backoff,
-            bookings: crate::planner::Bookings {
-                reserved: &booked.reserved,
-                consumers: Some(&booked.consumers),
-                request,
-            },
+            bookings,
         });
         plan.decision.id = format!("eval-{}", decision_id());
         plan.decision.dry_run = true;
