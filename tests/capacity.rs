@@ -344,6 +344,19 @@ fn the_same_lifecycle_over_grpc() {
         "{big:#}"
     );
     assert_eq!(big["request"]["finished"], true);
+    // The refusal is a decision too, with each pool's verdict.
+    let verdicts = big["decision"]["outcomes"][0]["verdicts"].to_string();
+    assert!(
+        verdicts.contains("maxNodes 14 reached")
+            && big["decision"]["reasons"].to_string().contains("refused"),
+        "{big:#}"
+    );
+    assert!(
+        big["decision"]["actions"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "a refused request's decision acts on nothing: {big:#}"
+    );
 
     // check-capacity while the room is booked: not provisioned, nothing created.
     let check = cluster.call(

@@ -168,8 +168,13 @@ fn the_kustomization_renders_hardened_least_privilege_manifests() {
             pair("nodepools/status", "patch"),
             pair("pods", "list"),
             pair("events", "create"),
+            pair("provisioningrequests", "get"),
+            pair("provisioningrequests", "list"),
+            pair("provisioningrequests", "watch"),
+            pair("provisioningrequests/status", "patch"),
+            pair("podtemplates", "get"),
         ],
-        "the decider reads NodePools, writes their status and Events, nothing else"
+        "the decider reads NodePools and ProvisioningRequests (with their PodTemplates), writes their status and Events, nothing else"
     );
     for crd in ["nodepools.shoal.dev", "nodeclaims.shoal.dev"] {
         find(&objects, "CustomResourceDefinition", crd);

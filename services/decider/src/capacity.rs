@@ -145,9 +145,9 @@ pub struct Book {
     /// Serializes read-modify-write of records (the loop, submissions, cancellations).
     writer: tokio::sync::Mutex<()>,
     wake: tokio::sync::Notify,
-    /// Bookings the last control-loop plan could not place (id → pods without room), and
-    /// when it planned.
-    short: std::sync::Mutex<(SystemTime, BTreeMap<String, i64>)>,
+    /// Bookings the control-loop plans could not place, without a break: id → (since when,
+    /// pods without room in the latest plan).
+    short: std::sync::Mutex<HashMap<String, (SystemTime, i64)>>,
 }
 
 /// How long a request waiting for a pool (or for the provisioner) waits before it is planned
@@ -296,7 +296,7 @@ impl Book {
             store,
             writer: tokio::sync::Mutex::new(()),
             wake: tokio::sync::Notify::new(),
-            short: std::sync::Mutex::new((SystemTime::UNIX_EPOCH, BTreeMap::new())),
+            short: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -493,7 +493,12 @@ impl Book {
 
     /// Records which bookings the last control-loop plan could not place.
     pub fn note_short(&self, planned_at: SystemTime, short: &BTreeMap<String, i64>) {
-        *self.short.lock().unwrap_or_else(|p| p.into_inner()) = (planned_at, short.clone());
+        let mut known = self.short.lock().unwrap_or_else(|p| p.into_inner());
+        known.retain(|id, _| short.contains_key(id));
+        for (id, missing) in short {
+            let entry = known.entry(id.clone()).or_insert((planned_at, *missing));
+            entry.1 = *missing;
+        }
     }
 
     /// What the booked requests mean for a plan of `snapshot`: reservations (minus pods that
@@ -848,21 +853,17 @@ impl Book {
                 r.consumed = consumed;
                 dirty = true;
             }
-            // Only a plan made after the room was provisioned can say it is gone.
             let provisioned_at = condition(&r, condition::PROVISIONED)
                 .filter(|c| c.status == "True")
                 .and_then(|c| at(&c.last_transition_time));
             if let Some(since) = provisioned_at
-                && short.0 > since
-                && let Some(missing) = short.1.get(&r.id)
+                && let Some(why) = revoked(&r, since, &by_id, short.get(&r.id), now)
             {
                 finish(
                     &mut r,
                     condition::CAPACITY_REVOKED,
                     "CapacityRevoked",
-                    format!(
-                        "{missing} booked pod(s) no longer fit the cluster (nodes went away or were taken)"
-                    ),
+                    why,
                     now,
                 );
                 dirty = true;
@@ -876,6 +877,50 @@ impl Book {
         }
         Ok(())
     }
+}
+
+/// How long the control loop must find a check-capacity booking without room before it is
+/// revoked (a plan places bookings first-fit, which may briefly miss a packing that exists).
+const REVOKE_AFTER: Duration = Duration::from_secs(10);
+
+/// Why a request provisioned at `since` lost its room, if it did: an atomic request's nodes went
+/// away; a check-capacity booking found no room in the control loop's plans for
+/// [`REVOKE_AFTER`] (`short`: since when, and how many pods).
+fn revoked(
+    r: &pb::CapacityRequest,
+    since: SystemTime,
+    claims: &HashMap<&str, &NodeClaim>,
+    short: Option<&(SystemTime, i64)>,
+    now: SystemTime,
+) -> Option<String> {
+    if !is_check(r) {
+        let lost: Vec<&str> = r
+            .claim_ids
+            .iter()
+            .filter(|id| {
+                claims.get(id.as_str()).is_none_or(|c| {
+                    matches!(
+                        c.phase,
+                        ClaimPhase::Failed
+                            | ClaimPhase::Draining
+                            | ClaimPhase::Terminating
+                            | ClaimPhase::Deleted
+                    )
+                })
+            })
+            .map(String::as_str)
+            .collect();
+        return (!lost.is_empty()).then(|| {
+            format!(
+                "booked node(s) went away (claims {}) before the pods consumed them",
+                lost.join(", ")
+            )
+        });
+    }
+    let (first, missing) = short?;
+    (*first > since && *first + REVOKE_AFTER <= now).then(|| {
+        format!("{missing} booked pod(s) no longer fit the nodes there are (nodes went away or were taken)")
+    })
 }
 
 /// Whether `r` differs from its stored version (conditions and explanation aside from times).
@@ -924,8 +969,8 @@ pub enum Verdict {
         /// Requests sharing the decision.
         batch: usize,
     },
-    /// It cannot fit: why (no node is created for it).
-    Refused(String),
+    /// It cannot fit: the decision recording it, and why (no node is created for it).
+    Refused(String, String),
     /// It cannot fit yet (a pool backs off after failed launches): why.
     Waiting(String),
     /// Planning failed (the provisioner refused): why; retried.
@@ -979,7 +1024,16 @@ fn apply_verdict(r: &mut pb::CapacityRequest, verdict: Verdict, now: SystemTime)
                 now,
             );
         }
-        Verdict::Refused(why) => finish(r, condition::FAILED, "CapacityIsNotFound", why, now),
+        Verdict::Refused(decision, why) => {
+            r.decision_ids.push(decision.clone());
+            finish(
+                r,
+                condition::FAILED,
+                "CapacityIsNotFound",
+                format!("{why} (decision {decision})"),
+                now,
+            )
+        }
         Verdict::Waiting(why) => {
             explain(r, format!("waiting: {why}"));
             set_condition(
@@ -1226,7 +1280,23 @@ impl Decider {
                     verdicts[*i] = Some(if transient {
                         Verdict::Waiting(why)
                     } else {
-                        Verdict::Refused(why)
+                        // Recorded as a decision too: GetDecision shows each pool's verdict.
+                        let r = &members[k];
+                        let outcomes = preview
+                            .decision
+                            .outcomes
+                            .iter()
+                            .filter(|o| classes[k].contains(&o.class_id))
+                            .cloned()
+                            .collect();
+                        let reasons = vec![format!(
+                            "capacity request {} ({}) refused: {why}",
+                            r.id, r.requester
+                        )];
+                        let id = self
+                            .record_refusal(reasons, outcomes, snapshot.sequence)
+                            .await?;
+                        Verdict::Refused(id, why)
                     });
                 }
             }
@@ -1348,5 +1418,171 @@ impl Decider {
             },
         };
         Ok(planner::bookings::room_now(&input, asks))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn class(id: u64, consumes: &str) -> pb::PodClass {
+        pb::PodClass {
+            id,
+            namespace: "ml".into(),
+            provisioning_request: consumes.into(),
+            requests: Some(pb::Resources {
+                cpu_millis: 2000,
+                memory_bytes: 1 << 30,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn provisioned(name: &str, count: i32, claims: &[&str]) -> pb::CapacityRequest {
+        let mut r = pb::CapacityRequest {
+            id: format!("pr-{name}"),
+            namespace: "ml".into(),
+            name: name.into(),
+            pods: vec![pb::CapacityRequestItem {
+                pod: Some(class(0, "")),
+                count,
+            }],
+            claim_ids: claims.iter().map(|c| c.to_string()).collect(),
+            decision_ids: vec!["d1".into()],
+            ..Default::default()
+        };
+        set_condition(
+            &mut r,
+            condition::PROVISIONED,
+            true,
+            "CapacityIsProvisioned",
+            "",
+            SystemTime::UNIX_EPOCH + Duration::from_secs(100),
+        );
+        r
+    }
+
+    fn claim(id: &str, node: &str, phase: ClaimPhase) -> NodeClaim {
+        NodeClaim {
+            version: 1,
+            id: id.into(),
+            pool: "general".into(),
+            phase,
+            backend: "sim".into(),
+            instance_id: String::new(),
+            node_name: node.into(),
+            operation_id: "op".into(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            failure_reason: String::new(),
+            history: vec![],
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn running_consumers_shrink_the_booking_and_pending_ones_are_not_planned() {
+        // job-a booked 5 pods: 2 run (class 1 on a node), 1 is pending (class 2); pods of
+        // another namespace naming the same request do not count.
+        let snapshot = pb::ClusterSnapshot {
+            classes: vec![
+                class(1, "job-a"),
+                class(2, "job-a"),
+                pb::PodClass {
+                    namespace: "other".into(),
+                    ..class(3, "job-a")
+                },
+            ],
+            nodes: vec![pb::NodeInfo {
+                name: "n-1".into(),
+                pods: vec![
+                    pb::ClassCount {
+                        class_id: 1,
+                        count: 2,
+                    },
+                    pb::ClassCount {
+                        class_id: 3,
+                        count: 4,
+                    },
+                ],
+                ..Default::default()
+            }],
+            pending: vec![pb::PendingPods {
+                class_id: 2,
+                count: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let requests = [provisioned("job-a", 5, &["c-1"])];
+        let claims = [claim("c-1", "n-1", ClaimPhase::Ready)];
+        let booked = Book::booked_now(&requests, &snapshot, &claims, &HashSet::new());
+        assert_eq!(booked.consumed.get("pr-job-a"), Some(&2));
+        assert!(booked.consumers.contains(&2) && !booked.consumers.contains(&3));
+        assert_eq!(booked.reserved.len(), 1);
+        assert_eq!(booked.reserved[0].pods[0].1, 3, "5 booked, 2 running");
+        assert_eq!(booked.reserved[0].nodes, ["n-1"], "its own node first");
+
+        // Finished requests book nothing.
+        let mut done = requests[0].clone();
+        done.finished = true;
+        let none = Book::booked_now(&[done], &snapshot, &claims, &HashSet::new());
+        assert!(none.reserved.is_empty() && none.consumers.is_empty());
+    }
+
+    #[test]
+    fn room_is_revoked_when_an_atomic_requests_node_goes_or_a_check_stays_short() {
+        let since = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let now = since + Duration::from_secs(60);
+        let atomic = provisioned("job-a", 4, &["c-1", "c-2"]);
+        let ready = [
+            claim("c-1", "n-1", ClaimPhase::Ready),
+            claim("c-2", "n-2", ClaimPhase::Ready),
+        ];
+        let by_id = |claims: &[NodeClaim]| -> Vec<(String, NodeClaim)> {
+            claims.iter().map(|c| (c.id.clone(), c.clone())).collect()
+        };
+        let owned = by_id(&ready);
+        let map: HashMap<&str, &NodeClaim> = owned.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        assert_eq!(revoked(&atomic, since, &map, None, now), None);
+        let one_gone = [
+            ready[0].clone(),
+            claim("c-2", "n-2", ClaimPhase::Terminating),
+        ];
+        let owned = by_id(&one_gone);
+        let map: HashMap<&str, &NodeClaim> = owned.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        assert!(
+            revoked(&atomic, since, &map, None, now).is_some_and(|why| why.contains("c-2")),
+            "a booked node went away"
+        );
+
+        let mut check = provisioned("probe", 1, &[]);
+        check.class = pb::CapacityClass::CheckCapacity as i32;
+        let empty = HashMap::new();
+        let briefly = (now - Duration::from_secs(2), 1);
+        let long = (since + Duration::from_secs(5), 1);
+        let before = (since - Duration::from_secs(5), 1);
+        assert_eq!(
+            revoked(&check, since, &empty, Some(&briefly), now),
+            None,
+            "a blip"
+        );
+        assert_eq!(
+            revoked(&check, since, &empty, Some(&before), now),
+            None,
+            "short before it was provisioned"
+        );
+        assert!(revoked(&check, since, &empty, Some(&long), now).is_some());
+    }
+
+    #[test]
+    fn ids_are_stable_for_one_requester_and_key() {
+        assert_eq!(request_id("ci", "build-1"), request_id("ci", "build-1"));
+        assert_ne!(request_id("ci", "build-1"), request_id("other", "build-1"));
+        assert_ne!(request_id("ci", ""), request_id("ci", ""));
+        assert!(request_id("ci", "k").starts_with("cr-"));
     }
 }

@@ -481,6 +481,46 @@ impl Decider {
         })
     }
 
+    /// Records a decision that carries nothing out — a capacity request refused — with
+    /// `reasons` and the plan's per-class `outcomes` (the pools' verdicts), in the bounded
+    /// history like every other. Returns its id.
+    pub(crate) async fn record_refusal(
+        &self,
+        reasons: Vec<String>,
+        outcomes: Vec<pb::ClassOutcome>,
+        sequence: u64,
+    ) -> Result<String, DecideError> {
+        let leadership = self
+            .leadership()
+            .ok_or_else(|| DecideError::NotLeader(String::new()))?;
+        let mut guard = self.state.lock().await;
+        if guard.as_ref().is_none_or(|s| s.term != leadership.term()) {
+            *guard = Some(self.load_state(&leadership).await?);
+        }
+        let Some(state) = guard.as_mut() else {
+            return Err(DecideError::NotLeader(String::new()));
+        };
+        let now = SystemTime::now();
+        let decision = pb::Decision {
+            id: decision_id(),
+            created_at: Some(shoal_core::snapshot::timestamp(now)),
+            snapshot_sequence: sequence,
+            actions: vec![],
+            reasons,
+            outcomes,
+            dry_run: false,
+            plan_duration: None,
+            trace_id: telemetry::trace_id_of(&tracing::Span::current()),
+        };
+        let key = keys::decision(planner::ms(now), &decision.id);
+        leadership
+            .fenced_put(&key, decision.encode_to_vec())
+            .await?;
+        state.keys.push_back(key);
+        self.trim_history(&leadership, state, now).await;
+        Ok(decision.id)
+    }
+
     /// Drops decisions beyond `historyLimit` or older than `historyMaxAge` (fenced, in chunks).
     /// Best effort: what fails now is trimmed after the next decision.
     async fn trim_history(
