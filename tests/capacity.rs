@@ -182,6 +182,7 @@ fn kueue_style_provisioning_requests_through_the_python_client() {
         "the client failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("the client's steps:\n{stdout}");
     let steps: Vec<Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))

@@ -150,6 +150,11 @@ pub struct Book {
     short: std::sync::Mutex<HashMap<String, (SystemTime, i64)>>,
 }
 
+/// New requests are planned once none has arrived for this long…
+const BATCH_IDLE: Duration = Duration::from_millis(100);
+/// …or this long after the first.
+const BATCH_MAX: Duration = Duration::from_millis(500);
+
 /// How long a request waiting for a pool (or for the provisioner) waits before it is planned
 /// again.
 const RETRY: Duration = Duration::from_secs(5);
@@ -617,7 +622,17 @@ impl Book {
                 self.collect_garbage(&decider).await;
             }
             tokio::select! {
-                _ = woken => {}
+                _ = woken => {
+                    // A request arrived: let the ones sent with it join its batch (one packing
+                    // of all their pods), for at most BATCH_MAX.
+                    let deadline = tokio::time::Instant::now() + BATCH_MAX;
+                    loop {
+                        tokio::select! {
+                            _ = self.wake.notified() => if tokio::time::Instant::now() >= deadline { break },
+                            _ = tokio::time::sleep(BATCH_IDLE) => break,
+                        }
+                    }
+                }
                 _ = claims.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
@@ -712,7 +727,10 @@ impl Book {
             };
             let failed = r.claim_ids.iter().any(gone);
             let retry_due = condition(r, condition::PROVISIONED).is_some_and(|c| {
-                matches!(c.reason.as_str(), "WaitingForPools" | "FailedToScaleUp")
+                matches!(
+                    c.reason.as_str(),
+                    "WaitingForPools" | "FailedToScaleUp" | "WaitingForRoom"
+                )
             }) && at(&r.updated_at).is_some_and(|t| t + RETRY <= now);
             if condition(r, condition::PROVISIONED).is_none() || failed || retry_due {
                 let mut r = r.clone();
@@ -811,7 +829,24 @@ impl Book {
                         ),
                     );
                     changed.insert(r.id.clone(), r);
-                } else if is_check(&r) {
+                } else if !is_check(&r) {
+                    // Its nodes are Ready, yet its pods do not all fit on them (another
+                    // request's plan took part of the room): planned again after RETRY.
+                    let message = format!(
+                        "{missing} of {total} pod(s) find no room on the Ready nodes yet; planning again if that lasts"
+                    );
+                    set_condition(
+                        &mut r,
+                        condition::PROVISIONED,
+                        false,
+                        "WaitingForRoom",
+                        message,
+                        now,
+                    );
+                    if changed_from(&all, &r) {
+                        changed.insert(r.id.clone(), r);
+                    }
+                } else {
                     let message =
                         format!("{missing} of {total} pod(s) find no room on the nodes there are");
                     if no_retry(&r) {

@@ -12,7 +12,7 @@ use shoal_proto::v1 as pb;
 
 use super::{
     Bin, BinKind, Cluster,
-    packing::{fit_count, take},
+    packing::{fit_count, size_key, take},
 };
 
 /// Pods a capacity request booked and that have not consumed the booking yet.
@@ -50,80 +50,118 @@ impl Bookings<'_> {
 }
 
 /// Places every reservation onto `bins` (taking their room) and returns, per reservation that
-/// did not fit in full, how many of its pods found no room.
+/// did not fit in full, how many of its pods found no room. Pods are placed largest first across
+/// all reservations (first-fit decreasing, as the packer starts), each onto the first bin that
+/// holds it in its request's order of preference.
 pub(crate) fn reserve(
     cluster: &Cluster<'_>,
     bins: &mut [Bin],
     reserved: &[Reservation],
 ) -> BTreeMap<String, i64> {
     let mut short = BTreeMap::new();
-    for r in reserved {
-        let own: HashSet<&str> = r.nodes.iter().map(String::as_str).collect();
-        let pools: HashSet<usize> = r
-            .pools
-            .iter()
-            .filter_map(|name| cluster.pools.iter().position(|p| &p.name == name))
-            .collect();
-        // Preference: the request's own nodes, its pools' booting nodes, then the rest.
-        let rank = |kind: BinKind| match kind {
-            BinKind::Existing(i) if own.contains(cluster.nodes[i].info.name.as_str()) => 0,
-            BinKind::InFlight(p) | BinKind::New(p) if pools.contains(&p) => 1,
-            BinKind::Existing(_) => 2,
-            BinKind::InFlight(_) | BinKind::New(_) => 3,
-        };
-        let mut order: Vec<usize> = (0..bins.len()).collect();
-        order.sort_by_key(|b| rank(bins[*b].kind));
-        let mut missing = 0;
-        for (class, count) in &r.pods {
-            let demand: PodDemand = snapshot::pod_demand(class);
-            let mut left = *count;
-            for b in &order {
-                if left == 0 {
-                    break;
-                }
-                let n = fit_count(&bins[*b].free, &demand.requests).min(left);
-                if n == 0 {
-                    continue;
-                }
-                let facts = cluster.bin_facts(bins[*b].kind);
-                if constraint_misfit(&demand, &facts.labels, &facts.taints, facts.unschedulable)
-                    .is_some()
-                {
-                    continue;
-                }
-                take(&mut bins[*b].free, &demand.requests, n);
-                left -= n;
+    if reserved.is_empty() {
+        return short;
+    }
+    let reference = cluster
+        .pools
+        .iter()
+        .map(|p| &p.capacity)
+        .chain(cluster.nodes.iter().map(|n| &n.facts.allocatable))
+        .fold(shoal_core::Resources::default(), |acc, r| {
+            shoal_core::Resources {
+                cpu_millis: acc.cpu_millis.max(r.cpu_millis),
+                memory_bytes: acc.memory_bytes.max(r.memory_bytes),
+                ..acc
             }
-            missing += left;
+        });
+    let reference = &reference;
+    let mut items: Vec<(usize, PodDemand, i64, f64)> = reserved
+        .iter()
+        .enumerate()
+        .flat_map(|(r, res)| {
+            res.pods.iter().map(move |(class, count)| {
+                let demand = snapshot::pod_demand(class);
+                let key = size_key(&demand.requests, reference);
+                (r, demand, *count, key)
+            })
+        })
+        .collect();
+    items.sort_by(|a, b| b.3.total_cmp(&a.3).then(a.0.cmp(&b.0)));
+    let mut orders: Vec<Option<Vec<usize>>> = vec![None; reserved.len()];
+    for (r, demand, count, _) in items {
+        let order = orders[r].get_or_insert_with(|| preference(cluster, bins, &reserved[r]));
+        let mut left = count;
+        for b in order.iter() {
+            if left == 0 {
+                break;
+            }
+            let n = fit_count(&bins[*b].free, &demand.requests).min(left);
+            if n == 0 {
+                continue;
+            }
+            let facts = cluster.bin_facts(bins[*b].kind);
+            if constraint_misfit(&demand, &facts.labels, &facts.taints, facts.unschedulable)
+                .is_some()
+            {
+                continue;
+            }
+            take(&mut bins[*b].free, &demand.requests, n);
+            left -= n;
         }
-        if missing > 0 {
-            short.insert(r.id.clone(), missing);
+        if left > 0 {
+            *short.entry(reserved[r].id.clone()).or_insert(0) += left;
         }
     }
     short
 }
 
+/// The bins in `r`'s order of preference: the request's own nodes, its pools' booting nodes,
+/// the other nodes, the other booting nodes.
+fn preference(cluster: &Cluster<'_>, bins: &[Bin], r: &Reservation) -> Vec<usize> {
+    let own: HashSet<&str> = r.nodes.iter().map(String::as_str).collect();
+    let pools: HashSet<usize> = r
+        .pools
+        .iter()
+        .filter_map(|name| cluster.pools.iter().position(|p| &p.name == name))
+        .collect();
+    let rank = |kind: BinKind| match kind {
+        BinKind::Existing(i) if own.contains(cluster.nodes[i].info.name.as_str()) => 0,
+        BinKind::InFlight(p) | BinKind::New(p) if pools.contains(&p) => 1,
+        BinKind::Existing(_) => 2,
+        BinKind::InFlight(_) | BinKind::New(_) => 3,
+    };
+    let mut order: Vec<usize> = (0..bins.len()).collect();
+    order.sort_by_key(|b| rank(bins[*b].kind));
+    order
+}
+
 /// Per ask, how many of its pods find no room on the nodes that exist and are usable now,
-/// after the bookings of `input` took theirs (anywhere, booting nodes included). Asks are
-/// answered in order, and an ask that fits keeps its room for the next ones.
+/// after the bookings of `input` took theirs (anywhere, booting nodes included). The asks are
+/// placed together (largest pods first); those that do not fit in full drop out and the rest are
+/// placed again, so every ask answered 0 keeps its room.
 pub fn room_now(input: &super::PlanInput<'_>, asks: &[Reservation]) -> Vec<i64> {
     let cluster = Cluster::build(input);
     let mut bins = cluster.bins();
     reserve(&cluster, &mut bins, input.bookings.reserved);
-    let mut usable: Vec<Bin> = bins
+    let usable: Vec<Bin> = bins
         .into_iter()
         .filter(|b| matches!(b.kind, BinKind::Existing(_)))
         .collect();
-    asks.iter()
-        .map(|ask| {
-            let mut trial = usable.clone();
-            let missing: i64 = reserve(&cluster, &mut trial, std::slice::from_ref(ask))
-                .values()
-                .sum();
-            if missing == 0 {
-                usable = trial;
+    let mut missing = vec![0i64; asks.len()];
+    let mut live: Vec<usize> = (0..asks.len()).collect();
+    while !live.is_empty() {
+        let mut trial = usable.clone();
+        let subset: Vec<Reservation> = live.iter().map(|i| asks[*i].clone()).collect();
+        let short = reserve(&cluster, &mut trial, &subset);
+        if short.is_empty() {
+            break;
+        }
+        for i in &live {
+            if let Some(m) = short.get(&asks[*i].id) {
+                missing[*i] = *m;
             }
-            missing
-        })
-        .collect()
+        }
+        live.retain(|i| !short.contains_key(&asks[*i].id));
+    }
+    missing
 }
