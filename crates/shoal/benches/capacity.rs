@@ -70,6 +70,8 @@ struct Figures {
     max: f64,
     created: usize,
     bound: i64,
+    /// Decisions that planned requests.
+    decisions: usize,
 }
 
 async fn run(nodes: usize, requests: usize) -> Figures {
@@ -213,6 +215,23 @@ async fn run(nodes: usize, requests: usize) -> Figures {
             Err(_) => {}
         }
     }
+    let decisions = client
+        .clone()
+        .list_decisions(pb::ListDecisionsRequest {
+            limit: 1000,
+            actions_only: false,
+        })
+        .await
+        .expect("decisions")
+        .into_inner()
+        .decisions
+        .iter()
+        .filter(|d| {
+            d.reasons
+                .iter()
+                .any(|r| r.starts_with("capacity requested by"))
+        })
+        .count();
     let mut times: Vec<f64> = seen.values().map(|(t, _)| *t).collect();
     times.sort_by(|a, b| a.total_cmp(b));
     let claims = Records::new(std::sync::Arc::new(store.clone()))
@@ -237,6 +256,7 @@ async fn run(nodes: usize, requests: usize) -> Figures {
         max: percentile(&times, 1.0),
         created,
         bound,
+        decisions,
     }
 }
 
@@ -252,16 +272,25 @@ fn main() {
         "capacity requests of 10 pods each on {nodes} full nodes, 2 s boot; target: every one answered within {target:.0} s, nodes within 2 % of the packing bound"
     );
     println!(
-        "| requests | answered | provisioned | answer p50 | p99 | max | nodes created | packing bound | over bound |"
+        "| requests | answered | provisioned | answer p50 | p99 | max | nodes created | packing bound | over bound | decisions |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut baseline = None;
     for r in [1, requests] {
         let f = runtime.block_on(run(nodes, r));
         let over = (f.created as f64 / f.bound as f64 - 1.0) * 100.0;
         println!(
-            "| {} | {} | {} | {:.2} s | {:.2} s | {:.2} s | {} | {} | {:+.1} % |",
-            f.requests, f.answered, f.provisioned, f.p50, f.p99, f.max, f.created, f.bound, over
+            "| {} | {} | {} | {:.2} s | {:.2} s | {:.2} s | {} | {} | {:+.1} % | {} |",
+            f.requests,
+            f.answered,
+            f.provisioned,
+            f.p50,
+            f.p99,
+            f.max,
+            f.created,
+            f.bound,
+            over,
+            f.decisions
         );
         match baseline {
             None => baseline = Some(f.p50),

@@ -760,19 +760,44 @@ impl Book {
         // Which requests' room is there now: check-capacity ones not provisioned yet, and
         // atomic ones whose nodes are all Ready.
         let state = current(&all, &changed);
+        // Atomic requests with nodes of their own: provisioned once those are Ready and usable
+        // (the plan that made them placed the pods there).
+        let usable: HashSet<&str> = snapshot
+            .nodes
+            .iter()
+            .filter(|n| n.readiness == pb::NodeReadiness::Ready as i32 && !n.unschedulable)
+            .map(|n| n.name.as_str())
+            .collect();
+        let planned = |r: &&pb::CapacityRequest| {
+            !r.finished
+                && !is_check(r)
+                && !is_true(r, condition::PROVISIONED)
+                && !r.decision_ids.is_empty()
+        };
+        let up: Vec<pb::CapacityRequest> = state
+            .iter()
+            .filter(planned)
+            .filter(|r| {
+                !r.claim_ids.is_empty()
+                    && r.claim_ids.iter().all(|id| {
+                        by_id.get(id.as_str()).is_some_and(|c| {
+                            c.phase == ClaimPhase::Ready && usable.contains(c.node_name.as_str())
+                        })
+                    })
+            })
+            .cloned()
+            .collect();
+        for mut r in up {
+            mark_provisioned(&mut r, now, self.settings.booking_time);
+            changed.insert(r.id.clone(), r);
+        }
+        // Check-capacity requests, and atomic ones planned onto room that existed or was booting
+        // for others: provisioned once their pods fit on usable nodes after every booking.
+        let state = current(&all, &changed);
         let candidates: Vec<&pb::CapacityRequest> = state
             .iter()
             .filter(|r| !r.finished && !is_true(r, condition::PROVISIONED))
-            .filter(|r| {
-                is_check(r)
-                    || (!r.decision_ids.is_empty()
-                        && !changed.get(&r.id).is_some_and(|c| c.finished)
-                        && r.claim_ids.iter().all(|id| {
-                            by_id
-                                .get(id.as_str())
-                                .is_some_and(|c| c.phase == ClaimPhase::Ready)
-                        }))
-            })
+            .filter(|r| is_check(r) || (planned(r) && r.claim_ids.is_empty()))
             .collect();
         if !candidates.is_empty() {
             let except: HashSet<String> = candidates.iter().map(|r| r.id.clone()).collect();
@@ -799,35 +824,7 @@ impl Book {
                 let mut r = r.clone();
                 let total = pod_total(&r);
                 if missing == 0 {
-                    let until = now + self.settings.booking_time;
-                    r.booked_until = Some(now_ts(until));
-                    let (reason, message) = if is_check(&r) {
-                        (
-                            "CapacityIsFound",
-                            "Capacity is found in the cluster".to_string(),
-                        )
-                    } else {
-                        let nodes: i32 = r.nodes_per_pool.values().sum();
-                        (
-                            "CapacityIsProvisioned",
-                            format!("Capacity is provisioned: {nodes} new node(s) are Ready"),
-                        )
-                    };
-                    set_condition(
-                        &mut r,
-                        condition::PROVISIONED,
-                        true,
-                        reason,
-                        message.clone(),
-                        now,
-                    );
-                    explain(
-                        &mut r,
-                        format!(
-                            "{message}; {total} pod(s) booked until {}",
-                            humantime::format_rfc3339_seconds(until)
-                        ),
-                    );
+                    mark_provisioned(&mut r, now, self.settings.booking_time);
                     changed.insert(r.id.clone(), r);
                 } else if !is_check(&r) {
                     // Its nodes are Ready, yet its pods do not all fit on them (another
@@ -912,6 +909,40 @@ impl Book {
         }
         Ok(())
     }
+}
+
+/// Provisioned=True, booked for `booking` from `now`.
+fn mark_provisioned(r: &mut pb::CapacityRequest, now: SystemTime, booking: Duration) {
+    let until = now + booking;
+    r.booked_until = Some(now_ts(until));
+    let (reason, message) = if is_check(r) {
+        (
+            "CapacityIsFound",
+            "Capacity is found in the cluster".to_string(),
+        )
+    } else {
+        let nodes: i32 = r.nodes_per_pool.values().sum();
+        (
+            "CapacityIsProvisioned",
+            format!("Capacity is provisioned: {nodes} new node(s) are Ready"),
+        )
+    };
+    set_condition(
+        r,
+        condition::PROVISIONED,
+        true,
+        reason,
+        message.clone(),
+        now,
+    );
+    explain(
+        r,
+        format!(
+            "{message}; {} pod(s) booked until {}",
+            pod_total(r),
+            humantime::format_rfc3339_seconds(until)
+        ),
+    );
 }
 
 /// How long the control loop must find a check-capacity booking without room before it is
