@@ -1447,17 +1447,13 @@ impl Decider {
             seed: snap.sequence,
             packing_budget: self.settings.packing_budget,
             backoff: self.settings.failure_backoff,
-            bookings: planner::Bookings {
-                reserved: &booked.reserved,
-                consumers: Some(&booked.consumers),
-                request: true,
-            },
+            bookings: booked.bookings(true),
         };
-        Ok(tokio::task::block_in_place(|| planner::plan(&input)))
+        Ok(crate::control::run_planner(&input))
     }
 
     /// Per ask, how many of its pods find no room on usable nodes after `others` are booked
-    /// (asks that fit are booked in turn).
+    /// (see [`planner::bookings::room_now`]).
     pub(crate) async fn room_now(
         &self,
         snapshot: &pb::ClusterSnapshot,

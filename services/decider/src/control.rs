@@ -324,11 +324,7 @@ impl Decider {
             seed: snapshot.sequence,
             packing_budget: self.settings.packing_budget,
             backoff: self.settings.failure_backoff,
-            bookings: crate::planner::Bookings {
-                reserved: &booked.reserved,
-                consumers: Some(&booked.consumers),
-                request,
-            },
+            bookings: booked.bookings(request),
         });
         if matches!(mode, Mode::Loop) {
             self.capacity.note_short(now, &plan.bookings_short);
@@ -841,7 +837,7 @@ impl Decider {
 
 /// Plans on a blocking-capable thread when the runtime allows it (planning can take
 /// hundreds of milliseconds at 10k nodes).
-fn run_planner(input: &PlanInput<'_>) -> Plan {
+pub(crate) fn run_planner(input: &PlanInput<'_>) -> Plan {
     let multi = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     if multi {
