@@ -5,14 +5,13 @@
 //! (nodes boot in 2–2.5 s), metrics, decider and provisioner.
 
 use std::{
-    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
-use shoal_e2e::{EtcdReader, Running, grpcurl, grpcurl_ok, kubectl, sim_provisioner_config};
-use shoal_testkit::{EtcdServer, SimServer, wait_for};
+use shoal_e2e::{EtcdReader, KubeCluster, grpcurl, grpcurl_ok, kubectl};
+use shoal_testkit::wait_for;
 
 /// 4-CPU nodes: 20 pods of 2 CPU need exactly 10.
 const POOL: &str = "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: general }\nspec:\n  provider: { backend: sim }\n  template:\n    capacity: { cpu: \"4\", memory: 8Gi }\n  limits: { minNodes: 0, maxNodes: 14 }\n  scaleDown: { unneededFor: 6s, cooldown: 1s, maxConcurrent: 8, drainTimeout: 10s }\n";
@@ -23,86 +22,27 @@ const BOOT: Duration = Duration::from_millis(2500);
 const SLACK: Duration = Duration::from_secs(5);
 const BOOKING: &str = "8s";
 
-struct Cluster {
-    _etcd: EtcdServer,
-    sim: SimServer,
-    _metrics: Running,
-    decider: Running,
-    _provisioner: Running,
-    _dir: tempfile::TempDir,
+/// The cluster of these tests: the ProvisioningRequest CRD, pool general in the store, and a
+/// decider serving ProvisioningRequests with a short booking time.
+struct Cluster(KubeCluster);
+
+impl std::ops::Deref for Cluster {
+    type Target = KubeCluster;
+    fn deref(&self) -> &KubeCluster {
+        &self.0
+    }
 }
 
 impl Cluster {
     fn start(name: &str) -> Cluster {
-        let etcd = EtcdServer::start();
-        let sim = SimServer::start(&[]);
-        let crds = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/k8s/crds/autoscaling.x-k8s.io_provisioningrequests.yaml"
+        let booking = format!("--set=service.capacity.bookingTime={BOOKING}");
+        Cluster(KubeCluster::start(
+            name,
+            &["autoscaling.x-k8s.io_provisioningrequests.yaml"],
+            "",
+            &["--set=service.capacity.provisioningRequests=true", &booking],
+            |etcd| EtcdReader::new(etcd).put_pool(POOL),
         ))
-        .expect("the ProvisioningRequest CRD in deploy/k8s/crds");
-        kubectl(&sim.kubeconfig(), &["apply", "-f", "-"], &crds);
-        EtcdReader::new(&etcd).put_pool(POOL);
-        let dir = tempfile::tempdir().expect("dir");
-        let config = sim_provisioner_config(
-            dir.path(),
-            &sim,
-            "election: { leaseTtl: 2s, recordInterval: 500ms }\n",
-            "  instanceCheckInterval: 1s\n  drainPollInterval: 200ms\n",
-        );
-        let kube = format!(
-            "--set=service.kube.kubeconfig={}",
-            sim.kubeconfig().display()
-        );
-        let mut metrics = Running::start(
-            "shoal-metrics",
-            &format!("{name}-metrics"),
-            None,
-            &[&kube],
-            &[],
-        );
-        metrics.wait_ready();
-        let mut provisioner = Running::start(
-            "shoal-provisioner",
-            &format!("{name}-prov"),
-            Some(&etcd),
-            &[&format!("--config={}", config.display())],
-            &[],
-        );
-        provisioner.wait_ready();
-        let mut decider = Running::start(
-            "shoal-decider",
-            &format!("{name}-decider"),
-            Some(&etcd),
-            &[
-                &format!("--set=service.metricsAddr=http://{}", metrics.grpc),
-                &format!("--set=service.provisionerAddr=http://{}", provisioner.grpc),
-                "--set=service.capacity.provisioningRequests=true",
-                &format!("--set=service.capacity.bookingTime={BOOKING}"),
-                &kube,
-                "--set=election.leaseTtl=3s",
-            ],
-            &[],
-        );
-        decider.wait_ready();
-        let leads = wait_for(Duration::from_secs(15), || {
-            (decider.metric("shoal_leader{service=\"decider\"}") == Some(1.0)
-                && provisioner.metric("shoal_leader{service=\"provisioner\"}") == Some(1.0))
-            .then_some(())
-        });
-        assert!(leads.is_some(), "decider and provisioner lead");
-        Cluster {
-            _etcd: etcd,
-            sim,
-            _metrics: metrics,
-            decider,
-            _provisioner: provisioner,
-            _dir: dir,
-        }
-    }
-
-    fn kubeconfig(&self) -> PathBuf {
-        self.sim.kubeconfig()
     }
 
     /// Nodes of pool general.

@@ -10,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use shoal_e2e::{Running, deployment_yaml, grpcurl, kubectl, sim_provisioner_config};
-use shoal_testkit::{EtcdServer, SimServer, require_tool, wait_for};
+use shoal_e2e::{KubeCluster, deployment_yaml, grpcurl, kubectl};
+use shoal_testkit::{SimServer, require_tool, wait_for};
 
 fn pool(name: &str, max: &str) -> String {
     format!(
@@ -55,76 +55,26 @@ fn install_crds(kubeconfig: &Path) {
     kubectl(kubeconfig, &["apply", "-f", "-"], &crds);
 }
 
-struct Cluster {
-    _etcd: EtcdServer,
-    sim: SimServer,
-    metrics: Running,
-    decider: Running,
-    provisioner: Running,
-    _dir: tempfile::TempDir,
+/// The cluster of these tests, with the NodePool and NodeClaim CRDs (the checked-in file) and a
+/// pool stored before the switch to `poolSource: crd`, with no NodePool: it goes.
+struct Cluster(KubeCluster);
+
+impl std::ops::Deref for Cluster {
+    type Target = KubeCluster;
+    fn deref(&self) -> &KubeCluster {
+        &self.0
+    }
 }
 
 impl Cluster {
     fn start() -> Cluster {
-        let etcd = EtcdServer::start();
-        let sim = SimServer::start(&[]);
-        install_crds(&sim.kubeconfig());
-        let dir = tempfile::tempdir().expect("dir");
-        let config = sim_provisioner_config(
-            dir.path(),
-            &sim,
-            "election: { leaseTtl: 2s, recordInterval: 500ms }\n",
-            "  nodeClaims: true\n  instanceCheckInterval: 1s\n  drainPollInterval: 200ms\n",
-        );
-        let kube = format!(
-            "--set=service.kube.kubeconfig={}",
-            sim.kubeconfig().display()
-        );
-        let mut metrics = Running::start("shoal-metrics", "crd-metrics", None, &[&kube], &[]);
-        metrics.wait_ready();
-        let mut provisioner = Running::start(
-            "shoal-provisioner",
-            "crd-prov",
-            Some(&etcd),
-            &[&format!("--config={}", config.display())],
-            &[],
-        );
-        provisioner.wait_ready();
-        // A pool stored before the switch to `poolSource: crd`, with no NodePool: it goes.
-        shoal_e2e::EtcdReader::new(&etcd).put_pool(&pool("legacy", "2"));
-        let mut decider = Running::start(
-            "shoal-decider",
-            "crd-decider",
-            Some(&etcd),
-            &[
-                &format!("--set=service.metricsAddr=http://{}", metrics.grpc),
-                &format!("--set=service.provisionerAddr=http://{}", provisioner.grpc),
-                "--set=service.poolSource=crd",
-                "--set=service.events=true",
-                &kube,
-                "--set=election.leaseTtl=3s",
-            ],
-            &[],
-        );
-        decider.wait_ready();
-        let leads = wait_for(Duration::from_secs(15), || {
-            (decider.metric("shoal_leader{service=\"decider\"}") == Some(1.0)
-                && provisioner.metric("shoal_leader{service=\"provisioner\"}") == Some(1.0))
-            .then_some(())
-        });
-        assert!(leads.is_some(), "decider and provisioner lead");
-        Cluster {
-            _etcd: etcd,
-            sim,
-            metrics,
-            decider,
-            provisioner,
-            _dir: dir,
-        }
-    }
-
-    fn kubeconfig(&self) -> std::path::PathBuf {
-        self.sim.kubeconfig()
+        Cluster(KubeCluster::start(
+            "crd",
+            &["shoal.dev.yaml"],
+            "  nodeClaims: true\n",
+            &["--set=service.poolSource=crd", "--set=service.events=true"],
+            |etcd| shoal_e2e::EtcdReader::new(etcd).put_pool(&pool("legacy", "2")),
+        ))
     }
 
     fn kubectl(&self, args: &[&str]) -> String {

@@ -565,3 +565,109 @@ impl ControlPlane {
         )
     }
 }
+
+/// The suites that talk to Kubernetes as users do (NodePool resources, ProvisioningRequests):
+/// etcd, the simulator with CRDs from deploy/k8s/crds applied, the metrics service, and a
+/// leading provisioner and decider, each its own process.
+pub struct KubeCluster {
+    /// etcd.
+    pub etcd: EtcdServer,
+    /// The simulator.
+    pub sim: shoal_testkit::SimServer,
+    /// The metrics service.
+    pub metrics: Running,
+    /// The provisioner (with `nodeClaims` and quick instance checks).
+    pub provisioner: Running,
+    /// The decider.
+    pub decider: Running,
+    _dir: tempfile::TempDir,
+}
+
+impl KubeCluster {
+    /// Starts it all: `crds` are file names under deploy/k8s/crds; `provisioner_service` more
+    /// `service:` lines of the provisioner (two-space indented); `decider_flags` the decider's
+    /// flags beyond the addresses and the kubeconfig; `before_decider` runs once the provisioner
+    /// leads (e.g. to store something the decider must find).
+    pub fn start(
+        name: &str,
+        crds: &[&str],
+        provisioner_service: &str,
+        decider_flags: &[&str],
+        before_decider: impl FnOnce(&EtcdServer),
+    ) -> KubeCluster {
+        let etcd = EtcdServer::start();
+        let sim = shoal_testkit::SimServer::start(&[]);
+        for file in crds {
+            let path = format!("{}/../deploy/k8s/crds/{file}", env!("CARGO_MANIFEST_DIR"));
+            let text =
+                std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+            kubectl(&sim.kubeconfig(), &["apply", "-f", "-"], &text);
+        }
+        let dir = tempfile::tempdir().expect("dir");
+        let config = sim_provisioner_config(
+            dir.path(),
+            &sim,
+            "election: { leaseTtl: 2s, recordInterval: 500ms }\n",
+            &format!(
+                "  instanceCheckInterval: 1s\n  drainPollInterval: 200ms\n{provisioner_service}"
+            ),
+        );
+        let kube = format!(
+            "--set=service.kube.kubeconfig={}",
+            sim.kubeconfig().display()
+        );
+        let mut metrics = Running::start(
+            "shoal-metrics",
+            &format!("{name}-metrics"),
+            None,
+            &[&kube],
+            &[],
+        );
+        metrics.wait_ready();
+        let mut provisioner = Running::start(
+            "shoal-provisioner",
+            &format!("{name}-prov"),
+            Some(&etcd),
+            &[&format!("--config={}", config.display())],
+            &[],
+        );
+        provisioner.wait_ready();
+        before_decider(&etcd);
+        let metrics_addr = format!("--set=service.metricsAddr=http://{}", metrics.grpc);
+        let provisioner_addr = format!("--set=service.provisionerAddr=http://{}", provisioner.grpc);
+        let mut flags = vec![
+            metrics_addr.as_str(),
+            provisioner_addr.as_str(),
+            kube.as_str(),
+            "--set=election.leaseTtl=3s",
+        ];
+        flags.extend_from_slice(decider_flags);
+        let mut decider = Running::start(
+            "shoal-decider",
+            &format!("{name}-decider"),
+            Some(&etcd),
+            &flags,
+            &[],
+        );
+        decider.wait_ready();
+        let leads = wait_for(Duration::from_secs(15), || {
+            (decider.metric("shoal_leader{service=\"decider\"}") == Some(1.0)
+                && provisioner.metric("shoal_leader{service=\"provisioner\"}") == Some(1.0))
+            .then_some(())
+        });
+        assert!(leads.is_some(), "decider and provisioner lead");
+        KubeCluster {
+            etcd,
+            sim,
+            metrics,
+            provisioner,
+            decider,
+            _dir: dir,
+        }
+    }
+
+    /// The simulator's kubeconfig.
+    pub fn kubeconfig(&self) -> std::path::PathBuf {
+        self.sim.kubeconfig()
+    }
+}

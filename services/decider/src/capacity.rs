@@ -704,7 +704,16 @@ impl Book {
                 .collect()
         };
         let state = current(&all, &changed);
-        let snapshot = d.fetch_snapshot().await.map_err(TickError::Metrics)?;
+        let snapshot = match d.fetch_snapshot().await {
+            Ok(snapshot) => snapshot,
+            Err(status) => {
+                // Expiries need no snapshot: keep them while the metrics service is away.
+                for (_, mut r) in changed {
+                    self.write(d, &mut r).await?;
+                }
+                return Err(TickError::Metrics(status));
+            }
+        };
         let claims = d.claims_now().await.map_err(DecideError::from)?;
         let by_id: HashMap<&str, &NodeClaim> = claims.iter().map(|c| (c.id.as_str(), c)).collect();
 
