@@ -26,11 +26,11 @@ use std::{
 use serde_json::json;
 use shoal_sim::resources::by_kind;
 use shoal_state::records::Records;
-use shoal_testkit::{EtcdServer, free_port, http_get};
+use shoal_testkit::{EtcdServer, free_port};
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{Service, put_pool, simulator, store};
+use common::{Service, full_cluster, metric, percentile, put_pool, simulator, store};
 
 fn start(service: &str, grpc: u16, admin: u16, etcd: &str, extra: &[String]) -> Service {
     common::start("bench", service, grpc, admin, etcd, extra)
@@ -111,25 +111,6 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn metric(admin: u16, name: &str) -> f64 {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
-    http_get(addr, "/metrics")
-        .map(|(_, body)| {
-            body.lines()
-                .filter(|l| l.starts_with(name))
-                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-                .sum()
-        })
-        .unwrap_or(0.0)
-}
-
 struct Figures {
     nodes: usize,
     pending: usize,
@@ -158,23 +139,7 @@ async fn run(nodes: usize, pending: usize, mtls: Option<&Mtls>) -> Figures {
 
     // The full cluster: Ready nodes with their pods bound and running.
     let started = Instant::now();
-    let (node_kind, pod_kind) = (
-        by_kind("Node").expect("nodes"),
-        by_kind("Pod").expect("pods"),
-    );
-    for i in 0..nodes {
-        let node = json!({ "metadata": { "name": format!("base-{i:05}"), "labels": { "shoal.dev/pool": "base" } },
-            "status": { "allocatable": { "cpu": "3", "memory": "64Gi", "pods": "110" }, "capacity": { "cpu": "3", "memory": "64Gi", "pods": "110" },
-                "conditions": [ { "type": "Ready", "status": "True" } ] } });
-        sim.store.create(node_kind, "", node).expect("node");
-    }
-    for i in 0..nodes * 30 {
-        let pod = json!({ "metadata": { "name": format!("base-{i:06}"), "labels": { "app": format!("app-{}", i % 100) } },
-            "spec": { "nodeName": format!("base-{:05}", i % nodes), "containers": [ { "name": "app", "image": "x",
-                "resources": { "requests": { "cpu": "100m", "memory": "128Mi" } } } ] },
-            "status": { "phase": "Running" } });
-        sim.store.create(pod_kind, "default", pod).expect("pod");
-    }
+    full_cluster(&sim, nodes);
     let load = started.elapsed().as_secs_f64();
 
     // The pool, then the services.

@@ -18,40 +18,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::json;
 use shoal_proto::v1::{self as pb, decider_service_client::DeciderServiceClient};
-use shoal_sim::resources::by_kind;
 use shoal_state::records::Records;
-use shoal_testkit::{EtcdServer, free_port, http_get};
+use shoal_testkit::{EtcdServer, free_port};
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{Service, env_or, put_pool, simulator, store};
+use common::{Service, env_or, full_cluster, metric, percentile, put_pool, simulator, store};
 
 const BOOT: Duration = Duration::from_secs(2);
 const GI: i64 = 1 << 30;
 
 fn start(service: &str, grpc: u16, admin: u16, etcd: &str, extra: &[String]) -> Service {
     common::start("capacity", service, grpc, admin, etcd, extra)
-}
-
-fn metric(admin: u16, name: &str) -> f64 {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
-    http_get(addr, "/metrics")
-        .map(|(_, body)| {
-            body.lines()
-                .filter(|l| l.starts_with(name))
-                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-                .sum()
-        })
-        .unwrap_or(0.0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// Request `k`'s pods: (CPU millis, memory bytes) each.
@@ -80,23 +59,7 @@ async fn run(nodes: usize, requests: usize) -> Figures {
     let dir = tempfile::tempdir().expect("temp dir");
     let (sim, kubeconfig) =
         simulator(BOOT, Duration::from_millis(100), dir.path(), &shutdown).await;
-    let (node_kind, pod_kind) = (
-        by_kind("Node").expect("nodes"),
-        by_kind("Pod").expect("pods"),
-    );
-    for i in 0..nodes {
-        let node = json!({ "metadata": { "name": format!("base-{i:05}"), "labels": { "shoal.dev/pool": "base" } },
-            "status": { "allocatable": { "cpu": "3", "memory": "64Gi", "pods": "110" }, "capacity": { "cpu": "3", "memory": "64Gi", "pods": "110" },
-                "conditions": [ { "type": "Ready", "status": "True" } ] } });
-        sim.store.create(node_kind, "", node).expect("node");
-    }
-    for i in 0..nodes * 30 {
-        let pod = json!({ "metadata": { "name": format!("base-{i:06}"), "labels": { "app": format!("app-{}", i % 100) } },
-            "spec": { "nodeName": format!("base-{:05}", i % nodes), "containers": [ { "name": "app", "image": "x",
-                "resources": { "requests": { "cpu": "100m", "memory": "128Mi" } } } ] },
-            "status": { "phase": "Running" } });
-        sim.store.create(pod_kind, "default", pod).expect("pod");
-    }
+    full_cluster(&sim, nodes);
     let store = store(etcd.endpoint(), Duration::from_secs(5)).await;
     let pool = "apiVersion: shoal.dev/v1alpha1\nkind: NodePool\nmetadata: { name: burst }\nspec:\n  provider: { backend: sim }\n  template:\n    capacity: { cpu: \"4\", memory: 16Gi }\n  limits: { minNodes: 0, maxNodes: 2000 }\n  scaleDown: { enabled: false }\n";
     put_pool(&store, pool).await;

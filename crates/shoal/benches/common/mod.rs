@@ -167,3 +167,46 @@ pub fn wait_pool_ready(addr: &str, pool: &str, count: u32) -> std::time::Instant
     })
     .expect("every claim Ready")
 }
+
+/// A metric's value (summed over its series) from a service's admin `/metrics`; 0 when absent.
+pub fn metric(admin: u16, name: &str) -> f64 {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    shoal_testkit::http_get(addr, "/metrics")
+        .map(|(_, body)| {
+            body.lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0)
+}
+
+/// The `p` quantile (0..1) of `sorted`.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// `nodes` full Nodes of pool `base` in the simulator (3 CPU, 30 running pods of 100m each).
+pub fn full_cluster(sim: &Sim, nodes: usize) {
+    use serde_json::json;
+    let (node_kind, pod_kind) = (
+        shoal_sim::resources::by_kind("Node").expect("nodes"),
+        shoal_sim::resources::by_kind("Pod").expect("pods"),
+    );
+    for i in 0..nodes {
+        let node = json!({ "metadata": { "name": format!("base-{i:05}"), "labels": { "shoal.dev/pool": "base" } },
+            "status": { "allocatable": { "cpu": "3", "memory": "64Gi", "pods": "110" }, "capacity": { "cpu": "3", "memory": "64Gi", "pods": "110" },
+                "conditions": [ { "type": "Ready", "status": "True" } ] } });
+        sim.store.create(node_kind, "", node).expect("node");
+    }
+    for i in 0..nodes * 30 {
+        let pod = json!({ "metadata": { "name": format!("base-{i:06}"), "labels": { "app": format!("app-{}", i % 100) } },
+            "spec": { "nodeName": format!("base-{:05}", i % nodes), "containers": [ { "name": "app", "image": "x",
+                "resources": { "requests": { "cpu": "100m", "memory": "128Mi" } } } ] },
+            "status": { "phase": "Running" } });
+        sim.store.create(pod_kind, "default", pod).expect("pod");
+    }
+}
